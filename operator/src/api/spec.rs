@@ -1,0 +1,524 @@
+//! The `DatabaseCutover` custom resource: what a platform team writes.
+//!
+//! Every field carries a `///` doc because it becomes the schema description that
+//! `kubectl explain` shows. Cross-field rules the OpenAPI types cannot express are CEL rules
+//! (`x-kubernetes-validations`) so that bad input is rejected at admission with a message a
+//! person understands, instead of failing an hour into a cutover.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::status::DatabaseCutoverStatus;
+use super::units::{
+    DURATION_LIST_RULE, DURATION_MESSAGE, DURATION_RULE, SIZE_MESSAGE, SIZE_RULE,
+    TIMESTAMP_MESSAGE, TIMESTAMP_RULE,
+};
+
+/// Moves an application from one PostgreSQL database (the source, "blue") to another (the
+/// target, "green") with seconds of write downtime: logical replication, a short write freeze,
+/// verification, a point of no return, the switch of the application's connection Secret, and
+/// hypercare with a way back.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "cutover.dbops.dev",
+    version = "v1alpha1",
+    kind = "DatabaseCutover",
+    plural = "databasecutovers",
+    singular = "databasecutover",
+    shortname = "dbcut",
+    namespaced,
+    status = "DatabaseCutoverStatus",
+    derive = "PartialEq",
+    doc = "A move of one application from a source PostgreSQL database to a target one, driven by the cutover operator.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the cutover is in its sequence"),
+    printcolumn(name = "Step", type_ = "string", json_path = ".status.currentStep", description = "What the current step is doing"),
+    printcolumn(name = "Lag", type_ = "string", json_path = ".status.replication.lag", description = "Replication lag from source to target"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.pointOfNoReturnAt) || (self.spec.source == oldSelf.spec.source && self.spec.target == oldSelf.spec.target)"
+    ).message("spec.source and spec.target cannot change after the point of no return (status.pointOfNoReturnAt is set); create a new DatabaseCutover instead"),
+)]
+#[x_kube(
+    validation = Rule::new(
+        "!(self.source.connectionSecretRef.name == self.target.connectionSecretRef.name && self.source.connectionSecretRef.key == self.target.connectionSecretRef.key)"
+    ).message("source and target must be different databases, but both name the same Secret key"),
+    validation = Rule::new(
+        "!has(self.rollback) || !self.rollback.readiness || (has(self.replication) && self.replication.reverseForRollback)"
+    ).message("rollback.readiness needs replication.reverseForRollback: true, otherwise blue falls behind after the switch and cannot be rolled back to"),
+    validation = Rule::new(
+        "!has(self.rollback) || !self.rollback.requested || self.rollback.readiness"
+    ).message("rollback.requested needs rollback.readiness: true; without reverse replication there is nothing safe to roll back to"),
+    validation = Rule::new(
+        "!has(self.freeze) || self.freeze.method != 'RevokeLogin' || size(self.applicationRoles) > 0"
+    ).message("freeze.method RevokeLogin needs at least one entry in applicationRoles: those are the roles whose login is revoked"),
+    validation = Rule::new(
+        "self.mode != 'Rehearsal' || !has(self.rollback) || !self.rollback.requested"
+    ).message("a rehearsal never switches the application, so it cannot be rolled back; it undoes its freeze by itself"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseCutoverSpec {
+    /// `Production` switches the application to the target for real. `Rehearsal` runs the
+    /// whole sequence against staging databases, never touches the application Secret (it
+    /// writes `switch.rehearsalSecretRef` if set) and ends by undoing the freeze, leaving a
+    /// timing report in the status.
+    #[serde(default)]
+    pub mode: Mode,
+
+    /// The database the application uses today (blue). Writes are frozen here during the cutover.
+    pub source: DatabaseRef,
+
+    /// The database the application moves to (green).
+    pub target: DatabaseRef,
+
+    /// PostgreSQL roles the application connects as. They are frozen on the source during the
+    /// freeze (read-only or login revoked, their sessions terminated) and allowed to log in on
+    /// the target at the switch.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self.all(r, size(r) > 0 && size(r) <= 63)").message("each application role must be a PostgreSQL role name of 1 to 63 characters"))]
+    pub application_roles: Vec<String>,
+
+    /// What is replicated from source to target, and when the lag is small enough to freeze.
+    #[serde(default)]
+    pub replication: ReplicationSpec,
+
+    /// Schema migrations applied to the target before replication starts, as Kubernetes Jobs
+    /// running `cutover migrate` under a PostgreSQL advisory lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<MigrationsSpec>,
+
+    /// How writes on the source are stopped for the final sync.
+    #[serde(default)]
+    pub freeze: FreezeSpec,
+
+    /// How the target is compared with the source before the point of no return.
+    #[serde(default)]
+    pub verification: VerificationSpec,
+
+    /// The gate before the switch: after it, the application writes to the target.
+    #[serde(default)]
+    pub point_of_no_return: PointOfNoReturnSpec,
+
+    /// Where the application reads its connection string, and which workloads restart to pick
+    /// the new one up.
+    pub switch: SwitchSpec,
+
+    /// Timing: when to freeze, how long each step may take, how long hypercare lasts.
+    #[serde(default)]
+    pub schedule: ScheduleSpec,
+
+    /// Rollback readiness and the rollback request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackSpec>,
+
+    /// Set to true to abort the cutover. Honoured only before the point of no return: the
+    /// source is unfrozen and every replication object is removed from both servers.
+    #[serde(default)]
+    pub abort: bool,
+}
+
+/// Production or rehearsal.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Switch the application to the target for real.
+    #[default]
+    Production,
+    /// Run every step against staging databases, do not switch the application, undo the freeze
+    /// at the end and report the timings.
+    Rehearsal,
+}
+
+/// A PostgreSQL database reached through a connection string kept in a Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseRef {
+    /// The Secret key holding a libpq connection URI (`postgres://user:password@host:5432/db?sslmode=verify-full`)
+    /// for a role with the privileges the cutover needs (replication, ownership of the
+    /// replicated tables). The URI never appears in status, events or logs.
+    pub connection_secret_ref: SecretKeyRef,
+
+    /// Optional Secret key holding a PEM CA bundle used to verify the server's certificate when
+    /// the URI asks for `sslmode=verify-ca` or `verify-full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key in a Secret in the cutover's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("size(self.name) > 0").message("a Secret reference needs the Secret's name"))]
+#[x_kube(validation = Rule::new("size(self.key) > 0").message("a Secret reference needs a key: the entry of the Secret that holds the value"))]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key within the Secret.
+    pub key: String,
+}
+
+/// A ConfigMap in the cutover's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("size(self.name) > 0").message("a ConfigMap reference needs the ConfigMap's name"))]
+pub struct ConfigMapRef {
+    /// Name of the ConfigMap.
+    pub name: String,
+}
+
+/// What is replicated and how.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationSpec {
+    /// Tables to replicate, as `schema.table`. Empty (the default) means every table in the
+    /// source database. Partitioned tables are published through their root.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self.all(t, t.matches('^[^.]+[.][^.]+$'))").message("each table must be written as schema.table"))]
+    pub tables: Vec<String>,
+
+    /// Freeze as soon as the replication lag is at most this many bytes (for example `16MiB`),
+    /// unless `schedule.freezeAt` is later.
+    #[serde(default = "default_max_lag")]
+    #[x_kube(validation = Rule::new(SIZE_RULE).message(SIZE_MESSAGE))]
+    pub max_lag_before_freeze: String,
+
+    /// Replicate the target back to the source after the switch (publication on the target,
+    /// subscription on the source without copy), so the source stays current and a rollback
+    /// loses nothing.
+    #[serde(default)]
+    pub reverse_for_rollback: bool,
+}
+
+fn default_max_lag() -> String {
+    "16MiB".into()
+}
+
+impl Default for ReplicationSpec {
+    fn default() -> Self {
+        Self {
+            tables: Vec::new(),
+            max_lag_before_freeze: default_max_lag(),
+            reverse_for_rollback: false,
+        }
+    }
+}
+
+/// Schema migrations run as Jobs against the target.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationsSpec {
+    /// ConfigMap whose keys are migration files `V<version>__<description>.sql` (and optional
+    /// `R<version>__<description>.sql` rollback scripts), applied before replication starts.
+    pub config_map_ref: ConfigMapRef,
+
+    /// ConfigMap of migrations applied to the target during the switch, after the point of no
+    /// return (for example dropping columns only the old application used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_switch_config_map_ref: Option<ConfigMapRef>,
+
+    /// Container image that runs `cutover migrate`; defaults to the operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Key of the PostgreSQL advisory lock that serialises migration runners.
+    #[serde(default = "default_lock_key")]
+    pub lock_key: i64,
+
+    /// `lock_timeout` for each migration statement, so a migration never queues behind a long
+    /// transaction and blocks the application.
+    #[serde(default = "default_lock_timeout")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub lock_timeout: String,
+}
+
+fn default_lock_key() -> i64 {
+    742_189
+}
+
+fn default_lock_timeout() -> String {
+    "5s".into()
+}
+
+/// How writes on the source stop.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FreezeSpec {
+    /// `ReadOnly` sets `default_transaction_read_only` on the database and the application
+    /// roles and terminates their sessions; `RevokeLogin` sets the application roles `NOLOGIN`,
+    /// revokes CONNECT and terminates their sessions.
+    #[serde(default)]
+    pub method: FreezeMethod,
+
+    /// How long in-flight transactions may run after the freeze before they are terminated.
+    #[serde(default = "default_drain_timeout")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub drain_timeout: String,
+}
+
+fn default_drain_timeout() -> String {
+    "30s".into()
+}
+
+impl Default for FreezeSpec {
+    fn default() -> Self {
+        Self {
+            method: FreezeMethod::default(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+/// The ways writes can be stopped on the source.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FreezeMethod {
+    /// Make new transactions read-only for the database and the application roles.
+    #[default]
+    ReadOnly,
+    /// Forbid the application roles to log in at all.
+    RevokeLogin,
+}
+
+/// How thoroughly source and target are compared before the point of no return.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerificationSpec {
+    /// `Full` hashes every row on both sides (chunked by primary key, inside PostgreSQL);
+    /// `RowCount` compares counts, sequences and schema only.
+    #[serde(default)]
+    pub checksums: ChecksumMode,
+
+    /// How many chunk hashes run at once on each side.
+    #[serde(default = "default_parallelism")]
+    #[schemars(range(min = 1, max = 64))]
+    pub parallelism: i32,
+}
+
+fn default_parallelism() -> i32 {
+    4
+}
+
+impl Default for VerificationSpec {
+    fn default() -> Self {
+        Self {
+            checksums: ChecksumMode::default(),
+            parallelism: default_parallelism(),
+        }
+    }
+}
+
+/// Verification depth.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChecksumMode {
+    /// Hash every row on both sides.
+    #[default]
+    Full,
+    /// Compare row counts, sequence values and schema only.
+    RowCount,
+}
+
+/// The gate before the switch.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PointOfNoReturnSpec {
+    /// `Automatic` passes the gate as soon as verification matched; `Manual` waits for
+    /// `kubectl cutover approve` (which sets `approved: true`).
+    #[serde(default)]
+    pub approval: Approval,
+
+    /// How long a manual approval may take after verification; when it passes, the cutover
+    /// aborts and the source is unfrozen.
+    #[serde(default = "default_deadline")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub deadline: String,
+
+    /// Set by `kubectl cutover approve`: the switch may go ahead.
+    #[serde(default)]
+    pub approved: bool,
+}
+
+fn default_deadline() -> String {
+    "30m".into()
+}
+
+impl Default for PointOfNoReturnSpec {
+    fn default() -> Self {
+        Self {
+            approval: Approval::default(),
+            deadline: default_deadline(),
+            approved: false,
+        }
+    }
+}
+
+/// Who passes the point of no return.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Approval {
+    /// The operator, as soon as verification matched.
+    #[default]
+    Automatic,
+    /// A person, with `kubectl cutover approve`.
+    Manual,
+}
+
+/// The switch of the application to the target.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchSpec {
+    /// The Secret key the application reads its connection string from. At the switch only this
+    /// key changes: it receives the target's connection string.
+    pub secret_ref: SecretKeyRef,
+
+    /// In `Rehearsal` mode, the Secret key that receives the target's connection string instead
+    /// (nothing is written when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rehearsal_secret_ref: Option<SecretKeyRef>,
+
+    /// Workloads restarted after the switch (a pod-template annotation, like
+    /// `kubectl rollout restart`) so they reconnect to the target.
+    #[serde(default)]
+    pub restart: Vec<WorkloadRef>,
+}
+
+/// A workload in the cutover's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("size(self.name) > 0").message("a workload reference needs the workload's name"))]
+pub struct WorkloadRef {
+    /// `Deployment` or `StatefulSet`.
+    pub kind: WorkloadKind,
+    /// Name of the workload.
+    pub name: String,
+}
+
+/// Kinds of workload that can be restarted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// An `apps/v1` Deployment.
+    Deployment,
+    /// An `apps/v1` StatefulSet.
+    StatefulSet,
+}
+
+/// Timing of the cutover.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    /// Earliest time to freeze writes, RFC 3339 (`2026-12-01T02:00:00Z`). Unset: freeze as soon
+    /// as the lag is below `replication.maxLagBeforeFreeze`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(TIMESTAMP_RULE).message(TIMESTAMP_MESSAGE))]
+    pub freeze_at: Option<String>,
+
+    /// Time budget of each step; a step that exceeds its budget before the point of no return
+    /// aborts the cutover and unfreezes the source.
+    #[serde(default)]
+    pub budgets: Budgets,
+
+    /// Longest the source may stay frozen, from the freeze to the switch (or to the unfreeze).
+    #[serde(default = "default_max_write_downtime")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub max_write_downtime: String,
+
+    /// How long the source is kept in sync and ready for rollback after the switch.
+    #[serde(default = "default_hypercare")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub hypercare: String,
+
+    /// Offsets after the switch (for example `15m`, `1h`) at which row counts and spot checks
+    /// are re-run during hypercare.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new(DURATION_LIST_RULE).message("each checkpoint must be a duration such as 15m or 1h"))]
+    pub checkpoints: Vec<String>,
+}
+
+fn default_max_write_downtime() -> String {
+    "10m".into()
+}
+
+fn default_hypercare() -> String {
+    "24h".into()
+}
+
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            freeze_at: None,
+            budgets: Budgets::default(),
+            max_write_downtime: default_max_write_downtime(),
+            hypercare: default_hypercare(),
+            checkpoints: Vec::new(),
+        }
+    }
+}
+
+/// Per-step time budgets. Unset steps use the defaults shown.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Budgets {
+    /// Preflight checks (default 5m).
+    #[serde(default = "budget_preflight")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub preflight: String,
+    /// Migrations on the target (default 30m).
+    #[serde(default = "budget_migrations")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub migrations: String,
+    /// Initial copy and catch-up until the freeze may start (default 24h).
+    #[serde(default = "budget_replication")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub replication: String,
+    /// Stopping writes, including the drain (default 1m).
+    #[serde(default = "budget_freeze")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub freeze: String,
+    /// Waiting for the target to apply everything written before the freeze (default 5m).
+    #[serde(default = "budget_final_sync")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub final_sync: String,
+    /// Comparing source and target (default 15m).
+    #[serde(default = "budget_verification")]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub verification: String,
+}
+
+fn budget_preflight() -> String {
+    "5m".into()
+}
+fn budget_migrations() -> String {
+    "30m".into()
+}
+fn budget_replication() -> String {
+    "24h".into()
+}
+fn budget_freeze() -> String {
+    "1m".into()
+}
+fn budget_final_sync() -> String {
+    "5m".into()
+}
+fn budget_verification() -> String {
+    "15m".into()
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Self {
+            preflight: budget_preflight(),
+            migrations: budget_migrations(),
+            replication: budget_replication(),
+            freeze: budget_freeze(),
+            final_sync: budget_final_sync(),
+            verification: budget_verification(),
+        }
+    }
+}
+
+/// Rollback readiness and the rollback request.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackSpec {
+    /// Keep the source in sync after the switch (needs `replication.reverseForRollback`) so the
+    /// application can be moved back during hypercare without losing writes.
+    #[serde(default)]
+    pub readiness: bool,
+
+    /// Set by `kubectl cutover rollback` during hypercare: freeze the target, let reverse
+    /// replication catch up, point the application back at the source and unfreeze it.
+    #[serde(default)]
+    pub requested: bool,
+}

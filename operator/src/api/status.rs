@@ -1,0 +1,318 @@
+//! What the operator reports about a cutover: the phase, conditions, the per-step timing record,
+//! preflight results, replication progress and verification results.
+//!
+//! Status follows the Kubernetes API conventions: a machine-readable `phase` (a Rust enum,
+//! PascalCase on the wire), `observedGeneration`, and `conditions` whose `lastTransitionTime`
+//! moves only when their status flips. No connection string or password is ever stored here.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Where a cutover is in its sequence.
+#[derive(
+    JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
+pub enum Phase {
+    /// Accepted, nothing done yet.
+    #[default]
+    Pending,
+    /// Checking both databases: versions, settings, privileges, keys, schema.
+    Preflight,
+    /// Applying schema migrations to the target.
+    Migrating,
+    /// Initial copy and catch-up through logical replication.
+    Replicating,
+    /// Stopping writes on the source.
+    Freezing,
+    /// Waiting for the target to apply the source's last writes; copying sequences.
+    FinalSync,
+    /// Comparing source and target.
+    Verifying,
+    /// Verified; waiting to pass the point of no return.
+    AwaitingApproval,
+    /// Past the point of no return: pointing the application at the target.
+    Switching,
+    /// The application runs on the target; the source is kept ready for rollback.
+    Hypercare,
+    /// Done; replication objects removed.
+    Completed,
+    /// Undoing a cutover that stopped before the point of no return.
+    Aborting,
+    /// Stopped before the point of no return; the source is writable and authoritative.
+    Aborted,
+    /// Moving the application back to the source after the switch.
+    RollingBack,
+    /// The application is back on the source.
+    RolledBack,
+}
+
+impl Phase {
+    /// Every phase, in sequence order.
+    pub const ALL: [Phase; 15] = [
+        Phase::Pending,
+        Phase::Preflight,
+        Phase::Migrating,
+        Phase::Replicating,
+        Phase::Freezing,
+        Phase::FinalSync,
+        Phase::Verifying,
+        Phase::AwaitingApproval,
+        Phase::Switching,
+        Phase::Hypercare,
+        Phase::Completed,
+        Phase::Aborting,
+        Phase::Aborted,
+        Phase::RollingBack,
+        Phase::RolledBack,
+    ];
+
+    /// The wire name, as in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Preflight => "Preflight",
+            Phase::Migrating => "Migrating",
+            Phase::Replicating => "Replicating",
+            Phase::Freezing => "Freezing",
+            Phase::FinalSync => "FinalSync",
+            Phase::Verifying => "Verifying",
+            Phase::AwaitingApproval => "AwaitingApproval",
+            Phase::Switching => "Switching",
+            Phase::Hypercare => "Hypercare",
+            Phase::Completed => "Completed",
+            Phase::Aborting => "Aborting",
+            Phase::Aborted => "Aborted",
+            Phase::RollingBack => "RollingBack",
+            Phase::RolledBack => "RolledBack",
+        }
+    }
+
+    /// A phase the cutover never leaves.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Aborted | Phase::RolledBack)
+    }
+
+    /// Whether the application may already be writing to the target in this phase.
+    pub fn is_past_point_of_no_return(self) -> bool {
+        matches!(
+            self,
+            Phase::Switching
+                | Phase::Hypercare
+                | Phase::Completed
+                | Phase::RollingBack
+                | Phase::RolledBack
+        )
+    }
+
+    /// Whether writes on the source may be frozen in this phase.
+    pub fn source_may_be_frozen(self) -> bool {
+        matches!(
+            self,
+            Phase::Freezing
+                | Phase::FinalSync
+                | Phase::Verifying
+                | Phase::AwaitingApproval
+                | Phase::Switching
+                | Phase::Hypercare
+                | Phase::Aborting
+        )
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The observed state of a `DatabaseCutover`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseCutoverStatus {
+    /// Where the cutover is in its sequence.
+    #[serde(default)]
+    pub phase: Phase,
+
+    /// The `metadata.generation` of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready`, `Progressing` and `Degraded`, each with a reason and a message for people.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// What the current step is doing, in a few words (shown by `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<String>,
+
+    /// One record per step taken, in order: the rehearsal timing report is built from these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepRecord>,
+
+    /// One line per preflight check.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preflight: Vec<CheckResult>,
+
+    /// Initial-copy progress and replication lag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStatus>,
+
+    /// Result of the comparison of source and target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<VerificationStatus>,
+
+    /// When writes on the source were stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_at: Option<String>,
+
+    /// The source's WAL position read right after the freeze; the target must apply past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_lsn: Option<String>,
+
+    /// When the point of no return was passed. Set once; after it the application may write
+    /// to the target and `spec.source` / `spec.target` are immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point_of_no_return_at: Option<String>,
+
+    /// When the application Secret was pointed at the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_at: Option<String>,
+
+    /// When hypercare ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypercare_until: Option<String>,
+
+    /// Seconds between the freeze and the switch (or the unfreeze): the write downtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_freeze_seconds: Option<f64>,
+
+    /// Why the cutover stopped, when it aborted or rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The record of one step.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    /// The phase this step belongs to.
+    pub name: Phase,
+    /// When the step started (RFC 3339).
+    pub started_at: String,
+    /// When the step finished (RFC 3339); unset while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// How the step ended.
+    pub outcome: StepOutcome,
+    /// Detail for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// How a step ended.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Still running.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Failed; the cutover aborted or rolled back.
+    Failed,
+    /// Not needed for this spec.
+    Skipped,
+}
+
+/// One preflight check.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckResult {
+    /// What was checked (for example `wal_level`, `primary-keys`).
+    pub name: String,
+    /// Pass, Warn or Fail.
+    pub outcome: CheckOutcome,
+    /// Why, in words a DBA understands.
+    pub message: String,
+}
+
+/// The result of one check.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckOutcome {
+    /// Fine.
+    Pass,
+    /// Worth a look; does not stop the cutover.
+    Warn,
+    /// Stops the cutover.
+    Fail,
+}
+
+/// Replication progress.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationStatus {
+    /// Tables whose initial copy is done and that stream changes.
+    pub tables_ready: i32,
+    /// Tables replicated.
+    pub tables_total: i32,
+    /// Bytes copied so far by the initial copy, where PostgreSQL reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_copied: Option<i64>,
+    /// Bytes of WAL the target has not applied yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<i64>,
+    /// Seconds behind the source, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
+    /// The lag for people (`1.2 MiB`), shown by `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<String>,
+    /// Lag of the reverse replication (target to source) during hypercare, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse_lag_bytes: Option<i64>,
+}
+
+/// The comparison of source and target.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerificationStatus {
+    /// Whether everything compared equal.
+    pub matched: bool,
+    /// Rows compared on the source.
+    #[serde(default)]
+    pub rows_compared: i64,
+    /// One entry per table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<TableVerification>,
+    /// Mismatches outside tables (sequences, schema), each named.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_mismatches: Vec<String>,
+}
+
+/// The comparison of one table.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TableVerification {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows on the source.
+    pub source_rows: i64,
+    /// Rows on the target.
+    pub target_rows: i64,
+    /// Whether the table compared equal.
+    pub matched: bool,
+    /// The first differing keys or key ranges, for people.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
+}

@@ -1,0 +1,16 @@
+//! The cutover operator: moves an application from one PostgreSQL database (blue) to another
+//! (green) with seconds of write downtime and a way back.
+//!
+//! - [`api`]: the `DatabaseCutover` resource (pure data and validation).
+//! - [`plan`]: the sequence as pure functions of (spec, status, observations, now).
+//! - [`postgres`]: everything that talks SQL.
+//! - [`cluster`]: everything that talks to Kubernetes besides the controller loop.
+//! - [`controller`]: the kube-runtime controller.
+//! - [`metrics`]: Prometheus metrics and the probe endpoints.
+
+pub mod api;
+pub mod cluster;
+pub mod controller;
+pub mod metrics;
+pub mod plan;
+pub mod postgres;

@@ -1,0 +1,123 @@
+//! The `cutover` command: the operator (`cutover run`), the CRD generator (`cutover crd`), and
+//! the tools a DBA uses by hand. `anyhow` lives here, at the edge; the library has typed errors.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use cutover_operator::{api, controller};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cutover",
+    version,
+    about = "Move an application from one PostgreSQL database to another with seconds of write downtime"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CUTOVER_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator: watch DatabaseCutover resources and drive them.
+    Run(RunArgs),
+    /// Print the CustomResourceDefinition YAML (what crds/ holds).
+    Crd,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "CUTOVER_METRICS_ADDR")]
+    metrics_addr: SocketAddr,
+
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "CUTOVER_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+
+    /// Take part in leader election so that several replicas are safe.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "CUTOVER_LEADER_ELECT")]
+    leader_elect: bool,
+
+    /// Namespace of the leader Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        default_value = "cutover-operator-leader",
+        env = "CUTOVER_LEASE_NAME"
+    )]
+    lease_name: String,
+
+    /// Seconds a leader Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15, env = "CUTOVER_LEASE_SECONDS")]
+    lease_seconds: u64,
+
+    /// This replica's name (in a pod: the pod name).
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("CUTOVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!("{}", api::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => {
+            init_tracing(cli.log_format);
+            rustls::crypto::ring::default_provider()
+                .install_default()
+                .map_err(|_| anyhow::anyhow!("failed to install the TLS crypto provider"))?;
+            let client = kube::Client::try_default()
+                .await
+                .context("failed to build a Kubernetes client from the kubeconfig or the pod's service account")?;
+            let instance = args.instance.unwrap_or_else(default_instance);
+            let opts = controller::RunOptions {
+                metrics_addr: args.metrics_addr,
+                namespace: args.namespace,
+                leader_election: args.leader_elect.then(|| controller::LeaderElection {
+                    namespace: args.lease_namespace,
+                    lease_name: args.lease_name,
+                    duration_seconds: args.lease_seconds,
+                }),
+                instance,
+            };
+            controller::run(client, opts).await
+        }
+    }
+}
+
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "cutover".into());
+    format!("{host}-{}", std::process::id())
+}

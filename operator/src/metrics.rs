@@ -1,0 +1,253 @@
+//! Prometheus metrics and the `/metrics`, `/healthz` and `/readyz` endpoint.
+//!
+//! One registry per process, passed around in the controller context (no global state), so
+//! tests can run several operators in one process without their metrics mixing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+
+use crate::api::Phase;
+
+/// The operator's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles by outcome (`ok` or an error category).
+    pub reconciles: IntCounterVec,
+    /// Reconcile duration in seconds.
+    pub reconcile_duration: HistogramVec,
+    /// 1 for the phase each cutover is in, 0 for the others.
+    pub phase: IntGaugeVec,
+    /// Whether this replica holds the leader lease.
+    pub leader: IntGaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("cutover".into()), None)
+            .expect("a static prefix is a valid registry");
+        let reconciles = IntCounterVec::new(
+            Opts::new(
+                "reconciles_total",
+                "Reconciles by outcome: ok or the error category",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new("reconcile_duration_seconds", "Time spent in one reconcile")
+                .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &[],
+        )
+        .expect("valid metric");
+        let phase = IntGaugeVec::new(
+            Opts::new("phase", "1 for the phase a cutover is in, 0 for the others"),
+            &["namespace", "name", "phase"],
+        )
+        .expect("valid metric");
+        let leader = IntGaugeVec::new(
+            Opts::new("leader", "1 when this replica holds the leader lease"),
+            &[],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_duration.clone()),
+            Box::new(phase.clone()),
+            Box::new(leader.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("each metric is registered once");
+        }
+        Self {
+            registry,
+            reconciles,
+            reconcile_duration,
+            phase,
+            leader,
+        }
+    }
+
+    /// Records the phase of one cutover: its phase 1, every other phase 0.
+    pub fn set_phase(&self, namespace: &str, name: &str, current: Phase) {
+        for p in Phase::ALL {
+            self.phase
+                .with_label_values(&[namespace, name, p.as_str()])
+                .set(i64::from(p == current));
+        }
+    }
+
+    /// Forgets a deleted cutover.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        for p in Phase::ALL {
+            let _ = self
+                .phase
+                .remove_label_values(&[namespace, name, p.as_str()]);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// What the probe endpoints report.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+}
+
+impl Health {
+    /// Marks the process ready (it reached the API server and started its watch or its
+    /// leader-election standby).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the process is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Metrics,
+    health: Arc<Health>,
+}
+
+/// Binds the endpoint and returns its address with the serving future; the future ends when
+/// `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(
+    SocketAddr,
+    impl std::future::Future<Output = std::io::Result<()>>,
+)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, health });
+    let server = async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    };
+    Ok((local, server))
+}
+
+async fn render_metrics(State(state): State<AppState>) -> String {
+    state.metrics.render()
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.health.is_ready() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_gauge_has_exactly_one_phase_set() {
+        let m = Metrics::new();
+        m.set_phase("shop", "orders", Phase::Replicating);
+        m.set_phase("shop", "orders", Phase::Freezing);
+        let text = m.render();
+        assert!(
+            text.contains(r#"cutover_phase{name="orders",namespace="shop",phase="Freezing"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cutover_phase{name="orders",namespace="shop",phase="Replicating"} 0"#)
+        );
+        m.forget("shop", "orders");
+        assert!(!m.render().contains(r#"name="orders""#));
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer_over_http() {
+        let m = Metrics::new();
+        m.reconciles.with_label_values(&["ok"]).inc();
+        let health = Arc::new(Health::default());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), m, health.clone(), async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+        let server = tokio::spawn(server);
+
+        assert_eq!(get_status(addr, "/healthz").await, 200);
+        assert_eq!(get_status(addr, "/readyz").await, 503);
+        health.set_ready(true);
+        assert_eq!(get_status(addr, "/readyz").await, 200);
+        let body = get_body(addr, "/metrics").await;
+        assert!(
+            body.contains(r#"cutover_reconciles_total{outcome="ok"} 1"#),
+            "{body}"
+        );
+
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    async fn raw_get(addr: SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    async fn get_status(addr: SocketAddr, path: &str) -> u16 {
+        let response = raw_get(addr, path).await;
+        response.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    async fn get_body(addr: SocketAddr, path: &str) -> String {
+        let response = raw_get(addr, path).await;
+        response.split_once("\r\n\r\n").unwrap().1.to_owned()
+    }
+}

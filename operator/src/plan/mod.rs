@@ -1,0 +1,334 @@
+//! The sequence as pure data: which phase may follow which.
+//!
+//! `plan` decides, the IO layers act. Nothing here touches a database, the API server or the
+//! clock; time comes in as an argument. The transition table below is the contract every
+//! decision is checked against: the controller refuses to record a phase change the table does
+//! not allow.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::api::conditions::{ConditionType, Reason, set_condition};
+use crate::api::{DatabaseCutoverStatus, Phase};
+
+/// The phases that may follow `from`.
+///
+/// Forward along the sequence; to `Aborting` from any step before the point of no return; to
+/// `RollingBack` only from hypercare. Terminal phases have no successors.
+pub fn successors(from: Phase) -> &'static [Phase] {
+    use Phase::*;
+    match from {
+        Pending => &[Preflight, Aborting],
+        Preflight => &[Migrating, Replicating, Aborting],
+        Migrating => &[Replicating, Aborting],
+        Replicating => &[Freezing, Aborting],
+        Freezing => &[FinalSync, Aborting],
+        FinalSync => &[Verifying, Aborting],
+        Verifying => &[AwaitingApproval, Aborting],
+        AwaitingApproval => &[Switching, Aborting],
+        // Past the point of no return a failed switch goes back to the source at once.
+        Switching => &[Hypercare, RollingBack],
+        Hypercare => &[Completed, RollingBack],
+        Aborting => &[Aborted],
+        RollingBack => &[RolledBack],
+        Completed | Aborted | RolledBack => &[],
+    }
+}
+
+/// Whether the sequence allows going from `from` to `to` (staying put is always allowed).
+pub fn can_transition(from: Phase, to: Phase) -> bool {
+    from == to || successors(from).contains(&to)
+}
+
+/// What the conditions say in a phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// `Ready`: the cutover reached a resting state.
+    pub ready: bool,
+    /// `Progressing`: the operator is moving it forward.
+    pub progressing: bool,
+    /// `Degraded`: a person should look.
+    pub degraded: bool,
+    /// The reason on all three conditions.
+    pub reason: Reason,
+    /// One sentence for people (Event note and condition message).
+    pub message: &'static str,
+}
+
+/// The conditions of a phase.
+pub fn summary(phase: Phase) -> Summary {
+    use Phase::*;
+    let (ready, progressing, degraded, reason, message) = match phase {
+        Pending => (
+            false,
+            true,
+            false,
+            Reason::Pending,
+            "accepted; the cutover starts with preflight checks",
+        ),
+        Preflight => (
+            false,
+            true,
+            false,
+            Reason::StepRunning,
+            "checking both databases",
+        ),
+        Migrating => (
+            false,
+            true,
+            false,
+            Reason::StepRunning,
+            "applying schema migrations to the target",
+        ),
+        Replicating => (
+            false,
+            true,
+            false,
+            Reason::StepRunning,
+            "copying and streaming changes to the target",
+        ),
+        Freezing => (
+            false,
+            true,
+            false,
+            Reason::StepRunning,
+            "stopping writes on the source",
+        ),
+        FinalSync => (
+            false,
+            true,
+            false,
+            Reason::StepRunning,
+            "waiting for the target to apply the last writes",
+        ),
+        Verifying => (
+            false,
+            true,
+            false,
+            Reason::StepRunning,
+            "comparing source and target",
+        ),
+        AwaitingApproval => (
+            false,
+            true,
+            false,
+            Reason::AwaitingApproval,
+            "verified; waiting to pass the point of no return",
+        ),
+        Switching => (
+            false,
+            true,
+            false,
+            Reason::StepRunning,
+            "pointing the application at the target",
+        ),
+        Hypercare => (
+            false,
+            true,
+            false,
+            Reason::StepRunning,
+            "the application runs on the target; the source is kept ready for rollback",
+        ),
+        Completed => (
+            true,
+            false,
+            false,
+            Reason::Completed,
+            "the application runs on the target; replication objects removed",
+        ),
+        Aborting => (
+            false,
+            true,
+            true,
+            Reason::Aborted,
+            "aborting: unfreezing the source and removing replication objects",
+        ),
+        Aborted => (
+            true,
+            false,
+            true,
+            Reason::Aborted,
+            "aborted before the point of no return; the source is writable and authoritative",
+        ),
+        RollingBack => (
+            false,
+            true,
+            true,
+            Reason::RolledBack,
+            "moving the application back to the source",
+        ),
+        RolledBack => (
+            true,
+            false,
+            true,
+            Reason::RolledBack,
+            "the application is back on the source",
+        ),
+    };
+    Summary {
+        ready,
+        progressing,
+        degraded,
+        reason,
+        message,
+    }
+}
+
+/// The status the object should have: the current one with `observedGeneration` and the
+/// conditions brought in line with the phase. Condition transition times move only on a flip.
+pub fn desired_status(
+    current: &DatabaseCutoverStatus,
+    generation: Option<i64>,
+    now: jiff::Timestamp,
+) -> DatabaseCutoverStatus {
+    let mut status = current.clone();
+    status.observed_generation = generation;
+    let s = summary(status.phase);
+    let healthy = if s.degraded {
+        s.reason
+    } else {
+        Reason::Healthy
+    };
+    for (kind, value, reason) in [
+        (ConditionType::Ready, s.ready, s.reason),
+        (ConditionType::Progressing, s.progressing, s.reason),
+        (ConditionType::Degraded, s.degraded, healthy),
+    ] {
+        set_condition(
+            &mut status.conditions,
+            kind,
+            value,
+            reason,
+            s.message,
+            generation,
+            now,
+        );
+    }
+    status
+}
+
+/// How long to wait before retrying after `attempt` consecutive failures: exponential from one
+/// second, capped at five minutes, with no jitter so the schedule is predictable.
+pub fn retry_delay(attempt: u32) -> Duration {
+    let max = Duration::from_secs(300);
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+        // Past 2^9 s the cap holds anyway; bounding the walk keeps huge counts cheap.
+        .nth(attempt.saturating_sub(1).min(16) as usize)
+        .unwrap_or(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn every_phase_reaches_a_terminal_phase() {
+        for start in Phase::ALL {
+            let mut seen = BTreeSet::new();
+            let mut frontier = vec![start];
+            while let Some(p) = frontier.pop() {
+                if seen.insert(p) {
+                    frontier.extend(successors(p));
+                }
+            }
+            assert!(
+                seen.iter().any(|p| p.is_terminal()),
+                "{start} cannot finish"
+            );
+        }
+    }
+
+    #[test]
+    fn abort_is_possible_exactly_before_the_point_of_no_return() {
+        for p in Phase::ALL {
+            let can_abort = can_transition(p, Phase::Aborting) && p != Phase::Aborting;
+            let before =
+                !p.is_past_point_of_no_return() && !p.is_terminal() && p != Phase::Aborting;
+            assert_eq!(can_abort, before, "{p}");
+        }
+    }
+
+    #[test]
+    fn the_point_of_no_return_is_crossed_only_after_approval() {
+        for from in Phase::ALL {
+            for &to in successors(from) {
+                if to.is_past_point_of_no_return() && !from.is_past_point_of_no_return() {
+                    assert_eq!((from, to), (Phase::AwaitingApproval, Phase::Switching));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rollback_only_after_the_switch_began() {
+        for from in Phase::ALL {
+            if successors(from).contains(&Phase::RollingBack) {
+                assert!(
+                    matches!(from, Phase::Switching | Phase::Hypercare),
+                    "{from}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn desired_status_records_generation_and_conditions_once() {
+        let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        let first = desired_status(&DatabaseCutoverStatus::default(), Some(3), now);
+        assert_eq!(first.phase, Phase::Pending);
+        assert_eq!(first.observed_generation, Some(3));
+        let types: Vec<_> = first
+            .conditions
+            .iter()
+            .map(|c| (c.type_.as_str(), c.status.as_str()))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                ("Ready", "False"),
+                ("Progressing", "True"),
+                ("Degraded", "False")
+            ]
+        );
+
+        // Reconciling again later changes nothing, so the operator does not wake itself up.
+        let later = now + jiff::SignedDuration::from_secs(60);
+        assert_eq!(desired_status(&first, Some(3), later), first);
+    }
+
+    #[test]
+    fn conditions_match_the_phase() {
+        for p in Phase::ALL {
+            let s = summary(p);
+            assert_eq!(s.ready, p.is_terminal(), "{p}");
+            assert_eq!(s.progressing, !p.is_terminal(), "{p}");
+            assert!(!s.message.is_empty());
+        }
+        assert!(summary(Phase::Aborted).degraded);
+        assert!(!summary(Phase::Completed).degraded);
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_and_cap() {
+        assert_eq!(retry_delay(1), Duration::from_secs(1));
+        assert_eq!(retry_delay(2), Duration::from_secs(2));
+        assert_eq!(retry_delay(4), Duration::from_secs(8));
+        assert_eq!(retry_delay(30), Duration::from_secs(300));
+        assert_eq!(retry_delay(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn terminal_phases_have_no_successors() {
+        for p in Phase::ALL.into_iter().filter(|p| p.is_terminal()) {
+            assert!(successors(p).is_empty());
+            assert!(can_transition(p, p));
+        }
+    }
+}
