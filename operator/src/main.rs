@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use cutover_operator::{api, controller};
 use tracing_subscriber::EnvFilter;
 
+mod cli;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "cutover",

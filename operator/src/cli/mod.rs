@@ -1,0 +1,1 @@
+//! The subcommands of the `cutover` binary that a person or a Job runs by hand; one file per verb.
