@@ -16,6 +16,8 @@
 //! one runtime per test, so [`ControlPlane::client`] builds a fresh client on every call; the
 //! processes themselves do not depend on any runtime.
 
+pub mod operator;
+
 use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -464,15 +466,20 @@ async fn start_local() -> Result<Inner, Error> {
     }
 }
 
+const WORK_DIR_PREFIX: &str = "cutover-e2e-";
+const OWNER_FILE: &str = "owner.pid";
+
 async fn start_local_once(binaries: &Binaries) -> Result<Inner, Error> {
+    remove_stale_work_dirs();
     let dir = tempfile::Builder::new()
-        .prefix("cutover-e2e-")
+        .prefix(WORK_DIR_PREFIX)
         .tempdir()
         .map_err(io_err("creating the control plane's temp dir"))?;
     let path = |name: &str| dir.path().join(name);
     let write = |name: &str, contents: &str| {
         std::fs::write(path(name), contents).map_err(io_err(format!("writing {name}")))
     };
+    write(OWNER_FILE, &std::process::id().to_string())?;
 
     let certs = Certs::generate()?;
     write("ca.crt", &certs.ca)?;
@@ -560,6 +567,33 @@ async fn start_local_once(binaries: &Binaries) -> Result<Inner, Error> {
         kubectl: binaries.kubectl.clone(),
         local: Some(local),
     })
+}
+
+/// Removes the work dirs of test binaries that died without cleaning up (SIGKILL, Ctrl-C:
+/// their etcd and kube-apiserver died with them, but nothing removed the files).
+fn remove_stale_work_dirs() {
+    // Liveness is read from /proc; without it (not Linux) leave everything alone.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let is_ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(WORK_DIR_PREFIX));
+        let owner = std::fs::read_to_string(dir.join(OWNER_FILE))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok());
+        if let (true, Some(owner)) = (is_ours, owner)
+            && !Path::new("/proc").join(owner.to_string()).exists()
+        {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 /// Polls `/readyz` until it answers `ok`, either process exits, or [`START_TIMEOUT`] passes.

@@ -75,7 +75,7 @@ pub struct DatabaseCutoverSpec {
     /// freeze (read-only or login revoked, their sessions terminated) and allowed to log in on
     /// the target at the switch.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self.all(r, size(r) > 0 && size(r) <= 63)").message("each application role must be a PostgreSQL role name of 1 to 63 characters"))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
     pub application_roles: Vec<String>,
 
     /// What is replicated from source to target, and when the lag is small enough to freeze.
@@ -149,8 +149,10 @@ pub struct DatabaseRef {
 #[x_kube(validation = Rule::new("size(self.key) > 0").message("a Secret reference needs a key: the entry of the Secret that holds the value"))]
 pub struct SecretKeyRef {
     /// Name of the Secret.
+    #[schemars(length(max = 253))]
     pub name: String,
     /// Key within the Secret.
+    #[schemars(length(max = 253))]
     pub key: String,
 }
 
@@ -159,6 +161,7 @@ pub struct SecretKeyRef {
 #[x_kube(validation = Rule::new("size(self.name) > 0").message("a ConfigMap reference needs the ConfigMap's name"))]
 pub struct ConfigMapRef {
     /// Name of the ConfigMap.
+    #[schemars(length(max = 253))]
     pub name: String,
 }
 
@@ -169,12 +172,14 @@ pub struct ReplicationSpec {
     /// Tables to replicate, as `schema.table`. Empty (the default) means every table in the
     /// source database. Partitioned tables are published through their root.
     #[serde(default)]
+    #[schemars(length(max = 10000), inner(length(min = 3, max = 129)))]
     #[x_kube(validation = Rule::new("self.all(t, t.matches('^[^.]+[.][^.]+$'))").message("each table must be written as schema.table"))]
     pub tables: Vec<String>,
 
     /// Freeze as soon as the replication lag is at most this many bytes (for example `16MiB`),
     /// unless `schedule.freezeAt` is later.
     #[serde(default = "default_max_lag")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(SIZE_RULE).message(SIZE_MESSAGE))]
     pub max_lag_before_freeze: String,
 
@@ -214,6 +219,7 @@ pub struct MigrationsSpec {
 
     /// Container image that runs `cutover migrate`; defaults to the operator's own image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     pub image: Option<String>,
 
     /// Key of the PostgreSQL advisory lock that serialises migration runners.
@@ -223,6 +229,7 @@ pub struct MigrationsSpec {
     /// `lock_timeout` for each migration statement, so a migration never queues behind a long
     /// transaction and blocks the application.
     #[serde(default = "default_lock_timeout")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub lock_timeout: String,
 }
@@ -247,6 +254,7 @@ pub struct FreezeSpec {
 
     /// How long in-flight transactions may run after the freeze before they are terminated.
     #[serde(default = "default_drain_timeout")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub drain_timeout: String,
 }
@@ -324,6 +332,7 @@ pub struct PointOfNoReturnSpec {
     /// How long a manual approval may take after verification; when it passes, the cutover
     /// aborts and the source is unfrozen.
     #[serde(default = "default_deadline")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub deadline: String,
 
@@ -372,6 +381,7 @@ pub struct SwitchSpec {
     /// Workloads restarted after the switch (a pod-template annotation, like
     /// `kubectl rollout restart`) so they reconnect to the target.
     #[serde(default)]
+    #[schemars(length(max = 64))]
     pub restart: Vec<WorkloadRef>,
 }
 
@@ -382,6 +392,7 @@ pub struct WorkloadRef {
     /// `Deployment` or `StatefulSet`.
     pub kind: WorkloadKind,
     /// Name of the workload.
+    #[schemars(length(max = 253))]
     pub name: String,
 }
 
@@ -401,6 +412,7 @@ pub struct ScheduleSpec {
     /// Earliest time to freeze writes, RFC 3339 (`2026-12-01T02:00:00Z`). Unset: freeze as soon
     /// as the lag is below `replication.maxLagBeforeFreeze`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(TIMESTAMP_RULE).message(TIMESTAMP_MESSAGE))]
     pub freeze_at: Option<String>,
 
@@ -411,17 +423,20 @@ pub struct ScheduleSpec {
 
     /// Longest the source may stay frozen, from the freeze to the switch (or to the unfreeze).
     #[serde(default = "default_max_write_downtime")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub max_write_downtime: String,
 
     /// How long the source is kept in sync and ready for rollback after the switch.
     #[serde(default = "default_hypercare")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub hypercare: String,
 
     /// Offsets after the switch (for example `15m`, `1h`) at which row counts and spot checks
     /// are re-run during hypercare.
     #[serde(default)]
+    #[schemars(length(max = 32), inner(length(max = 32)))]
     #[x_kube(validation = Rule::new(DURATION_LIST_RULE).message("each checkpoint must be a duration such as 15m or 1h"))]
     pub checkpoints: Vec<String>,
 }
@@ -452,26 +467,32 @@ impl Default for ScheduleSpec {
 pub struct Budgets {
     /// Preflight checks (default 5m).
     #[serde(default = "budget_preflight")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub preflight: String,
     /// Migrations on the target (default 30m).
     #[serde(default = "budget_migrations")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub migrations: String,
     /// Initial copy and catch-up until the freeze may start (default 24h).
     #[serde(default = "budget_replication")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub replication: String,
     /// Stopping writes, including the drain (default 1m).
     #[serde(default = "budget_freeze")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub freeze: String,
     /// Waiting for the target to apply everything written before the freeze (default 5m).
     #[serde(default = "budget_final_sync")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub final_sync: String,
     /// Comparing source and target (default 15m).
     #[serde(default = "budget_verification")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub verification: String,
 }
