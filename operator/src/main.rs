@@ -37,6 +37,12 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinition YAML (what crds/ holds).
     Crd,
+    /// Apply migration files under an advisory lock (what the migration Job runs).
+    Migrate(cli::migrate::MigrateArgs),
+    /// Block until a migration version is applied (the init-container entrypoint).
+    Wait(cli::wait::WaitArgs),
+    /// Flag dangerous DDL in a migrations directory.
+    Lint(cli::lint::LintArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -93,6 +99,15 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", api::crd_yaml());
             Ok(())
         }
+        Command::Migrate(args) => {
+            init_tracing(cli.log_format);
+            cli::migrate::run(args).await
+        }
+        Command::Wait(args) => {
+            init_tracing(cli.log_format);
+            cli::wait::run(args).await
+        }
+        Command::Lint(args) => cli::lint::run(args),
         Command::Run(args) => {
             init_tracing(cli.log_format);
             rustls::crypto::ring::default_provider()

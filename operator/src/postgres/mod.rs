@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod ident;
+pub mod migrate;
 
 pub use connect::{ConnectError, ConnectOptions, Dsn, connect};
 pub use ident::{quote_ident, quote_qualified};
