@@ -6,7 +6,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,24 +31,28 @@ where
     }
 }
 
-/// The `cutover` binary of this workspace: `CUTOVER_BIN` when set, else next to the test
-/// binary's folder (`target/<profile>/cutover`).
+/// The `cutover` binary of this workspace: `CUTOVER_BIN` when set, else `target/<profile>/cutover`
+/// found from this executable (a test binary in `target/<profile>/deps`, or a binary beside it).
 pub fn cutover_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("CUTOVER_BIN") {
         return PathBuf::from(path);
     }
-    let exe = std::env::current_exe().expect("the test binary knows its path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
-    let bin = profile_dir.join("cutover");
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it first (`cargo build -p cutover-operator`, which `make test` does)",
-        bin.display()
-    );
-    bin
+    let exe = std::env::current_exe().expect("the running binary knows its path");
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("cutover"))
+        .collect();
+    candidates
+        .iter()
+        .find(|bin| bin.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no cutover binary at {candidates:?}: build it first (`cargo build -p cutover-operator`, which `make test` does)"
+            )
+        })
 }
 
 /// One running operator.
