@@ -36,4 +36,4 @@ control-plane:
 ## demo: two PostgreSQL clusters, a local control plane, the operator, and an example plan.
 demo: deps control-plane
 	$(CARGO) build --locked -p cutover-operator -p cutover-e2e --bins
-	$(CARGO) run --quiet --locked -p cutover-e2e --bin cutover-demo
+	$(CARGO) run --quiet --locked -p cutover-e2e --bin cutover-demo -- $(DEMO_ARGS)
