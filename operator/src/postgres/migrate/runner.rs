@@ -679,6 +679,7 @@ impl Runner<'_> {
                 }
             };
             if let Err(mut e) = result {
+                e.line.get_or_insert(stmt.line);
                 if i > 0 {
                     e.message.push_str(&format!(
                         "; this file runs outside a transaction: the {i} statement(s) before \
