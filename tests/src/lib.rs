@@ -4,3 +4,4 @@
 pub mod pg;
 
 pub use pg::{BlueGreen, PgCluster, PgClusterBuilder};
+pub mod workload;

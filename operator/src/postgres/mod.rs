@@ -6,4 +6,13 @@ pub mod ident;
 pub mod migrate;
 
 pub use connect::{ConnectError, ConnectOptions, Dsn, connect};
-pub use ident::{quote_ident, quote_qualified};
+pub use ident::{quote_ident, quote_literal, quote_qualified};
+
+// The replication engine (issue 3): preflight, replication, freeze, final sync, reverse
+// replication and cleanup. See docs/replication.md.
+pub mod cleanup;
+pub mod freeze;
+pub mod preflight;
+pub mod replication;
+pub mod reverse;
+pub mod sync;

@@ -1,0 +1,709 @@
+//! Preflight: read-only checks of both databases before anything is changed, one
+//! [`CheckResult`] per check (pass / warn / fail with a reason a DBA understands).
+//!
+//! A check that cannot run (a query fails, for example for lack of privileges) is itself a
+//! `Fail` naming what could not be read. Nothing here writes to either database.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::replication::{TableRef, TableSelection, db_message, resolve_tables};
+use crate::api::{CheckOutcome, CheckResult};
+
+/// What preflight checks against.
+#[derive(Clone, Debug)]
+pub struct PreflightOptions {
+    /// The tables to replicate.
+    pub tables: TableSelection,
+    /// Whether reverse replication (green → blue) will be started: green then needs
+    /// `wal_level = logical`, a free slot, and blue must accept a subscription.
+    pub reverse: bool,
+    /// Transactions on blue open longer than this are reported (they delay creating the slot).
+    pub long_transaction: Duration,
+    /// Application roles (checked to exist on blue).
+    pub application_roles: Vec<String>,
+}
+
+impl Default for PreflightOptions {
+    fn default() -> Self {
+        Self {
+            tables: TableSelection::All,
+            reverse: false,
+            long_transaction: Duration::from_secs(60),
+            application_roles: Vec::new(),
+        }
+    }
+}
+
+fn check(name: &str, outcome: CheckOutcome, message: impl Into<String>) -> CheckResult {
+    CheckResult {
+        name: name.to_owned(),
+        outcome,
+        message: message.into(),
+    }
+}
+
+fn pass(name: &str, message: impl Into<String>) -> CheckResult {
+    check(name, CheckOutcome::Pass, message)
+}
+
+fn warn(name: &str, message: impl Into<String>) -> CheckResult {
+    check(name, CheckOutcome::Warn, message)
+}
+
+fn fail(name: &str, message: impl Into<String>) -> CheckResult {
+    check(name, CheckOutcome::Fail, message)
+}
+
+fn unreadable(name: &str, what: &str, e: &tokio_postgres::Error) -> CheckResult {
+    fail(name, format!("failed to read {what}: {}", db_message(e)))
+}
+
+/// Runs every check. The tables are resolved on blue; if that fails, the table checks fail.
+pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    out.push(versions(blue, green).await);
+    out.push(wal_level(blue, "wal-level-blue", "blue").await);
+    if opts.reverse {
+        out.push(wal_level(green, "wal-level-green", "green (for reverse replication)").await);
+    }
+    out.push(slots(blue, "replication-slots-blue", "blue", 1).await);
+    if opts.reverse {
+        out.push(slots(green, "replication-slots-green", "green", 1).await);
+    }
+    out.push(workers(green).await);
+    out.push(privileges_blue(blue).await);
+    out.push(privileges_green(green).await);
+    if opts.reverse {
+        out.push(privileges_reverse(blue).await);
+    }
+    out.push(roles(blue, &opts.application_roles).await);
+    let tables = match resolve_tables(blue, &opts.tables).await {
+        Ok(t) if t.is_empty() => {
+            out.push(fail("tables", "no table to replicate on blue"));
+            Vec::new()
+        }
+        Ok(t) => {
+            out.push(pass("tables", format!("{} tables to replicate", t.len())));
+            t
+        }
+        Err(e) => {
+            out.push(fail("tables", e.to_string()));
+            Vec::new()
+        }
+    };
+    if !tables.is_empty() {
+        out.push(ownership(blue, &tables).await);
+        out.push(replica_identity(blue, &tables).await);
+        out.push(schema_match(blue, green, &tables).await);
+        out.extend(special_objects(blue, &tables).await);
+    }
+    out.push(long_transactions(blue, opts.long_transaction).await);
+    out.push(slot_wal_limit(blue).await);
+    out
+}
+
+async fn versions(blue: &Client, green: &Client) -> CheckResult {
+    const NAME: &str = "server-versions";
+    let q = "SELECT current_setting('server_version_num')::int, current_setting('server_version')";
+    let (b, g) = match (blue.query_one(q, &[]).await, green.query_one(q, &[]).await) {
+        (Ok(b), Ok(g)) => (b, g),
+        (Err(e), _) | (_, Err(e)) => return unreadable(NAME, "the server versions", &e),
+    };
+    let (bn, bs): (i32, String) = (b.get(0), b.get(1));
+    let (gn, gs): (i32, String) = (g.get(0), g.get(1));
+    let text = format!("blue {bs}, green {gs}");
+    if bn < 130_000 || gn < 130_000 {
+        fail(
+            NAME,
+            format!(
+                "{text}: PostgreSQL 13 or later is needed on both (partitioned tables are published through their root)"
+            ),
+        )
+    } else if gn / 10_000 < bn / 10_000 {
+        warn(NAME, format!("{text}: green is older than blue"))
+    } else {
+        pass(NAME, text)
+    }
+}
+
+async fn wal_level(client: &Client, name: &str, side: &str) -> CheckResult {
+    match client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+    {
+        Ok(r) => {
+            let level: String = r.get(0);
+            if level == "logical" {
+                pass(name, format!("wal_level is logical on {side}"))
+            } else {
+                fail(
+                    name,
+                    format!(
+                        "wal_level is {level} on {side}; logical replication needs wal_level = logical (changing it needs a restart)"
+                    ),
+                )
+            }
+        }
+        Err(e) => unreadable(name, "wal_level", &e),
+    }
+}
+
+async fn slots(client: &Client, name: &str, side: &str, needed: i32) -> CheckResult {
+    let q = "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int,
+                    current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_stat_replication)::int";
+    match client.query_one(q, &[]).await {
+        Ok(r) => {
+            let (free_slots, free_senders): (i32, i32) = (r.get(0), r.get(1));
+            // Each table being copied uses one more slot and sender for a while
+            // (max_sync_workers_per_subscription, 2 by default).
+            let comfortable = needed + 2;
+            let text = format!(
+                "{free_slots} free replication slots and {free_senders} free WAL senders on {side}"
+            );
+            if free_slots < needed || free_senders < needed {
+                fail(
+                    name,
+                    format!(
+                        "{text}; at least {needed} of each is needed (raise max_replication_slots / max_wal_senders, or drop unused slots)"
+                    ),
+                )
+            } else if free_slots < comfortable || free_senders < comfortable {
+                warn(
+                    name,
+                    format!(
+                        "{text}; the initial copy uses up to {comfortable} at once and will copy fewer tables in parallel"
+                    ),
+                )
+            } else {
+                pass(name, text)
+            }
+        }
+        Err(e) => unreadable(name, "the replication slots", &e),
+    }
+}
+
+async fn workers(green: &Client) -> CheckResult {
+    const NAME: &str = "replication-workers-green";
+    let q = "SELECT current_setting('max_logical_replication_workers')::int,
+                    current_setting('max_worker_processes')::int,
+                    (SELECT count(*) FROM pg_stat_subscription)::int";
+    match green.query_one(q, &[]).await {
+        Ok(r) => {
+            let (max_lr, max_wp, used): (i32, i32, i32) = (r.get(0), r.get(1), r.get(2));
+            let text = format!(
+                "max_logical_replication_workers = {max_lr} ({used} in use), max_worker_processes = {max_wp} on green"
+            );
+            if max_lr - used < 1 {
+                fail(NAME, format!("{text}: no worker left for the subscription"))
+            } else if max_lr - used < 3 {
+                warn(
+                    NAME,
+                    format!("{text}: the initial copy will run with fewer parallel table copies"),
+                )
+            } else {
+                pass(NAME, text)
+            }
+        }
+        Err(e) => unreadable(NAME, "the worker settings", &e),
+    }
+}
+
+async fn privileges_blue(blue: &Client) -> CheckResult {
+    const NAME: &str = "privileges-blue";
+    let q = "SELECT current_user::text, rolsuper, rolreplication,
+                    pg_has_role(current_user, 'pg_signal_backend', 'MEMBER'),
+                    rolcreaterole,
+                    (SELECT pg_has_role(current_user, datdba, 'MEMBER') FROM pg_database
+                      WHERE datname = current_database())
+               FROM pg_roles WHERE rolname = current_user";
+    match blue.query_one(q, &[]).await {
+        Ok(r) => {
+            let user: String = r.get(0);
+            let (sup, repl, signal, createrole, db_owner): (bool, bool, bool, bool, bool) =
+                (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
+            if sup {
+                return pass(NAME, format!("{user} is a superuser on blue"));
+            }
+            let mut missing = Vec::new();
+            if !repl {
+                missing.push("REPLICATION (the subscription connects with it)");
+            }
+            if !signal {
+                missing.push("pg_signal_backend (to end the application's sessions at the freeze)");
+            }
+            if !createrole {
+                missing.push("CREATEROLE (to change the application roles at the freeze)");
+            }
+            if !db_owner {
+                missing.push("ownership of the database (ALTER DATABASE … SET at the freeze)");
+            }
+            if missing.is_empty() {
+                pass(
+                    NAME,
+                    format!(
+                        "{user} has REPLICATION, CREATEROLE, pg_signal_backend and owns the database"
+                    ),
+                )
+            } else {
+                fail(
+                    NAME,
+                    format!("{user} lacks on blue: {}", missing.join("; ")),
+                )
+            }
+        }
+        Err(e) => unreadable(NAME, "the connecting role", &e),
+    }
+}
+
+async fn privileges_green(green: &Client) -> CheckResult {
+    const NAME: &str = "privileges-green";
+    let q = "SELECT current_user::text, rolsuper, current_setting('server_version_num')::int,
+                    pg_has_role(current_user, oid, 'MEMBER')
+                      AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pg_create_subscription'
+                                    AND pg_has_role(current_user, oid, 'MEMBER'))
+               FROM pg_roles WHERE rolname = current_user";
+    match green.query_one(q, &[]).await {
+        Ok(r) => {
+            let (user, sup, version, create_sub): (String, bool, i32, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            if sup {
+                pass(NAME, format!("{user} is a superuser on green"))
+            } else if version >= 160_000 && create_sub {
+                pass(
+                    NAME,
+                    format!("{user} is a member of pg_create_subscription on green"),
+                )
+            } else {
+                fail(
+                    NAME,
+                    format!(
+                        "{user} cannot create subscriptions on green: PostgreSQL {} needs a superuser{}",
+                        version / 10_000,
+                        if version >= 160_000 {
+                            " or a member of pg_create_subscription"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            }
+        }
+        Err(e) => unreadable(NAME, "the connecting role", &e),
+    }
+}
+
+async fn privileges_reverse(blue: &Client) -> CheckResult {
+    const NAME: &str = "privileges-reverse";
+    match blue
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        Ok(r) if r.get::<_, bool>(0) => {
+            pass(NAME, "blue accepts the reverse subscription (superuser)")
+        }
+        Ok(_) => warn(
+            NAME,
+            "the reverse subscription on blue needs a superuser (pg_create_subscription on PostgreSQL 16+)",
+        ),
+        Err(e) => unreadable(NAME, "the connecting role", &e),
+    }
+}
+
+async fn roles(blue: &Client, roles: &[String]) -> CheckResult {
+    const NAME: &str = "application-roles";
+    if roles.is_empty() {
+        return warn(
+            NAME,
+            "no application roles listed: the freeze cannot end the application's sessions",
+        );
+    }
+    match blue
+        .query(
+            "SELECT r FROM unnest($1::text[]) r WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)",
+            &[&roles],
+        )
+        .await
+    {
+        Ok(rows) if rows.is_empty() => pass(NAME, format!("{} exist on blue", roles.join(", "))),
+        Ok(rows) => fail(
+            NAME,
+            format!(
+                "missing on blue: {}",
+                rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        Err(e) => unreadable(NAME, "the roles", &e),
+    }
+}
+
+fn names(tables: &[TableRef]) -> (Vec<String>, Vec<String>) {
+    tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .unzip()
+}
+
+const TABLES: &str = "(SELECT c.oid, n.nspname, c.relname, c.relkind, c.relreplident, c.relowner
+       FROM unnest($1::text[], $2::text[]) AS t(s, r)
+       JOIN pg_namespace n ON n.nspname = t.s
+       JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r)";
+
+async fn ownership(blue: &Client, tables: &[TableRef]) -> CheckResult {
+    const NAME: &str = "table-ownership";
+    let (s, r) = names(tables);
+    let q = format!(
+        "SELECT format('%s.%s', nspname, relname) FROM {TABLES} t
+          WHERE NOT pg_has_role(current_user, relowner, 'USAGE')
+            AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+          ORDER BY 1"
+    );
+    match blue.query(&q, &[&s, &r]).await {
+        Ok(rows) if rows.is_empty() => pass(
+            NAME,
+            "the connecting role owns (or is superuser over) every replicated table on blue",
+        ),
+        Ok(rows) => fail(
+            NAME,
+            format!(
+                "creating the publication needs ownership; not owned: {}",
+                list(rows.iter().map(|r| r.get::<_, String>(0)))
+            ),
+        ),
+        Err(e) => unreadable(NAME, "table owners", &e),
+    }
+}
+
+fn list(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    if items.len() > 20 {
+        format!("{} and {} more", items[..20].join(", "), items.len() - 20)
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Every replicated table (and every partition of a partitioned one: changes are decoded per
+/// partition) needs a primary key or a usable replica identity.
+async fn replica_identity(blue: &Client, tables: &[TableRef]) -> CheckResult {
+    const NAME: &str = "replica-identity";
+    let (s, r) = names(tables);
+    let q = format!(
+        "WITH RECURSIVE t AS (SELECT oid FROM {TABLES} x
+                              UNION SELECT i.inhrelid FROM pg_inherits i JOIN t ON i.inhparent = t.oid)
+         SELECT format('%s.%s', n.nspname, c.relname), c.relreplident::text,
+                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+           FROM t JOIN pg_class c ON c.oid = t.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind = 'r'
+          ORDER BY 1"
+    );
+    match blue.query(&q, &[&s, &r]).await {
+        Ok(rows) => {
+            let mut bad = Vec::new();
+            let mut full = Vec::new();
+            for row in &rows {
+                let name: String = row.get(0);
+                let ident: String = row.get(1);
+                let pk: bool = row.get(2);
+                match ident.as_str() {
+                    "n" => bad.push(format!("{name} (REPLICA IDENTITY NOTHING)")),
+                    "d" if !pk => bad.push(format!("{name} (no primary key)")),
+                    "f" => full.push(name),
+                    _ => {}
+                }
+            }
+            if !bad.is_empty() {
+                fail(
+                    NAME,
+                    format!(
+                        "updates and deletes cannot be replicated without a key: {}; add a primary key or set REPLICA IDENTITY FULL / USING INDEX",
+                        list(bad.into_iter())
+                    ),
+                )
+            } else if !full.is_empty() {
+                pass(
+                    NAME,
+                    format!(
+                        "every table has a key; REPLICA IDENTITY FULL (slower updates on green): {}",
+                        list(full.into_iter())
+                    ),
+                )
+            } else {
+                pass(
+                    NAME,
+                    "every table has a primary key or a replica identity index",
+                )
+            }
+        }
+        Err(e) => unreadable(NAME, "replica identities", &e),
+    }
+}
+
+/// Per table: column → (type, not null, generated), plus the primary key columns.
+type TableShape = (BTreeMap<String, (String, bool, bool)>, Vec<String>);
+
+async fn shapes(
+    client: &Client,
+    tables: &[TableRef],
+) -> Result<BTreeMap<TableRef, TableShape>, tokio_postgres::Error> {
+    let (s, r) = names(tables);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT t.nspname, t.relname, a.attname::text, format_type(a.atttypid, a.atttypmod),
+                        a.attnotnull, a.attgenerated <> '',
+                        coalesce((SELECT array_position(i.indkey::int2[], a.attnum)
+                                    FROM pg_index i WHERE i.indrelid = t.oid AND i.indisprimary), 0)
+                   FROM {TABLES} t JOIN pg_attribute a ON a.attrelid = t.oid
+                  WHERE a.attnum > 0 AND NOT a.attisdropped"
+            ),
+            &[&s, &r],
+        )
+        .await?;
+    let mut out: BTreeMap<TableRef, TableShape> = BTreeMap::new();
+    for row in rows {
+        let t = TableRef::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let entry = out.entry(t).or_default();
+        let col: String = row.get(2);
+        let pk_pos: i32 = row.get(6);
+        if pk_pos > 0 {
+            entry.1.push(format!("{pk_pos:04}{col}"));
+        }
+        entry.0.insert(col, (row.get(3), row.get(4), row.get(5)));
+    }
+    for (_, (_, pk)) in out.iter_mut() {
+        pk.sort();
+        for c in pk.iter_mut() {
+            *c = c[4..].to_owned();
+        }
+    }
+    Ok(out)
+}
+
+async fn schema_match(blue: &Client, green: &Client, tables: &[TableRef]) -> CheckResult {
+    const NAME: &str = "schema-match";
+    let (b, g) = match (shapes(blue, tables).await, shapes(green, tables).await) {
+        (Ok(b), Ok(g)) => (b, g),
+        (Err(e), _) | (_, Err(e)) => return unreadable(NAME, "the table definitions", &e),
+    };
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    for t in tables {
+        let Some((bcols, bpk)) = b.get(t) else {
+            continue;
+        };
+        let Some((gcols, gpk)) = g.get(t) else {
+            problems.push(format!("{t}: missing on green"));
+            continue;
+        };
+        for (col, (btype, bnn, bgen)) in bcols {
+            match gcols.get(col) {
+                None if *bgen => {
+                    notes.push(format!("{t}.{col}: generated on blue, missing on green"))
+                }
+                None => problems.push(format!("{t}: column {col} missing on green")),
+                Some((gtype, gnn, ggen)) => {
+                    if btype != gtype {
+                        problems.push(format!(
+                            "{t}: column {col} is {btype} on blue, {gtype} on green"
+                        ));
+                    }
+                    if bnn != gnn {
+                        let say = |nn: &bool| if *nn { "NOT NULL" } else { "nullable" };
+                        problems.push(format!(
+                            "{t}: column {col} is {} on blue, {} on green",
+                            say(bnn),
+                            say(gnn)
+                        ));
+                    }
+                    if *bgen && !*ggen {
+                        problems.push(format!("{t}: column {col} is generated on blue but not on green (generated values are not replicated and would stay empty)"));
+                    }
+                    if !*bgen && *ggen {
+                        problems.push(format!(
+                            "{t}: column {col} is generated on green but not on blue"
+                        ));
+                    }
+                }
+            }
+        }
+        for (col, (_, gnn, _)) in gcols {
+            if !bcols.contains_key(col) {
+                if *gnn {
+                    problems.push(format!(
+                        "{t}: column {col} exists only on green and is NOT NULL"
+                    ));
+                } else {
+                    notes.push(format!("{t}: column {col} exists only on green"));
+                }
+            }
+        }
+        if bpk != gpk {
+            problems.push(format!(
+                "{t}: primary key ({}) on blue, ({}) on green",
+                bpk.join(", "),
+                gpk.join(", ")
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        let mut m = list(problems.into_iter());
+        if !notes.is_empty() {
+            let _ = write!(m, "; also: {}", list(notes.into_iter()));
+        }
+        fail(NAME, m)
+    } else if !notes.is_empty() {
+        warn(NAME, list(notes.into_iter()))
+    } else {
+        pass(
+            NAME,
+            format!(
+                "{} tables have the same columns, types, nullability and keys on both",
+                tables.len()
+            ),
+        )
+    }
+}
+
+async fn special_objects(blue: &Client, tables: &[TableRef]) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let (s, r) = names(tables);
+    let q = format!(
+        "SELECT
+           (SELECT array_agg(format('%s.%s', nspname, relname) ORDER BY 1) FROM {TABLES} t WHERE relkind = 'p'),
+           (SELECT array_agg(DISTINCT format('%s.%s', nspname, relname)) FROM {TABLES} t
+              JOIN pg_attribute a ON a.attrelid = t.oid WHERE a.attgenerated <> ''),
+           (SELECT array_agg(format('%s.%s', n.nspname, c.relname) ORDER BY 1) FROM pg_class c
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p') AND n.nspname NOT LIKE 'pg\\_%'),
+           (SELECT count(*) FROM pg_largeobject_metadata),
+           (SELECT array_agg(format('%s.%s', n.nspname, c.relname) ORDER BY 1) FROM pg_class c
+              JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'm' AND n.nspname NOT LIKE 'pg\\_%')"
+    );
+    let row = match blue.query_one(&q, &[&s, &r]).await {
+        Ok(r) => r,
+        Err(e) => return vec![unreadable("special-objects", "the special objects", &e)],
+    };
+    let arr = |i: usize| row.get::<_, Option<Vec<String>>>(i).unwrap_or_default();
+    let partitioned = arr(0);
+    out.push(if partitioned.is_empty() {
+        pass("partitioned-tables", "none")
+    } else {
+        pass(
+            "partitioned-tables",
+            format!(
+                "published through their root, so green may partition them differently: {}",
+                list(partitioned.into_iter())
+            ),
+        )
+    });
+    let generated = arr(1);
+    out.push(if generated.is_empty() {
+        pass("generated-columns", "none")
+    } else {
+        pass(
+            "generated-columns",
+            format!(
+                "not replicated; green computes them itself (its definition must match): {}",
+                list(generated.into_iter())
+            ),
+        )
+    });
+    let unlogged = arr(2);
+    out.push(if unlogged.is_empty() {
+        pass("unlogged-tables", "none")
+    } else {
+        warn(
+            "unlogged-tables",
+            format!(
+                "cannot be replicated and are left out; copy them by hand if needed: {}",
+                list(unlogged.into_iter())
+            ),
+        )
+    });
+    let lobs: i64 = row.get(3);
+    out.push(if lobs == 0 {
+        pass("large-objects", "none")
+    } else {
+        warn(
+            "large-objects",
+            format!("{lobs} large objects on blue are not replicated (pg_largeobject); copy them by hand (pg_dump --large-objects) before the switch"),
+        )
+    });
+    let matviews = arr(4);
+    out.push(if matviews.is_empty() {
+        pass("materialized-views", "none")
+    } else {
+        warn(
+            "materialized-views",
+            format!(
+                "not replicated; refresh them on green after the switch: {}",
+                list(matviews.into_iter())
+            ),
+        )
+    });
+    out
+}
+
+async fn long_transactions(blue: &Client, threshold: Duration) -> CheckResult {
+    const NAME: &str = "long-transactions";
+    let secs = threshold.as_secs_f64();
+    match blue
+        .query(
+            "SELECT pid, usename::text, extract(epoch FROM now() - xact_start)::float8, state
+               FROM pg_stat_activity
+              WHERE xact_start < now() - make_interval(secs => $1) AND pid <> pg_backend_pid()
+                AND backend_type = 'client backend'
+              ORDER BY xact_start",
+            &[&secs],
+        )
+        .await
+    {
+        Ok(rows) if rows.is_empty() => pass(
+            NAME,
+            format!("no transaction open longer than {secs:.0}s on blue"),
+        ),
+        Ok(rows) => warn(
+            NAME,
+            format!(
+                "creating the replication slot waits for these to finish: {}",
+                list(rows.iter().map(|r| format!(
+                    "pid {} ({}, {:.0}s, {})",
+                    r.get::<_, i32>(0),
+                    r.get::<_, Option<String>>(1).unwrap_or_default(),
+                    r.get::<_, f64>(2),
+                    r.get::<_, Option<String>>(3).unwrap_or_default()
+                )))
+            ),
+        ),
+        Err(e) => unreadable(NAME, "pg_stat_activity", &e),
+    }
+}
+
+async fn slot_wal_limit(blue: &Client) -> CheckResult {
+    const NAME: &str = "max-slot-wal-keep-size";
+    match blue
+        .query_one("SELECT current_setting('max_slot_wal_keep_size')", &[])
+        .await
+    {
+        Ok(r) => {
+            let v: String = r.get(0);
+            if v == "-1" {
+                warn(
+                    NAME,
+                    "max_slot_wal_keep_size is unlimited on blue: if green stops consuming, the slot keeps WAL until the disk is full",
+                )
+            } else {
+                pass(NAME, format!("max_slot_wal_keep_size = {v} on blue"))
+            }
+        }
+        Err(e) => unreadable(NAME, "max_slot_wal_keep_size", &e),
+    }
+}

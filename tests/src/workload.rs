@@ -1,0 +1,291 @@
+//! A bank workload for replication tests and the freeze-window benchmark.
+//!
+//! Concurrent clients move money between accounts (the sum of balances never changes) and, in
+//! the same transaction, append a `(client, seq)` row to `ledger`. A transaction counts as
+//! *acknowledged* only when its `COMMIT` returned successfully; the report lists every
+//! acknowledged `(client, seq)` and the instant of every successful commit, so a test can check
+//! that nothing acknowledged was lost and a benchmark can measure the longest gap between
+//! successful writes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+/// Schema of the workload (run on blue and green alike).
+pub const SCHEMA: &str = "
+CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+CREATE TABLE ledger (
+    id bigserial PRIMARY KEY,
+    client int NOT NULL,
+    seq bigint NOT NULL,
+    amount bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (client, seq));
+";
+
+/// Fills `accounts` with `n` accounts of `balance` each (blue only).
+pub fn seed(n: i64, balance: i64) -> String {
+    format!("INSERT INTO accounts SELECT g, {balance} FROM generate_series(1, {n}) g;")
+}
+
+/// Grants the workload's role what it needs.
+pub fn grants(role: &str) -> String {
+    format!(
+        "GRANT SELECT, INSERT, UPDATE ON accounts, ledger TO \"{role}\";
+         GRANT USAGE ON SEQUENCE ledger_id_seq TO \"{role}\";"
+    )
+}
+
+/// How the load runs.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// Connection string of the application role.
+    pub dsn: String,
+    /// Concurrent clients (one connection each).
+    pub clients: usize,
+    /// Total transactions per second across clients; 0 for as fast as possible.
+    pub tps: f64,
+    /// Accounts `1..=accounts` exist.
+    pub accounts: i64,
+}
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Every acknowledged `(client, seq)`.
+    pub acknowledged: Vec<(i32, i64)>,
+    /// The instant of every successful commit, in order.
+    pub commits: Vec<Instant>,
+    /// Error messages seen, with counts.
+    pub errors: BTreeMap<String, usize>,
+}
+
+impl LoadReport {
+    /// The longest gap between consecutive successful commits within `[from, to]` (including
+    /// the gaps from the last commit before `from` and to the first commit after `to`).
+    pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
+        let start = self
+            .commits
+            .partition_point(|t| *t < from)
+            .saturating_sub(1);
+        let end = (self.commits.partition_point(|t| *t <= to) + 1).min(self.commits.len());
+        self.commits[start..end]
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    acknowledged: Vec<(i32, i64)>,
+    commits: Vec<Instant>,
+    errors: BTreeMap<String, usize>,
+}
+
+/// A running workload.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    shared: Arc<Mutex<Shared>>,
+    tasks: Vec<JoinHandle<()>>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Load {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Load").finish_non_exhaustive()
+    }
+}
+
+impl Load {
+    /// Starts the clients on the current tokio runtime.
+    pub fn start(cfg: LoadConfig) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let tasks = (0..cfg.clients)
+            .map(|i| {
+                let cfg = cfg.clone();
+                let stop = stop.clone();
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    client_loop(i32::try_from(i).unwrap_or(0), cfg, stop, shared).await
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            shared,
+            tasks,
+            started: Instant::now(),
+        }
+    }
+
+    /// Successful commits so far.
+    pub fn commits(&self) -> usize {
+        self.shared.lock().unwrap().commits.len()
+    }
+
+    /// Successful commits after `t`.
+    pub fn commits_since(&self, t: Instant) -> usize {
+        let s = self.shared.lock().unwrap();
+        s.commits.len() - s.commits.partition_point(|c| *c <= t)
+    }
+
+    /// The instant of the last successful commit.
+    pub fn last_commit(&self) -> Option<Instant> {
+        self.shared.lock().unwrap().commits.last().copied()
+    }
+
+    /// When the load started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// A copy of what was seen so far.
+    pub fn snapshot(&self) -> LoadReport {
+        let s = self.shared.lock().unwrap();
+        LoadReport {
+            acknowledged: s.acknowledged.clone(),
+            commits: s.commits.clone(),
+            errors: s.errors.clone(),
+        }
+    }
+
+    /// Stops the clients and returns what they saw.
+    pub async fn stop(self) -> LoadReport {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let s = std::mem::take(&mut *self.shared.lock().unwrap());
+        LoadReport {
+            acknowledged: s.acknowledged,
+            commits: s.commits,
+            errors: s.errors,
+        }
+    }
+}
+
+/// A small xorshift generator: deterministic per client, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: i64) -> i64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        i64::try_from(self.0 % u64::try_from(n.max(1)).unwrap_or(1)).unwrap_or(0)
+    }
+}
+
+async fn client_loop(id: i32, cfg: LoadConfig, stop: Arc<AtomicBool>, shared: Arc<Mutex<Shared>>) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((u64::try_from(id).unwrap_or(0) + 1) * 0x1000_0001));
+    let interval = if cfg.tps > 0.0 {
+        Duration::from_secs_f64(cfg.clients as f64 / cfg.tps)
+    } else {
+        Duration::ZERO
+    };
+    let mut next = Instant::now() + interval.mul_f64(f64::from(id) / cfg.clients as f64);
+    let mut seq: i64 = 0;
+    let mut conn: Option<tokio_postgres::Client> = None;
+    let note = |msg: String| {
+        *shared.lock().unwrap().errors.entry(msg).or_default() += 1;
+    };
+    while !stop.load(Ordering::SeqCst) {
+        if conn.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            match tokio_postgres::connect(&cfg.dsn, NoTls).await {
+                Ok((c, connection)) => {
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    conn = Some(c);
+                }
+                Err(e) => {
+                    note(message(&e));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        }
+        let client = conn.as_mut().expect("connected above");
+        if !interval.is_zero() {
+            let now = Instant::now();
+            if next > now {
+                tokio::time::sleep(next - now).await;
+            }
+            next = next.max(now - interval * 4) + interval;
+        }
+        seq += 1;
+        let a = 1 + rng.below(cfg.accounts);
+        let mut b = 1 + rng.below(cfg.accounts - 1);
+        if b >= a {
+            b += 1;
+        }
+        let amount = 1 + rng.below(100);
+        match transfer(client, id, seq, a, b, amount).await {
+            Ok(()) => {
+                let mut s = shared.lock().unwrap();
+                s.acknowledged.push((id, seq));
+                s.commits.push(Instant::now());
+            }
+            Err(e) => {
+                note(message(&e));
+                let read_only = e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION);
+                if !read_only {
+                    conn = None;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+async fn transfer(
+    client: &mut tokio_postgres::Client,
+    id: i32,
+    seq: i64,
+    from: i64,
+    to: i64,
+    amount: i64,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // Lower id first: no deadlocks between clients.
+    let (first, second, sign) = if from < to {
+        (from, to, -1)
+    } else {
+        (to, from, 1)
+    };
+    let (first, second) = (
+        i32::try_from(first).unwrap_or(1),
+        i32::try_from(second).unwrap_or(2),
+    );
+    tx.execute(
+        "UPDATE accounts SET balance = balance + $2 WHERE id = $1",
+        &[&first, &(sign * amount)],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE accounts SET balance = balance + $2 WHERE id = $1",
+        &[&second, &(-sign * amount)],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO ledger (client, seq, amount) VALUES ($1, $2, $3)",
+        &[&id, &seq, &amount],
+    )
+    .await?;
+    tx.commit().await
+}
+
+fn message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,120 @@
+//! Shared setup for the replication tests: a blue/green pair with the same schema, engine
+//! clients, and the assertions every abort must satisfy.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use cutover_operator::postgres::replication::Names;
+use cutover_operator::postgres::{ConnectOptions, Dsn, connect};
+use cutover_tests::{BlueGreen, PgCluster};
+use tokio_postgres::Client;
+
+pub const APP: &str = "app";
+pub const APP_ROLE: &str = "orders_app";
+pub const APP_PASSWORD: &str = "app-pw-'quoted";
+
+/// Two clusters; green checks in with the publisher often so waits are short.
+pub fn blue_green() -> BlueGreen {
+    BlueGreen::start_with(
+        PgCluster::builder()
+            .setting("wal_sender_timeout", "10s")
+            .setting("wal_receiver_status_interval", "1s")
+            .setting("wal_retrieve_retry_interval", "200ms"),
+        PgCluster::builder()
+            .setting("wal_receiver_status_interval", "1s")
+            .setting("wal_retrieve_retry_interval", "200ms"),
+    )
+    .unwrap()
+}
+
+/// Runs `schema` on both sides, creates the application role on blue (and green), grants.
+pub fn with_schema(bg: &BlueGreen, schema: &str, grants: &str) {
+    for c in [&bg.blue, &bg.green] {
+        c.create_role(APP_ROLE, APP_PASSWORD, "LOGIN").unwrap();
+        c.execute(APP, schema).unwrap();
+        if !grants.is_empty() {
+            c.execute(APP, grants).unwrap();
+        }
+    }
+}
+
+/// The operator's own clients (through `postgres::connect`).
+pub async fn engine_clients(bg: &BlueGreen) -> (Client, Client) {
+    let opts = ConnectOptions::default();
+    let blue = connect(&Dsn::new(bg.blue_dsn()), &opts).await.unwrap();
+    let green = connect(&Dsn::new(bg.green_dsn()), &opts).await.unwrap();
+    (blue, green)
+}
+
+pub fn blue_dsn(bg: &BlueGreen) -> Dsn {
+    Dsn::new(bg.blue_dsn())
+}
+
+pub fn app_dsn(c: &PgCluster) -> String {
+    c.dsn(APP_ROLE, APP_PASSWORD, APP)
+}
+
+/// Polls `cond` until it returns true or `timeout` passes (then panics naming `what`).
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn one(c: &PgCluster, sql: &str) -> Option<String> {
+    c.query(APP, sql)
+        .unwrap()
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten())
+}
+
+pub fn count(c: &PgCluster, sql: &str) -> i64 {
+    one(c, sql).unwrap().parse().unwrap()
+}
+
+/// Replication objects of ours on a cluster: publications, subscriptions, slots, and the
+/// bookkeeping schema.
+pub fn leftovers(c: &PgCluster) -> Vec<String> {
+    let rows = c
+        .query(
+            APP,
+            "SELECT 'publication ' || pubname FROM pg_publication
+             UNION ALL SELECT 'subscription ' || subname FROM pg_subscription
+             UNION ALL SELECT 'slot ' || slot_name FROM pg_replication_slots
+             UNION ALL SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname = 'cutover'
+             UNION ALL SELECT 'setting ' || array_to_string(setconfig, ',') FROM pg_db_role_setting
+                        WHERE array_to_string(setconfig, ',') LIKE '%read_only=on%'",
+        )
+        .unwrap();
+    rows.into_iter().filter_map(|r| r[0].clone()).collect()
+}
+
+/// After an abort: nothing of ours on either side, and the application can write on blue.
+pub async fn assert_clean_and_writable(bg: &BlueGreen) {
+    assert_eq!(leftovers(&bg.blue), Vec::<String>::new(), "left on blue");
+    assert_eq!(leftovers(&bg.green), Vec::<String>::new(), "left on green");
+    let app = bg
+        .blue
+        .connect_as(APP_ROLE, APP_PASSWORD, APP)
+        .await
+        .unwrap();
+    let ro: String = app
+        .query_one("SHOW default_transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ro, "off");
+}
+
+pub fn names(id: &str) -> Names {
+    Names::for_cutover(id)
+}
