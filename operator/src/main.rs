@@ -120,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
             let opts = controller::RunOptions {
                 metrics_addr: args.metrics_addr,
                 namespace: args.namespace,
-                leader_election: args.leader_elect.then(|| controller::LeaderElection {
+                leader_election: args.leader_elect.then_some(controller::LeaderElection {
                     namespace: args.lease_namespace,
                     lease_name: args.lease_name,
                     duration_seconds: args.lease_seconds,

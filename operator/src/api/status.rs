@@ -202,6 +202,53 @@ pub struct DatabaseCutoverStatus {
     /// Why the cutover stopped, when it aborted or rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+
+    /// One-shot actions already done, in the order they were done. The operator records each
+    /// before it moves on, so after a restart it neither repeats nor skips one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub milestones: Vec<Milestone>,
+
+    /// An irreversible action the operator started and has not yet confirmed. After a restart
+    /// the operator finishes or verifies it before doing anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<Milestone>,
+
+    /// Hypercare checkpoints already run (in `schedule.checkpoints` order, earliest first).
+    #[serde(default)]
+    pub checkpoints_done: i32,
+}
+
+/// A one-shot action of the sequence.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Milestone {
+    /// Every sequence copied from the source to the target.
+    SequencesCopied,
+    /// The source-to-target subscription dropped (before anything is written to the target).
+    ForwardReplicationDropped,
+    /// Post-switch migrations applied to the target.
+    PostSwitchMigrated,
+    /// Target-to-source replication started.
+    ReverseReplicationStarted,
+    /// The application roles may log in on the target.
+    TargetLoginAllowed,
+    /// The application Secret points at the target.
+    SecretSwitched,
+    /// The listed workloads were restarted.
+    WorkloadsRestarted,
+    /// Rollback: writes on the target stopped.
+    TargetFrozen,
+    /// Rollback: the source applied everything written on the target.
+    ReverseCaughtUp,
+    /// Rollback: sequences copied from the target back to the source.
+    SequencesCopiedBack,
+    /// Rollback: the application Secret points at the source again.
+    SecretSwitchedBack,
+    /// Rollback: the listed workloads were restarted again.
+    WorkloadsRestartedBack,
+    /// Writes on the source are allowed again.
+    SourceUnfrozen,
+    /// Publications, subscriptions and slots removed from both servers.
+    ReplicationCleanedUp,
 }
 
 /// The record of one step.

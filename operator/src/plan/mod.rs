@@ -5,6 +5,15 @@
 //! decision is checked against: the controller refuses to record a phase change the table does
 //! not allow.
 
+mod next;
+#[cfg(test)]
+mod next_tests;
+
+pub use next::{
+    Action, JobState, Observations, Outcome, ReplicationObservation, checkpoint_offsets,
+    next_action, record, record_intent,
+};
+
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -27,8 +36,9 @@ pub fn successors(from: Phase) -> &'static [Phase] {
         FinalSync => &[Verifying, Aborting],
         Verifying => &[AwaitingApproval, Aborting],
         AwaitingApproval => &[Switching, Aborting],
-        // Past the point of no return a failed switch goes back to the source at once.
-        Switching => &[Hypercare, RollingBack],
+        // Past the point of no return a failed switch goes back to the source at once; a
+        // rehearsal ends right after its (rehearsal) switch.
+        Switching => &[Hypercare, RollingBack, Completed],
         Hypercare => &[Completed, RollingBack],
         Aborting => &[Aborted],
         RollingBack => &[RolledBack],

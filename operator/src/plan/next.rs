@@ -1,0 +1,699 @@
+//! `next_action`: what to do next, decided from the spec, the recorded status, fresh
+//! observations and the clock — and `record`: how the status changes once an action is done.
+//!
+//! Both are pure. The executor (the controller, or local mode) observes, asks `next_action`,
+//! performs exactly that one action, and writes the status `record` returns. Every action is
+//! idempotent at the IO layer, and every one-shot action leaves a [`Milestone`] in the status, so a
+//! process killed at any moment resumes without doing a step twice or skipping one.
+
+use std::time::Duration;
+
+use crate::api::units::{parse_duration, parse_size, parse_timestamp};
+use crate::api::{
+    Approval, CheckOutcome, CheckResult, DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone,
+    Mode, Phase, ReplicationStatus, StepOutcome, StepRecord, VerificationStatus,
+};
+
+/// How often a waiting step looks again.
+pub const POLL: Duration = Duration::from_secs(5);
+/// How often the final sync looks again: the write freeze is running.
+pub const FAST_POLL: Duration = Duration::from_millis(200);
+
+/// What the IO layer saw just now (cheap reads only; never the result of an action).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observations {
+    /// The resource is being deleted.
+    pub deleting: bool,
+    /// The migration Job, when one exists.
+    pub migration_job: Option<JobState>,
+    /// Replication progress, when the subscription exists.
+    pub replication: Option<ReplicationObservation>,
+    /// The target applied everything up to `status.freezeLsn`.
+    pub applied_past_freeze: bool,
+    /// Reverse replication's lag in bytes, when it exists.
+    pub reverse_lag_bytes: Option<u64>,
+    /// The source applied everything written on the target up to the rollback freeze.
+    pub reverse_caught_up: bool,
+    /// Whether the restarted workloads finished rolling out.
+    pub workloads_ready: Option<bool>,
+}
+
+/// A Job's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Still running (or pending).
+    Running,
+    /// Completed successfully.
+    Succeeded,
+    /// Failed for good, with the reason Kubernetes gives.
+    Failed(String),
+}
+
+/// Replication as observed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReplicationObservation {
+    /// Tables whose initial copy is done.
+    pub tables_ready: u32,
+    /// Tables replicated.
+    pub tables_total: u32,
+    /// Bytes of WAL the target has not applied.
+    pub lag_bytes: u64,
+    /// Set when replication is broken (worker erroring, slot lost), with why.
+    pub broken: Option<String>,
+}
+
+/// The one thing to do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Nothing to do until something changes.
+    Idle,
+    /// Look again after this long (status may still be refreshed from observations).
+    Wait(Duration),
+    /// Move to the next phase (status only).
+    Advance(Phase),
+    /// Stop before the point of no return: go to `Aborting`, with why.
+    Abort(String),
+    /// Run the preflight checks.
+    RunPreflight,
+    /// Create the migration Job (if it does not exist yet).
+    LaunchMigrations,
+    /// Create the publication and the subscription (if they do not exist yet).
+    StartReplication,
+    /// Stop writes on the source and read its WAL position afterwards.
+    Freeze,
+    /// Copy every sequence from the source to the target.
+    CopySequences,
+    /// Compare source and target.
+    Verify,
+    /// Record the point of no return and enter `Switching`.
+    PassPointOfNoReturn,
+    /// One irreversible step of the switch (or of a rollback).
+    Do(Milestone),
+    /// Re-run row counts and spot checks (hypercare checkpoint number `n`, from 0).
+    Checkpoint(usize),
+    /// Rehearsal is over: undo the freeze, remove replication objects, record the report.
+    EndRehearsal,
+    /// Hypercare is over: remove reverse replication and every replication object.
+    Complete,
+    /// Finish an abort: unfreeze the source, remove everything of ours from both servers.
+    FinishAbort,
+    /// The resource is being deleted: clean up and let it go.
+    Finalize,
+}
+
+impl Action {
+    /// Whether the action changes what the application sees and must be recorded as intent
+    /// first (so a restart finishes or verifies it instead of repeating it blindly).
+    pub fn is_irreversible(&self) -> bool {
+        matches!(
+            self,
+            Action::PassPointOfNoReturn
+                | Action::Do(Milestone::SecretSwitched | Milestone::SecretSwitchedBack)
+        )
+    }
+}
+
+/// Decides the next action.
+pub fn next_action(
+    spec: &DatabaseCutoverSpec,
+    status: &DatabaseCutoverStatus,
+    obs: &Observations,
+    now: jiff::Timestamp,
+) -> Action {
+    let phase = status.phase;
+    if obs.deleting {
+        return Action::Finalize;
+    }
+    if phase.is_terminal() {
+        return Action::Idle;
+    }
+    if let Some(intent) = status.intent {
+        // An irreversible step was started and not confirmed: finish or verify it first.
+        return Action::Do(intent);
+    }
+    let before_point_of_no_return = !phase.is_past_point_of_no_return() && phase != Phase::Aborting;
+    if before_point_of_no_return {
+        if spec.abort {
+            return Action::Abort("abort requested (spec.abort)".into());
+        }
+        if let Some(reason) = over_budget(spec, status, now) {
+            return Action::Abort(reason);
+        }
+    }
+    match phase {
+        Phase::Pending => Action::Advance(Phase::Preflight),
+        Phase::Preflight => preflight(spec, status),
+        Phase::Migrating => match &obs.migration_job {
+            None => Action::LaunchMigrations,
+            Some(JobState::Running) => Action::Wait(POLL),
+            Some(JobState::Failed(why)) => Action::Abort(format!("migrations failed: {why}")),
+            Some(JobState::Succeeded) => Action::Advance(Phase::Replicating),
+        },
+        Phase::Replicating => replicating(spec, obs, now),
+        Phase::Freezing => match status.frozen_at {
+            None => Action::Freeze,
+            Some(_) => Action::Advance(Phase::FinalSync),
+        },
+        Phase::FinalSync => {
+            if !obs.applied_past_freeze {
+                Action::Wait(FAST_POLL)
+            } else if !done(status, Milestone::SequencesCopied) {
+                Action::CopySequences
+            } else {
+                Action::Advance(Phase::Verifying)
+            }
+        }
+        Phase::Verifying => match &status.verification {
+            None => Action::Verify,
+            Some(v) if v.matched => Action::Advance(Phase::AwaitingApproval),
+            Some(v) => Action::Abort(describe_mismatch(v)),
+        },
+        Phase::AwaitingApproval => approval(spec, status, now),
+        Phase::Switching => switching(spec, status),
+        Phase::Hypercare => hypercare(spec, status, now),
+        Phase::Aborting => Action::FinishAbort,
+        Phase::RollingBack => rolling_back(status, obs),
+        Phase::Completed | Phase::Aborted | Phase::RolledBack => Action::Idle,
+    }
+}
+
+fn done(status: &DatabaseCutoverStatus, m: Milestone) -> bool {
+    status.milestones.contains(&m)
+}
+
+/// When the current step started (its running step record), if any.
+fn step_started(status: &DatabaseCutoverStatus) -> Option<jiff::Timestamp> {
+    status
+        .steps
+        .iter()
+        .rev()
+        .find(|s| s.name == status.phase && s.outcome == StepOutcome::Running)
+        .and_then(|s| parse_timestamp(&s.started_at).ok())
+}
+
+fn budget_of(spec: &DatabaseCutoverSpec, phase: Phase) -> Option<(&'static str, &str)> {
+    let b = &spec.schedule.budgets;
+    Some(match phase {
+        Phase::Preflight => ("preflight", &b.preflight),
+        Phase::Migrating => ("migrations", &b.migrations),
+        Phase::Replicating => ("replication", &b.replication),
+        Phase::Freezing => ("freeze", &b.freeze),
+        Phase::FinalSync => ("finalSync", &b.final_sync),
+        Phase::Verifying => ("verification", &b.verification),
+        _ => return None,
+    })
+}
+
+fn over_budget(
+    spec: &DatabaseCutoverSpec,
+    status: &DatabaseCutoverStatus,
+    now: jiff::Timestamp,
+) -> Option<String> {
+    if let (Some((name, text)), Some(started)) =
+        (budget_of(spec, status.phase), step_started(status))
+        && let Ok(budget) = parse_duration(text)
+        && elapsed(started, now) > budget
+    {
+        return Some(format!(
+            "step {} exceeded its budget (schedule.budgets.{name}: {text})",
+            status.phase
+        ));
+    }
+    if status.phase.source_may_be_frozen()
+        && let Some(frozen) = status
+            .frozen_at
+            .as_deref()
+            .and_then(|t| parse_timestamp(t).ok())
+        && let Ok(limit) = parse_duration(&spec.schedule.max_write_downtime)
+        && elapsed(frozen, now) > limit
+    {
+        return Some(format!(
+            "writes have been frozen longer than schedule.maxWriteDowntime ({})",
+            spec.schedule.max_write_downtime
+        ));
+    }
+    None
+}
+
+fn elapsed(since: jiff::Timestamp, now: jiff::Timestamp) -> Duration {
+    Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
+}
+
+fn preflight(spec: &DatabaseCutoverSpec, status: &DatabaseCutoverStatus) -> Action {
+    if status.preflight.is_empty() {
+        return Action::RunPreflight;
+    }
+    let failed: Vec<&CheckResult> = status
+        .preflight
+        .iter()
+        .filter(|c| c.outcome == CheckOutcome::Fail)
+        .collect();
+    if !failed.is_empty() {
+        let list: Vec<String> = failed
+            .iter()
+            .map(|c| format!("{}: {}", c.name, c.message))
+            .collect();
+        return Action::Abort(format!("preflight failed: {}", list.join("; ")));
+    }
+    Action::Advance(if spec.migrations.is_some() {
+        Phase::Migrating
+    } else {
+        Phase::Replicating
+    })
+}
+
+fn replicating(spec: &DatabaseCutoverSpec, obs: &Observations, now: jiff::Timestamp) -> Action {
+    let Some(r) = &obs.replication else {
+        return Action::StartReplication;
+    };
+    if let Some(why) = &r.broken {
+        return Action::Abort(format!("replication is broken: {why}"));
+    }
+    if r.tables_total == 0 || r.tables_ready < r.tables_total {
+        return Action::Wait(POLL);
+    }
+    let max_lag = parse_size(&spec.replication.max_lag_before_freeze).unwrap_or(16 << 20);
+    if r.lag_bytes > max_lag {
+        return Action::Wait(POLL);
+    }
+    if let Some(at) = spec
+        .schedule
+        .freeze_at
+        .as_deref()
+        .and_then(|t| parse_timestamp(t).ok())
+        && now < at
+    {
+        return Action::Wait(elapsed(now, at).min(POLL * 12));
+    }
+    Action::Advance(Phase::Freezing)
+}
+
+fn describe_mismatch(v: &VerificationStatus) -> String {
+    let mut parts: Vec<String> = v
+        .tables
+        .iter()
+        .filter(|t| !t.matched)
+        .map(|t| {
+            let diffs = if t.differences.is_empty() {
+                format!(
+                    "{} rows on the source, {} on the target",
+                    t.source_rows, t.target_rows
+                )
+            } else {
+                t.differences.join(", ")
+            };
+            format!("table {} differs ({diffs})", t.table)
+        })
+        .collect();
+    parts.extend(v.other_mismatches.iter().cloned());
+    if parts.is_empty() {
+        parts.push("source and target differ".into());
+    }
+    format!("verification failed: {}", parts.join("; "))
+}
+
+fn approval(
+    spec: &DatabaseCutoverSpec,
+    status: &DatabaseCutoverStatus,
+    now: jiff::Timestamp,
+) -> Action {
+    let gate = &spec.point_of_no_return;
+    if gate.approval == Approval::Automatic || gate.approved {
+        return Action::PassPointOfNoReturn;
+    }
+    let deadline = parse_duration(&gate.deadline).unwrap_or(Duration::from_secs(1800));
+    match step_started(status) {
+        Some(started) if elapsed(started, now) > deadline => Action::Abort(format!(
+            "no approval within pointOfNoReturn.deadline ({})",
+            gate.deadline
+        )),
+        Some(started) => Action::Wait((deadline - elapsed(started, now)).min(POLL)),
+        None => Action::Wait(POLL),
+    }
+}
+
+/// The switch, in order. The forward subscription goes first: once the target takes writes,
+/// nothing may flow into it from the source, and on PostgreSQL before 16 a reverse subscription
+/// next to a forward one would loop changes back.
+fn switching(spec: &DatabaseCutoverSpec, status: &DatabaseCutoverStatus) -> Action {
+    let rehearsal = spec.mode == Mode::Rehearsal;
+    let mut steps = vec![Milestone::ForwardReplicationDropped];
+    if !rehearsal {
+        if spec
+            .migrations
+            .as_ref()
+            .is_some_and(|m| m.post_switch_config_map_ref.is_some())
+        {
+            steps.push(Milestone::PostSwitchMigrated);
+        }
+        if spec.rollback.as_ref().is_some_and(|r| r.readiness) {
+            steps.push(Milestone::ReverseReplicationStarted);
+        }
+        steps.push(Milestone::TargetLoginAllowed);
+    }
+    if !rehearsal || spec.switch.rehearsal_secret_ref.is_some() {
+        steps.push(Milestone::SecretSwitched);
+    }
+    if !rehearsal && !spec.switch.restart.is_empty() {
+        steps.push(Milestone::WorkloadsRestarted);
+    }
+    match steps.into_iter().find(|m| !done(status, *m)) {
+        Some(next) => Action::Do(next),
+        None if rehearsal => Action::EndRehearsal,
+        None => Action::Advance(Phase::Hypercare),
+    }
+}
+
+/// Checkpoint offsets, earliest first.
+pub fn checkpoint_offsets(spec: &DatabaseCutoverSpec) -> Vec<Duration> {
+    let mut offsets: Vec<Duration> = spec
+        .schedule
+        .checkpoints
+        .iter()
+        .filter_map(|c| parse_duration(c).ok())
+        .collect();
+    offsets.sort();
+    offsets
+}
+
+fn hypercare(
+    spec: &DatabaseCutoverSpec,
+    status: &DatabaseCutoverStatus,
+    now: jiff::Timestamp,
+) -> Action {
+    if spec
+        .rollback
+        .as_ref()
+        .is_some_and(|r| r.requested && r.readiness)
+    {
+        return Action::Advance(Phase::RollingBack);
+    }
+    let Some(switched) = status
+        .switched_at
+        .as_deref()
+        .and_then(|t| parse_timestamp(t).ok())
+    else {
+        // A switch without its timestamp cannot be timed; finishing hypercare needs it.
+        return Action::Wait(POLL);
+    };
+    let since = elapsed(switched, now);
+    let offsets = checkpoint_offsets(spec);
+    let done_count = usize::try_from(status.checkpoints_done.max(0)).unwrap_or(0);
+    if let Some(&offset) = offsets.get(done_count)
+        && since >= offset
+    {
+        return Action::Checkpoint(done_count);
+    }
+    let length = parse_duration(&spec.schedule.hypercare).unwrap_or(Duration::from_secs(86_400));
+    if since >= length {
+        return Action::Complete;
+    }
+    let next_due = offsets
+        .get(done_count)
+        .copied()
+        .unwrap_or(length)
+        .min(length);
+    Action::Wait((next_due - since).min(POLL * 6))
+}
+
+/// The way back, skipping what the switch never did: the target is frozen and its sequences
+/// copied back only if the application could log in there, reverse replication is waited for
+/// only if it was started, the Secret and the workloads are reverted only if they were changed.
+fn rolling_back(status: &DatabaseCutoverStatus, obs: &Observations) -> Action {
+    let app_reached_target = done(status, Milestone::TargetLoginAllowed);
+    let steps = [
+        (Milestone::TargetFrozen, app_reached_target),
+        (
+            Milestone::ReverseCaughtUp,
+            done(status, Milestone::ReverseReplicationStarted),
+        ),
+        (Milestone::SequencesCopiedBack, app_reached_target),
+        (
+            Milestone::SecretSwitchedBack,
+            done(status, Milestone::SecretSwitched),
+        ),
+        (
+            Milestone::WorkloadsRestartedBack,
+            done(status, Milestone::WorkloadsRestarted),
+        ),
+        (Milestone::SourceUnfrozen, true),
+        (Milestone::ReplicationCleanedUp, true),
+    ];
+    let next = steps
+        .into_iter()
+        .filter(|(_, needed)| *needed)
+        .map(|(m, _)| m)
+        .find(|m| !done(status, *m));
+    match next {
+        Some(Milestone::ReverseCaughtUp) if !obs.reverse_caught_up => Action::Wait(FAST_POLL),
+        Some(next) => Action::Do(next),
+        None => Action::Advance(Phase::RolledBack),
+    }
+}
+
+/// What an action produced.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The action is done (or there was nothing to do).
+    Done,
+    /// Preflight ran.
+    Preflight(Vec<CheckResult>),
+    /// The freeze is in place; the source's WAL position right after it.
+    Frozen {
+        /// `pg_current_wal_lsn()` read after the drain.
+        lsn: String,
+    },
+    /// Verification ran.
+    Verified(VerificationStatus),
+    /// The action failed; before the point of no return the cutover aborts, after it a failed
+    /// switch rolls back.
+    Failed(String),
+}
+
+/// The status after `action` ended with `outcome`, at `now`. Observations refresh the
+/// replication numbers shown by `kubectl get`.
+pub fn record(
+    status: &DatabaseCutoverStatus,
+    action: &Action,
+    outcome: Outcome,
+    obs: &Observations,
+    now: jiff::Timestamp,
+) -> DatabaseCutoverStatus {
+    let mut s = status.clone();
+    let stamp = now.to_string();
+    if let Some(r) = &obs.replication {
+        s.replication = Some(ReplicationStatus {
+            tables_ready: i32::try_from(r.tables_ready).unwrap_or(i32::MAX),
+            tables_total: i32::try_from(r.tables_total).unwrap_or(i32::MAX),
+            lag_bytes: i64::try_from(r.lag_bytes).ok(),
+            lag: Some(crate::api::units::human_bytes(r.lag_bytes)),
+            reverse_lag_bytes: obs.reverse_lag_bytes.and_then(|b| i64::try_from(b).ok()),
+            ..s.replication.take().unwrap_or_default()
+        });
+    }
+    if let Outcome::Failed(why) = &outcome {
+        let why = why.clone();
+        if s.phase.is_past_point_of_no_return() {
+            // A failed switch goes back to the source at once — unless the application may
+            // already have written to the target with nothing carrying those writes back:
+            // then going back would lose them, so the step is retried instead.
+            let writes_stranded = done(&s, Milestone::SecretSwitched)
+                && !done(&s, Milestone::ReverseReplicationStarted);
+            if s.phase == Phase::Switching && !writes_stranded {
+                s.intent = None;
+                enter(
+                    &mut s,
+                    Phase::RollingBack,
+                    StepOutcome::Failed,
+                    Some(why.clone()),
+                    &stamp,
+                );
+                s.message = Some(format!("the switch failed, rolling back: {why}"));
+            } else {
+                // Hypercare and rollback steps retry; the controller marks Degraded.
+                s.message = Some(why);
+            }
+        } else if s.phase == Phase::Aborting {
+            s.message = Some(format!("abort not finished, retrying: {why}"));
+        } else {
+            enter(
+                &mut s,
+                Phase::Aborting,
+                StepOutcome::Failed,
+                Some(why.clone()),
+                &stamp,
+            );
+            s.message = Some(why);
+        }
+        return s;
+    }
+    match action {
+        Action::Idle | Action::Wait(_) => {}
+        Action::Advance(to) => {
+            if *to == Phase::Hypercare {
+                s.switched_at.get_or_insert(stamp.clone());
+                s.write_freeze_seconds = freeze_seconds(&s, now);
+            }
+            enter(&mut s, *to, StepOutcome::Succeeded, None, &stamp);
+            if *to == Phase::RolledBack {
+                s.message = Some("rolled back: the application is on the source again".into());
+            }
+        }
+        Action::Abort(why) => {
+            enter(
+                &mut s,
+                Phase::Aborting,
+                StepOutcome::Failed,
+                Some(why.clone()),
+                &stamp,
+            );
+            s.message = Some(why.clone());
+        }
+        Action::RunPreflight => {
+            if let Outcome::Preflight(results) = outcome {
+                s.preflight = results;
+            }
+        }
+        Action::LaunchMigrations | Action::StartReplication => {}
+        Action::Freeze => {
+            if let Outcome::Frozen { lsn } = outcome {
+                s.frozen_at = Some(stamp.clone());
+                s.freeze_lsn = Some(lsn);
+            }
+        }
+        Action::CopySequences => add_milestone(&mut s, Milestone::SequencesCopied),
+        Action::Verify => {
+            if let Outcome::Verified(v) = outcome {
+                s.verification = Some(v);
+            }
+        }
+        Action::PassPointOfNoReturn => {
+            s.point_of_no_return_at.get_or_insert(stamp.clone());
+            enter(
+                &mut s,
+                Phase::Switching,
+                StepOutcome::Succeeded,
+                None,
+                &stamp,
+            );
+        }
+        Action::Do(m) => {
+            add_milestone(&mut s, *m);
+            s.intent = None;
+            if *m == Milestone::SecretSwitched {
+                s.switched_at.get_or_insert(stamp.clone());
+            }
+        }
+        Action::Checkpoint(n) => {
+            s.checkpoints_done = s
+                .checkpoints_done
+                .max(i32::try_from(*n + 1).unwrap_or(i32::MAX));
+        }
+        Action::EndRehearsal => {
+            add_milestone(&mut s, Milestone::SourceUnfrozen);
+            add_milestone(&mut s, Milestone::ReplicationCleanedUp);
+            s.write_freeze_seconds = freeze_seconds(&s, now);
+            enter(
+                &mut s,
+                Phase::Completed,
+                StepOutcome::Succeeded,
+                None,
+                &stamp,
+            );
+            s.message =
+                Some("rehearsal complete: the freeze was undone; see the step timings".into());
+        }
+        Action::Complete => {
+            add_milestone(&mut s, Milestone::ReplicationCleanedUp);
+            enter(
+                &mut s,
+                Phase::Completed,
+                StepOutcome::Succeeded,
+                None,
+                &stamp,
+            );
+        }
+        Action::FinishAbort => {
+            add_milestone(&mut s, Milestone::SourceUnfrozen);
+            add_milestone(&mut s, Milestone::ReplicationCleanedUp);
+            if s.frozen_at.is_some() && s.write_freeze_seconds.is_none() {
+                s.write_freeze_seconds = freeze_seconds(&s, now);
+            }
+            enter(&mut s, Phase::Aborted, StepOutcome::Succeeded, None, &stamp);
+        }
+        Action::Finalize => {}
+    }
+    s
+}
+
+/// The status to write *before* an irreversible action runs.
+pub fn record_intent(
+    status: &DatabaseCutoverStatus,
+    action: &Action,
+) -> Option<DatabaseCutoverStatus> {
+    match action {
+        Action::Do(m) if action.is_irreversible() && status.intent != Some(*m) => {
+            let mut s = status.clone();
+            s.intent = Some(*m);
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+fn add_milestone(s: &mut DatabaseCutoverStatus, m: Milestone) {
+    if !s.milestones.contains(&m) {
+        s.milestones.push(m);
+    }
+}
+
+fn freeze_seconds(s: &DatabaseCutoverStatus, now: jiff::Timestamp) -> Option<f64> {
+    let frozen = parse_timestamp(s.frozen_at.as_deref()?).ok()?;
+    let end = s
+        .switched_at
+        .as_deref()
+        .and_then(|t| parse_timestamp(t).ok())
+        .unwrap_or(now);
+    Some(elapsed(frozen, end).as_secs_f64())
+}
+
+/// Closes the running step with `outcome` and opens the step of `to`; no-op when already there.
+fn enter(
+    s: &mut DatabaseCutoverStatus,
+    to: Phase,
+    outcome: StepOutcome,
+    message: Option<String>,
+    stamp: &str,
+) {
+    if s.phase == to {
+        return;
+    }
+    debug_assert!(super::can_transition(s.phase, to), "{} -> {to}", s.phase);
+    if let Some(step) = s
+        .steps
+        .iter_mut()
+        .rev()
+        .find(|st| st.outcome == StepOutcome::Running)
+    {
+        step.finished_at = Some(stamp.to_owned());
+        step.outcome = outcome;
+        step.message = message;
+    }
+    s.phase = to;
+    s.current_step = Some(super::summary(to).message.to_owned());
+    s.steps.push(StepRecord {
+        name: to,
+        started_at: stamp.to_owned(),
+        finished_at: if to.is_terminal() {
+            Some(stamp.to_owned())
+        } else {
+            None
+        },
+        outcome: if to.is_terminal() {
+            StepOutcome::Succeeded
+        } else {
+            StepOutcome::Running
+        },
+        message: None,
+    });
+}

@@ -1,0 +1,743 @@
+//! Table tests for every phase × observation, and a simulation over random observation
+//! sequences that checks the invariants of the sequence.
+
+use std::time::Duration;
+
+use super::next::*;
+use crate::api::{
+    Approval, CheckOutcome, CheckResult, DatabaseCutover, DatabaseCutoverSpec,
+    DatabaseCutoverStatus, Milestone, Mode, Phase, StepOutcome, StepRecord, TableVerification,
+    VerificationStatus,
+};
+
+fn plan(file: &str) -> DatabaseCutoverSpec {
+    let text = match file {
+        "rollback" => include_str!("../../../cutover-plans/production-with-rollback.yaml"),
+        "manual" => include_str!("../../../cutover-plans/production-manual-approval.yaml"),
+        "rehearsal" => include_str!("../../../cutover-plans/staging-rehearsal.yaml"),
+        other => panic!("no plan {other}"),
+    };
+    serde_saphyr::from_str::<DatabaseCutover>(text)
+        .unwrap()
+        .spec
+}
+
+fn t(secs: i64) -> jiff::Timestamp {
+    jiff::Timestamp::from_second(1_800_000_000 + secs).unwrap()
+}
+
+/// A status in `phase` whose step started at `t(started)`.
+fn in_phase(phase: Phase, started: i64) -> DatabaseCutoverStatus {
+    DatabaseCutoverStatus {
+        phase,
+        steps: vec![StepRecord {
+            name: phase,
+            started_at: t(started).to_string(),
+            finished_at: None,
+            outcome: StepOutcome::Running,
+            message: None,
+        }],
+        ..DatabaseCutoverStatus::default()
+    }
+}
+
+fn with(
+    mut s: DatabaseCutoverStatus,
+    f: impl FnOnce(&mut DatabaseCutoverStatus),
+) -> DatabaseCutoverStatus {
+    f(&mut s);
+    s
+}
+
+fn caught_up() -> Observations {
+    Observations {
+        replication: Some(ReplicationObservation {
+            tables_ready: 3,
+            tables_total: 3,
+            lag_bytes: 1024,
+            broken: None,
+        }),
+        ..Observations::default()
+    }
+}
+
+fn check(name: &str, outcome: CheckOutcome) -> CheckResult {
+    CheckResult {
+        name: name.into(),
+        outcome,
+        message: format!("{name} said so"),
+    }
+}
+
+fn abort_reason(action: Action) -> String {
+    match action {
+        Action::Abort(why) => why,
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
+
+#[test]
+fn pending_starts_with_preflight() {
+    let a = next_action(
+        &plan("rollback"),
+        &DatabaseCutoverStatus::default(),
+        &Observations::default(),
+        t(0),
+    );
+    assert_eq!(a, Action::Advance(Phase::Preflight));
+}
+
+#[test]
+fn preflight_runs_then_gates() {
+    let spec = plan("rollback");
+    let none = Observations::default();
+    let s = in_phase(Phase::Preflight, 0);
+    assert_eq!(next_action(&spec, &s, &none, t(1)), Action::RunPreflight);
+
+    let failed = with(s.clone(), |s| {
+        s.preflight = vec![
+            check("wal_level", CheckOutcome::Fail),
+            check("versions", CheckOutcome::Pass),
+        ]
+    });
+    let why = abort_reason(next_action(&spec, &failed, &none, t(1)));
+    assert!(why.contains("wal_level: wal_level said so"), "{why}");
+    assert!(!why.contains("versions"), "{why}");
+
+    let warned = with(s.clone(), |s| {
+        s.preflight = vec![check("long transactions", CheckOutcome::Warn)]
+    });
+    assert_eq!(
+        next_action(&spec, &warned, &none, t(1)),
+        Action::Advance(Phase::Replicating)
+    );
+    assert_eq!(
+        next_action(&plan("manual"), &warned, &none, t(1)),
+        Action::Advance(Phase::Migrating),
+        "a plan with migrations migrates first"
+    );
+}
+
+#[test]
+fn migrations_follow_the_job() {
+    let spec = plan("manual");
+    let s = in_phase(Phase::Migrating, 0);
+    let job = |j| Observations {
+        migration_job: j,
+        ..Observations::default()
+    };
+    assert_eq!(
+        next_action(&spec, &s, &job(None), t(1)),
+        Action::LaunchMigrations
+    );
+    assert_eq!(
+        next_action(&spec, &s, &job(Some(JobState::Running)), t(1)),
+        Action::Wait(POLL)
+    );
+    assert_eq!(
+        next_action(&spec, &s, &job(Some(JobState::Succeeded)), t(1)),
+        Action::Advance(Phase::Replicating)
+    );
+    let why = abort_reason(next_action(
+        &spec,
+        &s,
+        &job(Some(JobState::Failed("BackoffLimitExceeded".into()))),
+        t(1),
+    ));
+    assert!(why.contains("BackoffLimitExceeded"));
+}
+
+#[test]
+fn replication_waits_for_copy_lag_and_schedule() {
+    let mut spec = plan("rollback");
+    let s = in_phase(Phase::Replicating, 0);
+    assert_eq!(
+        next_action(&spec, &s, &Observations::default(), t(1)),
+        Action::StartReplication
+    );
+
+    let mut copying = caught_up();
+    copying.replication.as_mut().unwrap().tables_ready = 1;
+    assert_eq!(next_action(&spec, &s, &copying, t(1)), Action::Wait(POLL));
+
+    let mut lagging = caught_up();
+    lagging.replication.as_mut().unwrap().lag_bytes = 9 << 20; // the plan allows 8MiB
+    assert_eq!(next_action(&spec, &s, &lagging, t(1)), Action::Wait(POLL));
+
+    let mut broken = caught_up();
+    broken.replication.as_mut().unwrap().broken = Some("slot lost".into());
+    assert!(abort_reason(next_action(&spec, &s, &broken, t(1))).contains("slot lost"));
+
+    assert_eq!(
+        next_action(&spec, &s, &caught_up(), t(1)),
+        Action::Advance(Phase::Freezing)
+    );
+
+    spec.schedule.freeze_at = Some(t(600).to_string());
+    assert!(matches!(
+        next_action(&spec, &s, &caught_up(), t(1)),
+        Action::Wait(_)
+    ));
+    assert_eq!(
+        next_action(&spec, &s, &caught_up(), t(600)),
+        Action::Advance(Phase::Freezing)
+    );
+}
+
+#[test]
+fn freeze_then_final_sync_then_sequences() {
+    let spec = plan("rollback");
+    let none = Observations::default();
+    let s = in_phase(Phase::Freezing, 0);
+    assert_eq!(next_action(&spec, &s, &none, t(1)), Action::Freeze);
+    let frozen = with(s, |s| s.frozen_at = Some(t(2).to_string()));
+    assert_eq!(
+        next_action(&spec, &frozen, &none, t(3)),
+        Action::Advance(Phase::FinalSync)
+    );
+
+    let s = with(in_phase(Phase::FinalSync, 3), |s| {
+        s.frozen_at = Some(t(2).to_string())
+    });
+    assert_eq!(next_action(&spec, &s, &none, t(4)), Action::Wait(FAST_POLL));
+    let applied = Observations {
+        applied_past_freeze: true,
+        ..Observations::default()
+    };
+    assert_eq!(
+        next_action(&spec, &s, &applied, t(4)),
+        Action::CopySequences
+    );
+    let copied = with(s, |s| s.milestones.push(Milestone::SequencesCopied));
+    assert_eq!(
+        next_action(&spec, &copied, &applied, t(4)),
+        Action::Advance(Phase::Verifying)
+    );
+}
+
+#[test]
+fn verification_gates_and_names_the_difference() {
+    let spec = plan("rollback");
+    let none = Observations::default();
+    let s = with(in_phase(Phase::Verifying, 0), |s| {
+        s.frozen_at = Some(t(0).to_string())
+    });
+    assert_eq!(next_action(&spec, &s, &none, t(1)), Action::Verify);
+    let mismatch = with(s.clone(), |s| {
+        s.verification = Some(VerificationStatus {
+            matched: false,
+            rows_compared: 10,
+            tables: vec![TableVerification {
+                table: "public.accounts".into(),
+                source_rows: 5,
+                target_rows: 5,
+                matched: false,
+                differences: vec!["changed on target: id=42".into()],
+            }],
+            other_mismatches: vec![],
+        })
+    });
+    let why = abort_reason(next_action(&spec, &mismatch, &none, t(1)));
+    assert!(
+        why.contains("public.accounts") && why.contains("id=42"),
+        "{why}"
+    );
+    let matched = with(s, |s| {
+        s.verification = Some(VerificationStatus {
+            matched: true,
+            ..VerificationStatus::default()
+        })
+    });
+    assert_eq!(
+        next_action(&spec, &matched, &none, t(1)),
+        Action::Advance(Phase::AwaitingApproval)
+    );
+}
+
+#[test]
+fn approval_gate_automatic_manual_and_deadline() {
+    let none = Observations::default();
+    let s = with(in_phase(Phase::AwaitingApproval, 0), |s| {
+        s.frozen_at = Some(t(0).to_string())
+    });
+    assert_eq!(
+        next_action(&plan("rollback"), &s, &none, t(1)),
+        Action::PassPointOfNoReturn
+    );
+
+    let mut manual = plan("manual"); // deadline 20m, maxWriteDowntime 10m
+    manual.schedule.max_write_downtime = "1h".into();
+    assert!(matches!(
+        next_action(&manual, &s, &none, t(60)),
+        Action::Wait(_)
+    ));
+    let why = abort_reason(next_action(&manual, &s, &none, t(20 * 60 + 1)));
+    assert!(why.contains("no approval"), "{why}");
+    manual.point_of_no_return.approved = true;
+    assert_eq!(
+        next_action(&manual, &s, &none, t(60)),
+        Action::PassPointOfNoReturn
+    );
+}
+
+#[test]
+fn switch_order_production_with_rollback_readiness() {
+    let spec = plan("rollback");
+    let none = Observations::default();
+    let mut s = in_phase(Phase::Switching, 0);
+    let mut order = Vec::new();
+    loop {
+        match next_action(&spec, &s, &none, t(1)) {
+            Action::Do(m) => {
+                order.push(m);
+                s = record(&s, &Action::Do(m), Outcome::Done, &none, t(1));
+            }
+            Action::Advance(Phase::Hypercare) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        order,
+        [
+            Milestone::ForwardReplicationDropped,
+            Milestone::ReverseReplicationStarted,
+            Milestone::TargetLoginAllowed,
+            Milestone::SecretSwitched,
+            Milestone::WorkloadsRestarted,
+        ]
+    );
+    assert!(s.switched_at.is_some());
+}
+
+#[test]
+fn rehearsal_never_touches_the_application() {
+    let spec = plan("rehearsal");
+    assert_eq!(spec.mode, Mode::Rehearsal);
+    let none = Observations::default();
+    let mut s = in_phase(Phase::Switching, 0);
+    let mut order = Vec::new();
+    loop {
+        match next_action(&spec, &s, &none, t(1)) {
+            Action::Do(m) => {
+                order.push(m);
+                s = record(&s, &Action::Do(m), Outcome::Done, &none, t(1));
+            }
+            Action::EndRehearsal => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The plan names a rehearsal Secret, so only that is written; no restarts, no login.
+    assert_eq!(
+        order,
+        [
+            Milestone::ForwardReplicationDropped,
+            Milestone::SecretSwitched
+        ]
+    );
+    let done = record(&s, &Action::EndRehearsal, Outcome::Done, &none, t(2));
+    assert_eq!(done.phase, Phase::Completed);
+    assert!(done.milestones.contains(&Milestone::SourceUnfrozen));
+}
+
+#[test]
+fn hypercare_checkpoints_rollback_and_completion() {
+    let mut spec = plan("rollback"); // checkpoints 15m, 1h; hypercare 24h
+    let none = Observations::default();
+    let s = with(in_phase(Phase::Hypercare, 0), |s| {
+        s.switched_at = Some(t(0).to_string())
+    });
+    assert!(matches!(
+        next_action(&spec, &s, &none, t(60)),
+        Action::Wait(_)
+    ));
+    assert_eq!(
+        next_action(&spec, &s, &none, t(15 * 60)),
+        Action::Checkpoint(0)
+    );
+    let one = record(&s, &Action::Checkpoint(0), Outcome::Done, &none, t(15 * 60));
+    assert!(matches!(
+        next_action(&spec, &one, &none, t(16 * 60)),
+        Action::Wait(_)
+    ));
+    assert_eq!(
+        next_action(&spec, &one, &none, t(3600)),
+        Action::Checkpoint(1)
+    );
+    let two = record(&one, &Action::Checkpoint(1), Outcome::Done, &none, t(3600));
+    assert_eq!(next_action(&spec, &two, &none, t(86_400)), Action::Complete);
+
+    // Abort is no longer possible; rollback is.
+    spec.abort = true;
+    assert!(matches!(
+        next_action(&spec, &two, &none, t(3700)),
+        Action::Wait(_)
+    ));
+    spec.rollback.as_mut().unwrap().requested = true;
+    assert_eq!(
+        next_action(&spec, &two, &none, t(3700)),
+        Action::Advance(Phase::RollingBack)
+    );
+}
+
+#[test]
+fn rollback_reverses_what_the_switch_did() {
+    let spec = plan("rollback");
+    let mut s = with(in_phase(Phase::RollingBack, 0), |s| {
+        s.milestones = vec![
+            Milestone::ForwardReplicationDropped,
+            Milestone::ReverseReplicationStarted,
+            Milestone::TargetLoginAllowed,
+            Milestone::SecretSwitched,
+            Milestone::WorkloadsRestarted,
+        ]
+    });
+    let mut obs = Observations::default();
+    let mut order = Vec::new();
+    for _ in 0..20 {
+        match next_action(&spec, &s, &obs, t(1)) {
+            Action::Do(m) => {
+                order.push(m);
+                s = record(&s, &Action::Do(m), Outcome::Done, &obs, t(1));
+            }
+            Action::Wait(_) => obs.reverse_caught_up = true,
+            Action::Advance(Phase::RolledBack) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        order,
+        [
+            Milestone::TargetFrozen,
+            Milestone::ReverseCaughtUp,
+            Milestone::SequencesCopiedBack,
+            Milestone::SecretSwitchedBack,
+            Milestone::WorkloadsRestartedBack,
+            Milestone::SourceUnfrozen,
+            Milestone::ReplicationCleanedUp,
+        ]
+    );
+}
+
+#[test]
+fn a_failed_switch_rolls_back_unless_writes_would_be_stranded() {
+    let none = Observations::default();
+    let s = in_phase(Phase::Switching, 0);
+    let failed = record(
+        &s,
+        &Action::Do(Milestone::TargetLoginAllowed),
+        Outcome::Failed("boom".into()),
+        &none,
+        t(1),
+    );
+    assert_eq!(failed.phase, Phase::RollingBack);
+
+    let stranded = with(s, |s| {
+        s.milestones = vec![
+            Milestone::ForwardReplicationDropped,
+            Milestone::SecretSwitched,
+        ]
+    });
+    let retried = record(
+        &stranded,
+        &Action::Do(Milestone::WorkloadsRestarted),
+        Outcome::Failed("boom".into()),
+        &none,
+        t(1),
+    );
+    assert_eq!(
+        retried.phase,
+        Phase::Switching,
+        "writes on the target have no way back: retry"
+    );
+}
+
+#[test]
+fn budgets_and_the_write_downtime_limit_abort() {
+    let spec = plan("rollback"); // freeze budget 45s, maxWriteDowntime 5m
+    let none = Observations::default();
+    let s = in_phase(Phase::Freezing, 0);
+    assert_eq!(next_action(&spec, &s, &none, t(30)), Action::Freeze);
+    let why = abort_reason(next_action(&spec, &s, &none, t(46)));
+    assert!(why.contains("schedule.budgets.freeze: 45s"), "{why}");
+
+    let frozen = with(in_phase(Phase::AwaitingApproval, 0), |s| {
+        s.frozen_at = Some(t(0).to_string())
+    });
+    let mut manual = plan("rollback");
+    manual.point_of_no_return.approval = Approval::Manual;
+    manual.point_of_no_return.deadline = "1h".into();
+    let why = abort_reason(next_action(&manual, &frozen, &none, t(301)));
+    assert!(why.contains("maxWriteDowntime"), "{why}");
+}
+
+#[test]
+fn abort_request_deletion_and_intent_come_first() {
+    let mut spec = plan("rollback");
+    let none = Observations::default();
+    let s = in_phase(Phase::Replicating, 0);
+    spec.abort = true;
+    assert!(abort_reason(next_action(&spec, &s, &none, t(1))).contains("abort requested"));
+
+    let deleting = Observations {
+        deleting: true,
+        ..Observations::default()
+    };
+    for phase in Phase::ALL {
+        assert_eq!(
+            next_action(&spec, &in_phase(phase, 0), &deleting, t(1)),
+            Action::Finalize,
+            "{phase}"
+        );
+    }
+
+    let pending_intent = with(in_phase(Phase::Switching, 0), |s| {
+        s.intent = Some(Milestone::SecretSwitched)
+    });
+    assert_eq!(
+        next_action(&spec, &pending_intent, &none, t(1)),
+        Action::Do(Milestone::SecretSwitched)
+    );
+    let recorded = record(
+        &pending_intent,
+        &Action::Do(Milestone::SecretSwitched),
+        Outcome::Done,
+        &none,
+        t(2),
+    );
+    assert_eq!(recorded.intent, None);
+    assert_eq!(
+        record_intent(
+            &in_phase(Phase::Switching, 0),
+            &Action::Do(Milestone::SecretSwitched)
+        )
+        .unwrap()
+        .intent,
+        Some(Milestone::SecretSwitched)
+    );
+    assert_eq!(
+        record_intent(
+            &in_phase(Phase::Switching, 0),
+            &Action::Do(Milestone::TargetLoginAllowed)
+        ),
+        None
+    );
+}
+
+#[test]
+fn terminal_phases_do_nothing() {
+    for phase in [Phase::Completed, Phase::Aborted, Phase::RolledBack] {
+        assert_eq!(
+            next_action(
+                &plan("rollback"),
+                &in_phase(phase, 0),
+                &Observations::default(),
+                t(1)
+            ),
+            Action::Idle
+        );
+    }
+}
+
+/// xorshift64*: enough randomness for a simulation, reproducible from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Drives the plan with random observations, random action failures, random requests and a
+/// clock that jumps, and checks the invariants after every step.
+#[test]
+fn invariants_hold_over_random_runs() {
+    let mut endings = std::collections::BTreeMap::new();
+    for seed in 1..=600u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut spec = plan(["rollback", "manual", "rehearsal"][rng.below(3) as usize]);
+        let mut status = DatabaseCutoverStatus::default();
+        let mut now = t(0);
+        let mut source_frozen = false;
+        let mut pnr: Option<String> = None;
+        let mut replication_started = false;
+        let mut job_launched = false;
+        for _ in 0..300 {
+            // Requests arrive at random.
+            if rng.below(1000) < 3 {
+                spec.abort = true;
+            }
+            if rng.chance(3) {
+                spec.point_of_no_return.approved = true;
+            }
+            if rng.chance(2)
+                && let Some(r) = spec.rollback.as_mut()
+            {
+                r.requested = r.readiness;
+            }
+            let obs = Observations {
+                deleting: false,
+                migration_job: job_launched.then(|| match rng.below(10) {
+                    0 => JobState::Failed("BackoffLimitExceeded".into()),
+                    1..=4 => JobState::Running,
+                    _ => JobState::Succeeded,
+                }),
+                replication: replication_started.then(|| ReplicationObservation {
+                    tables_ready: rng.below(4) as u32,
+                    tables_total: 3,
+                    lag_bytes: rng.below(32 << 20),
+                    broken: (rng.below(1000) < 5).then(|| "worker exited".into()),
+                }),
+                applied_past_freeze: rng.chance(60),
+                reverse_lag_bytes: None,
+                reverse_caught_up: rng.chance(50),
+                workloads_ready: None,
+            };
+            let action = next_action(&spec, &status, &obs, now);
+            let fails = rng.chance(3);
+            let outcome = if fails
+                && !matches!(
+                    action,
+                    Action::Idle | Action::Wait(_) | Action::Advance(_) | Action::Abort(_)
+                ) {
+                Outcome::Failed("injected failure".into())
+            } else {
+                match &action {
+                    Action::RunPreflight => Outcome::Preflight(vec![check(
+                        "wal_level",
+                        if rng.chance(10) {
+                            CheckOutcome::Fail
+                        } else {
+                            CheckOutcome::Pass
+                        },
+                    )]),
+                    Action::Freeze => {
+                        source_frozen = true;
+                        Outcome::Frozen {
+                            lsn: "0/1000".into(),
+                        }
+                    }
+                    Action::Verify => Outcome::Verified(VerificationStatus {
+                        matched: rng.chance(85),
+                        ..VerificationStatus::default()
+                    }),
+                    Action::FinishAbort
+                    | Action::EndRehearsal
+                    | Action::Do(Milestone::SourceUnfrozen) => {
+                        source_frozen = false;
+                        Outcome::Done
+                    }
+                    Action::StartReplication => {
+                        replication_started = true;
+                        Outcome::Done
+                    }
+                    Action::LaunchMigrations => {
+                        job_launched = true;
+                        Outcome::Done
+                    }
+                    _ => Outcome::Done,
+                }
+            };
+            if let Some(with_intent) = record_intent(&status, &action) {
+                status = with_intent;
+            }
+            let before = status.clone();
+            status = record(&status, &action, outcome, &obs, now);
+
+            let ctx = format!(
+                "seed {seed}: {} -> {} via {action:?}",
+                before.phase, status.phase
+            );
+            assert!(super::can_transition(before.phase, status.phase), "{ctx}");
+            if status.phase == Phase::Switching && before.phase != Phase::Switching {
+                assert!(
+                    before.verification.as_ref().is_some_and(|v| v.matched),
+                    "switching without a matched verification: {ctx}"
+                );
+            }
+            if status.phase.is_past_point_of_no_return() && spec.mode == Mode::Production {
+                assert!(
+                    status.verification.as_ref().is_some_and(|v| v.matched),
+                    "{ctx}"
+                );
+                assert!(status.point_of_no_return_at.is_some(), "{ctx}");
+            }
+            if let Some(first) = &pnr {
+                assert_eq!(
+                    status.point_of_no_return_at.as_ref(),
+                    Some(first),
+                    "point of no return moved: {ctx}"
+                );
+            }
+            pnr.clone_from(&status.point_of_no_return_at);
+            if status.phase == Phase::Aborted {
+                assert!(!source_frozen, "aborted with the source frozen: {ctx}");
+            }
+            for step in &status.steps {
+                if let Some(finished) = &step.finished_at {
+                    assert!(
+                        jiff::Timestamp::from_str_strict(finished)
+                            >= jiff::Timestamp::from_str_strict(&step.started_at),
+                        "a step finished before it started: {ctx}"
+                    );
+                }
+            }
+            for pair in status.steps.windows(2) {
+                assert!(
+                    jiff::Timestamp::from_str_strict(&pair[0].started_at)
+                        <= jiff::Timestamp::from_str_strict(&pair[1].started_at),
+                    "step timestamps went backwards: {ctx}"
+                );
+            }
+            if status.phase.is_terminal() {
+                break;
+            }
+            // Mostly short steps; now and then a long stall (which budgets must catch); hours
+            // at a time through hypercare.
+            let millis = match (status.phase, rng.below(100)) {
+                (Phase::Hypercare, _) => rng.below(4 * 3_600_000),
+                (_, 0..=1) => rng.below(900_000),
+                _ => rng.below(10_000),
+            };
+            now += jiff::SignedDuration::from_millis(millis as i64);
+        }
+        *endings.entry(status.phase).or_insert(0u32) += 1;
+    }
+    // The simulation must reach every way a cutover ends, or it proves little.
+    for ending in [Phase::Completed, Phase::Aborted, Phase::RolledBack] {
+        assert!(
+            endings.get(&ending).copied().unwrap_or(0) > 10,
+            "{ending} reached too rarely: {endings:?}"
+        );
+    }
+}
+
+trait StrictParse {
+    fn from_str_strict(text: &str) -> jiff::Timestamp;
+}
+
+impl StrictParse for jiff::Timestamp {
+    fn from_str_strict(text: &str) -> jiff::Timestamp {
+        text.parse().expect("step timestamps are RFC 3339")
+    }
+}
+
+#[test]
+fn wait_durations_are_bounded() {
+    let spec = plan("rollback");
+    let s = with(in_phase(Phase::Hypercare, 0), |s| {
+        s.switched_at = Some(t(0).to_string())
+    });
+    match next_action(&spec, &s, &Observations::default(), t(1)) {
+        Action::Wait(d) => assert!(d <= Duration::from_secs(30), "{d:?}"),
+        other => panic!("{other:?}"),
+    }
+}
