@@ -327,3 +327,49 @@ fn wait_exits_non_zero_with_a_clear_message_on_timeout_and_dry_run_lists_files()
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn lint_reports_file_line_and_advice_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("V1__orders.sql"),
+        "CREATE TABLE orders (id bigint PRIMARY KEY, note text);\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("V2__index.sql"),
+        "ALTER TABLE orders ADD COLUMN customer bigint NOT NULL;\n\
+         CREATE INDEX orders_customer_idx ON orders (customer);\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["lint", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("V2__index.sql:1:"), "{stdout}");
+    assert!(stdout.contains("adding-required-field"), "{stdout}");
+    assert!(
+        stdout.contains("V2__index.sql:2:1: require-concurrent-index-creation"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("help: "), "{stdout}");
+
+    std::fs::write(
+        dir.path().join("V2__index.sql"),
+        "-- cutover:no-transaction\n\
+         CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_note_idx ON orders (note);\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["lint", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("2 file(s) checked, no findings"),
+        "{stdout}"
+    );
+}

@@ -191,3 +191,38 @@ async fn lock_timeout_is_retried_a_bounded_number_of_times() {
         Some("1")
     );
 }
+
+#[tokio::test]
+async fn a_runner_waits_for_the_lock_and_names_its_holder() {
+    let bed = Bed::start();
+    bed.write("V1__t.sql", "CREATE TABLE t (id bigint);\n");
+    let holder = bed.pg.connect(migrate_support::DB).await.unwrap();
+    holder
+        .batch_execute("SET application_name = 'manual-dba'; SELECT pg_advisory_lock(742189);")
+        .await
+        .unwrap();
+
+    let (mut opts, mut events) = observed_options();
+    opts.lock_wait_timeout = Some(Duration::from_millis(500));
+    let err = bed.run_with(Action::Apply, opts).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, MigrateError::LockWait { .. }), "{text}");
+    assert!(text.contains("manual-dba"), "{text}");
+    let waiting = expect_event(&mut events, Duration::ZERO, "the waiting report", |e| {
+        matches!(e, Event::WaitingForLock { .. })
+    })
+    .await;
+    assert!(waiting.to_string().contains("manual-dba"), "{waiting}");
+    assert_eq!(bed.value("SELECT to_regclass('t')::text"), None);
+
+    // Released: the next run goes through.
+    holder
+        .batch_execute("SELECT pg_advisory_unlock(742189)")
+        .await
+        .unwrap();
+    bed.run(Action::Apply).await.unwrap();
+    assert_eq!(
+        bed.value("SELECT to_regclass('t')::text").as_deref(),
+        Some("t")
+    );
+}
