@@ -37,6 +37,8 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinition YAML (what crds/ holds).
     Crd,
+    /// Compare source and target: row checksums per key range, sequences, table definitions.
+    Verify(cli::verify::Args),
     /// Apply migration files under an advisory lock (what the migration Job runs).
     Migrate(cli::migrate::MigrateArgs),
     /// Block until a migration version is applied (the init-container entrypoint).
@@ -98,6 +100,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Crd => {
             print!("{}", api::crd_yaml());
             Ok(())
+        }
+        Command::Verify(args) => {
+            init_tracing(cli.log_format);
+            std::process::exit(cli::verify::run(args).await)
         }
         Command::Migrate(args) => {
             init_tracing(cli.log_format);

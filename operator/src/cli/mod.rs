@@ -1,4 +1,5 @@
 //! The subcommands of the `cutover` binary that a person or a Job runs by hand; one file per verb.
 pub mod lint;
 pub mod migrate;
+pub mod verify;
 pub mod wait;

@@ -4,6 +4,7 @@
 pub mod connect;
 pub mod ident;
 pub mod migrate;
+pub mod verify;
 
 pub use connect::{ConnectError, ConnectOptions, Dsn, connect};
 pub use ident::{quote_ident, quote_literal, quote_qualified};

@@ -1,0 +1,227 @@
+//! What each side has: tables with their columns and primary keys, and sequences. The schema of
+//! the compared tables is compared here, each difference named.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::Client;
+
+use super::{Side, TableName, VerifyError};
+
+/// Schemas never compared: PostgreSQL's own, and the operator's bookkeeping schema on a frozen
+/// database (the same list replication excludes).
+pub const EXCLUDED_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "cutover"];
+/// Tables never compared unless named: the migration history each side keeps for itself.
+pub const EXCLUDED_TABLES: &[&str] = &["cutover_schema_history"];
+
+/// One column of a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Column {
+    pub name: String,
+    /// `format_type` with the type modifier, for comparing (`character varying(20)`).
+    pub type_full: String,
+    /// `format_type` without the modifier, for casting key values (`character varying`).
+    pub type_base: String,
+    pub not_null: bool,
+    /// Collation name, empty when the type has none.
+    pub collation: String,
+    /// Position in the primary key (1-based), if part of it.
+    pub key_position: Option<i64>,
+}
+
+/// One table as the catalog describes it.
+#[derive(Clone, Debug)]
+pub(crate) struct Table {
+    pub columns: Vec<Column>,
+    /// `pg_class.reltuples`: an estimate, negative when never analysed.
+    pub estimated_rows: f64,
+}
+
+impl Table {
+    /// The primary key's columns in key order; empty without a primary key.
+    pub fn key(&self) -> Vec<&Column> {
+        let mut key: Vec<&Column> = self
+            .columns
+            .iter()
+            .filter(|c| c.key_position.is_some())
+            .collect();
+        key.sort_by_key(|c| c.key_position);
+        key
+    }
+}
+
+/// One side's catalog.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Catalog {
+    pub tables: BTreeMap<TableName, Table>,
+    /// Sequences, with the table owning them (serial / identity), if any.
+    pub sequences: BTreeMap<TableName, Option<TableName>>,
+}
+
+const TABLES_SQL: &str = r"
+SELECT n.nspname, c.relname, c.reltuples::float8, a.attname,
+       format_type(a.atttypid, a.atttypmod), format_type(a.atttypid, NULL), a.attnotnull,
+       coalesce(co.collname, ''),
+       (SELECT k.ord FROM pg_constraint con, unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+         WHERE con.conrelid = c.oid AND con.contype = 'p' AND k.attnum = a.attnum)::int8
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  LEFT JOIN pg_collation co ON co.oid = a.attcollation
+ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+   AND n.nspname <> ALL ($1) AND n.nspname NOT LIKE 'pg\_%'
+ ORDER BY n.nspname, c.relname, a.attnum";
+
+const SEQUENCES_SQL: &str = r"
+SELECT n.nspname, c.relname, tn.nspname, t.relname
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
+        AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+  LEFT JOIN pg_class t ON t.oid = d.refobjid
+  LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace
+ WHERE c.relkind = 'S' AND n.nspname <> ALL ($1) AND n.nspname NOT LIKE 'pg\_%'
+ ORDER BY 1, 2";
+
+/// Reads one side's tables and sequences (outside PostgreSQL's own schemas).
+pub(crate) async fn read(client: &Client, side: Side) -> Result<Catalog, VerifyError> {
+    let err = |source| VerifyError::Catalog { side, source };
+    let excluded: Vec<&str> = EXCLUDED_SCHEMAS.to_vec();
+    let mut catalog = Catalog::default();
+    for row in client.query(TABLES_SQL, &[&excluded]).await.map_err(err)? {
+        let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let table = catalog.tables.entry(name).or_insert_with(|| Table {
+            columns: Vec::new(),
+            estimated_rows: row.get(2),
+        });
+        table.columns.push(Column {
+            name: row.get(3),
+            type_full: row.get(4),
+            type_base: row.get(5),
+            not_null: row.get(6),
+            collation: row.get(7),
+            key_position: row.get(8),
+        });
+    }
+    for row in client
+        .query(SEQUENCES_SQL, &[&excluded])
+        .await
+        .map_err(err)?
+    {
+        let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let owner = match (
+            row.get::<_, Option<String>>(2),
+            row.get::<_, Option<String>>(3),
+        ) {
+            (Some(schema), Some(table)) => Some(TableName::new(schema, table)),
+            _ => None,
+        };
+        catalog.sequences.insert(name, owner);
+    }
+    Ok(catalog)
+}
+
+/// The differences between the source's and the target's definition of one table, for people.
+pub(crate) fn compare_table(source: &Table, target: &Table) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &source.columns {
+        let Some(t) = target.columns.iter().find(|t| t.name == s.name) else {
+            out.push(format!("column {} missing on target", s.name));
+            continue;
+        };
+        if s.type_full != t.type_full {
+            out.push(format!(
+                "column {} is {} on source, {} on target",
+                s.name, s.type_full, t.type_full
+            ));
+        }
+        if s.not_null != t.not_null {
+            let word = |n: bool| if n { "NOT NULL" } else { "nullable" };
+            out.push(format!(
+                "column {} is {} on source, {} on target",
+                s.name,
+                word(s.not_null),
+                word(t.not_null)
+            ));
+        }
+        if s.collation != t.collation {
+            out.push(format!(
+                "column {} has collation {:?} on source, {:?} on target",
+                s.name, s.collation, t.collation
+            ));
+        }
+    }
+    for t in &target.columns {
+        if !source.columns.iter().any(|s| s.name == t.name) {
+            out.push(format!("column {} extra on target", t.name));
+        }
+    }
+    let names = |table: &Table| {
+        table
+            .key()
+            .iter()
+            .map(|c| c.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let (sk, tk) = (names(source), names(target));
+    if sk != tk {
+        let show = |k: &[String]| {
+            if k.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("({})", k.join(", "))
+            }
+        };
+        out.push(format!(
+            "primary key {} on source, {} on target",
+            show(&sk),
+            show(&tk)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(name: &str, ty: &str, key: Option<i64>) -> Column {
+        Column {
+            name: name.into(),
+            type_full: ty.into(),
+            type_base: ty.into(),
+            not_null: key.is_some(),
+            collation: String::new(),
+            key_position: key,
+        }
+    }
+
+    #[test]
+    fn names_every_schema_difference() {
+        let source = Table {
+            columns: vec![
+                col("id", "integer", Some(1)),
+                col("a", "text", None),
+                col("b", "text", None),
+            ],
+            estimated_rows: 0.0,
+        };
+        let mut target = source.clone();
+        target.columns[0].type_full = "bigint".into();
+        target.columns[1].not_null = true;
+        target.columns.remove(2);
+        target.columns.push(col("c", "text", None));
+        target.columns[0].key_position = None;
+        let diffs = compare_table(&source, &target);
+        assert_eq!(
+            diffs,
+            vec![
+                "column id is integer on source, bigint on target",
+                "column a is nullable on source, NOT NULL on target",
+                "column b missing on target",
+                "column c extra on target",
+                "primary key (id) on source, none on target",
+            ]
+        );
+        assert!(compare_table(&source, &source).is_empty());
+    }
+}

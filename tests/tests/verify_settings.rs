@@ -1,0 +1,106 @@
+//! Two clusters with different session defaults (TimeZone, DateStyle, extra_float_digits,
+//! bytea_output, IntervalStyle) hold identical data: the verifier must call it equal, because
+//! it hashes under one canonical session on both sides — and must still see a real change.
+
+use cutover_operator::postgres::Dsn;
+use cutover_operator::postgres::verify::{Difference, Key, TableName, VerifyOptions, verify};
+use cutover_tests::{BlueGreen, PgCluster};
+
+const TABLE: &str = "
+CREATE TABLE probe (
+    id int PRIMARY KEY, ts timestamptz, t timestamp, d date, tm time, tz timetz, iv interval,
+    f4 real, f8 float8, b bytea, m money, n numeric, fa float8[], j jsonb, r tstzrange,
+    c circle
+);
+-- Only time-zone-independent arithmetic: whole hours and seconds on timestamptz.
+INSERT INTO probe
+SELECT g,
+       timestamptz '2024-03-10 01:30:00.123456+00' + g * interval '7 hours 1.000001 seconds',
+       timestamp '2024-02-29 23:59:59.999999' + g * interval '1 day 1 microsecond',
+       date '1999-12-31' + g,
+       time '13:14:15.161718' + g * interval '1 minute',
+       timetz '04:05:06.789+05:30',
+       make_interval(years => g % 3, months => g % 13, days => -g, secs => g * 1.5),
+       (g / 3.0)::real,
+       CASE g % 4 WHEN 0 THEN 1e-300 * g WHEN 1 THEN 0.1 * g WHEN 2 THEN -0.0 ELSE g / 7.0 END,
+       decode(repeat(to_hex(g % 16), 4) || '005c27', 'hex'),
+       (g * 100.25)::numeric::money,
+       g * 1.10,
+       ARRAY[g / 3.0, 1e300, 'NaN', '-Infinity']::float8[],
+       jsonb_build_object('x', g / 3.0, 'when', '2024-01-01'),
+       tstzrange(timestamptz '2024-01-01 00:00+00', timestamptz '2024-01-01 00:00+00' + g * interval '1 hour'),
+       circle(point(g / 3.0, 1), 2)
+  FROM generate_series(1, 200) g;
+";
+
+fn socket_dsn(cluster: &PgCluster) -> Dsn {
+    Dsn::new(format!(
+        "host={} port={} user=postgres dbname=app sslmode=disable",
+        cluster.socket_dir().display(),
+        cluster.port()
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_data_matches_whatever_the_servers_session_defaults() {
+    let bg = BlueGreen::start_with(
+        PgCluster::builder()
+            .setting("TimeZone", "America/New_York")
+            .setting("DateStyle", "SQL, DMY")
+            .setting("extra_float_digits", "-2")
+            .setting("bytea_output", "escape")
+            .setting("IntervalStyle", "sql_standard"),
+        PgCluster::builder()
+            .setting("TimeZone", "Asia/Kolkata")
+            .setting("DateStyle", "German")
+            .setting("extra_float_digits", "1")
+            .setting("bytea_output", "hex")
+            .setting("IntervalStyle", "iso_8601"),
+    )
+    .unwrap();
+    bg.blue.execute("app", TABLE).unwrap();
+    bg.green.execute("app", TABLE).unwrap();
+
+    // The defaults really differ: under each server's own settings the same rows print
+    // differently, so a verifier that did not canonicalise would see a difference.
+    let render = |cluster: &PgCluster| {
+        cluster
+            .query(
+                "app",
+                "SELECT string_agg(probe::text, '|' ORDER BY id) FROM probe",
+            )
+            .unwrap()
+    };
+    assert_ne!(render(&bg.blue), render(&bg.green));
+
+    let (source, target) = (socket_dsn(&bg.blue), socket_dsn(&bg.green));
+    let options = VerifyOptions {
+        chunk_rows: 30,
+        leaf_rows: 4,
+        ..VerifyOptions::default()
+    };
+    let report = verify(&source, &target, &options).await.unwrap();
+    assert!(report.matched, "{}", report.render_text());
+    assert_eq!(report.tables[0].source_rows, 200);
+    assert_eq!(report.tables[0].target_rows, 200);
+
+    // And a real difference still shows: one microsecond.
+    bg.green
+        .execute(
+            "app",
+            "UPDATE probe SET ts = ts + interval '1 microsecond' WHERE id = 123",
+        )
+        .unwrap();
+    let report = verify(&source, &target, &options).await.unwrap();
+    assert!(!report.matched);
+    assert_eq!(
+        report.tables[0].differences,
+        vec![Difference::Changed {
+            key: Key {
+                columns: vec!["id".into()],
+                values: vec!["123".into()]
+            }
+        }]
+    );
+    assert_eq!(report.tables[0].table, TableName::new("public", "probe"));
+}
