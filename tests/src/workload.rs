@@ -36,7 +36,7 @@ pub fn seed(n: i64, balance: i64) -> String {
 /// Grants the workload's role what it needs.
 pub fn grants(role: &str) -> String {
     format!(
-        "GRANT SELECT, INSERT, UPDATE ON accounts, ledger TO \"{role}\";
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, ledger TO \"{role}\";
          GRANT USAGE ON SEQUENCE ledger_id_seq TO \"{role}\";"
     )
 }

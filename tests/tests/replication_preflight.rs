@@ -1,0 +1,208 @@
+//! Preflight catches what would break a cutover, names the object, and changes nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use cutover_operator::api::{CheckOutcome, CheckResult};
+use cutover_operator::postgres::preflight::{PreflightOptions, preflight};
+use cutover_operator::postgres::replication::TableSelection;
+use cutover_tests::{BlueGreen, PgCluster};
+
+fn find<'a>(checks: &'a [CheckResult], name: &str) -> &'a CheckResult {
+    checks
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no check {name}: {checks:#?}"))
+}
+
+fn expect(checks: &[CheckResult], name: &str, outcome: CheckOutcome, needles: &[&str]) {
+    let c = find(checks, name);
+    assert_eq!(c.outcome, outcome, "{c:#?}");
+    for n in needles {
+        assert!(c.message.contains(n), "{name}: {:?} lacks {n:?}", c.message);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_catches_what_would_break_the_cutover() {
+    // Blue: wal_level=replica, one slot and it is taken.
+    let bg = BlueGreen::start_with(
+        PgCluster::builder()
+            .setting("wal_level", "replica")
+            .setting("max_replication_slots", "1"),
+        PgCluster::builder(),
+    )
+    .unwrap();
+    bg.blue
+        .execute(
+            "postgres",
+            "SELECT pg_create_physical_replication_slot('someone_elses')",
+        )
+        .unwrap();
+    let common =
+        "CREATE TABLE orders (id int PRIMARY KEY, total numeric(12, 2) NOT NULL, note text);
+                  CREATE TABLE \"Audit Log\" (at timestamptz, what text);
+                  CREATE TABLE nothing_ident (id int PRIMARY KEY);
+                  ALTER TABLE nothing_ident REPLICA IDENTITY NOTHING;
+                  CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY);";
+    bg.blue
+        .execute(
+            APP,
+            &format!(
+                "{common} CREATE TABLE only_on_blue (id int PRIMARY KEY); SELECT lo_create(0);"
+            ),
+        )
+        .unwrap();
+    // Green: total is a float, note is NOT NULL, only_on_blue is missing.
+    bg.green
+        .execute(
+            APP,
+            "CREATE TABLE orders (id int PRIMARY KEY, total double precision NOT NULL, note text NOT NULL);
+             CREATE TABLE \"Audit Log\" (at timestamptz, what text);
+             CREATE TABLE nothing_ident (id int PRIMARY KEY);",
+        )
+        .unwrap();
+    let (blue, green) = engine_clients(&bg).await;
+    // A transaction left open on blue.
+    let idle_tx = bg.blue.connect(APP).await.unwrap();
+    idle_tx
+        .batch_execute("BEGIN; SELECT count(*) FROM orders")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let before = (leftovers(&bg.blue), leftovers(&bg.green));
+    let opts = PreflightOptions {
+        tables: TableSelection::All,
+        reverse: true,
+        long_transaction: Duration::from_millis(10),
+        application_roles: vec!["orders_app".into()],
+    };
+    let checks = preflight(&blue, &green, &opts).await;
+    for c in &checks {
+        eprintln!("{:?} {}: {}", c.outcome, c.name, c.message);
+    }
+    expect(
+        &checks,
+        "wal-level-blue",
+        CheckOutcome::Fail,
+        &["wal_level is replica"],
+    );
+    expect(&checks, "wal-level-green", CheckOutcome::Pass, &[]);
+    expect(
+        &checks,
+        "replication-slots-blue",
+        CheckOutcome::Fail,
+        &["0 free replication slots"],
+    );
+    expect(
+        &checks,
+        "replica-identity",
+        CheckOutcome::Fail,
+        &[
+            "public.Audit Log (no primary key)",
+            "public.nothing_ident (REPLICA IDENTITY NOTHING)",
+        ],
+    );
+    expect(
+        &checks,
+        "schema-match",
+        CheckOutcome::Fail,
+        &[
+            "public.only_on_blue: missing on green",
+            "public.orders: column total is numeric(12,2) on blue, double precision on green",
+            "public.orders: column note is nullable on blue, NOT NULL on green",
+        ],
+    );
+    expect(
+        &checks,
+        "unlogged-tables",
+        CheckOutcome::Warn,
+        &["public.scratch"],
+    );
+    expect(
+        &checks,
+        "large-objects",
+        CheckOutcome::Warn,
+        &["1 large objects"],
+    );
+    expect(&checks, "long-transactions", CheckOutcome::Warn, &["pid "]);
+    expect(
+        &checks,
+        "max-slot-wal-keep-size",
+        CheckOutcome::Warn,
+        &["unlimited"],
+    );
+    expect(
+        &checks,
+        "application-roles",
+        CheckOutcome::Fail,
+        &["orders_app"],
+    );
+    // The unlogged table is not among the replicated ones.
+    expect(&checks, "tables", CheckOutcome::Pass, &["4 tables"]);
+    // Nothing was changed on either side.
+    assert_eq!((leftovers(&bg.blue), leftovers(&bg.green)), before);
+    // No connection string or password in any message.
+    for c in &checks {
+        assert!(!c.message.contains(bg.blue.password()), "{c:?}");
+        assert!(!c.message.contains(bg.green.password()), "{c:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_passes_a_healthy_pair_and_checks_a_table_list() {
+    let bg = blue_green();
+    with_schema(
+        &bg,
+        "CREATE TABLE orders (id int PRIMARY KEY, total numeric(12, 2) NOT NULL);
+         CREATE TABLE \"Order Lines\" (order_id int, line int, PRIMARY KEY (order_id, line));
+         CREATE TABLE not_replicated (x int);",
+        "",
+    );
+    bg.blue
+        .execute(
+            "postgres",
+            "ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'",
+        )
+        .unwrap();
+    bg.blue
+        .execute("postgres", "SELECT pg_reload_conf()")
+        .unwrap();
+    wait_for(
+        "the reload took effect",
+        Duration::from_secs(10),
+        || async { bg.blue.show("max_slot_wal_keep_size").unwrap() == "10GB" },
+    )
+    .await;
+    let (blue, green) = engine_clients(&bg).await;
+    let opts = PreflightOptions {
+        tables: TableSelection::from_spec(&["public.orders".into(), "public.Order Lines".into()]),
+        reverse: true,
+        application_roles: vec![APP_ROLE.into()],
+        ..PreflightOptions::default()
+    };
+    let checks = preflight(&blue, &green, &opts).await;
+    let not_pass: Vec<_> = checks
+        .iter()
+        .filter(|c| c.outcome != CheckOutcome::Pass)
+        .collect();
+    assert!(not_pass.is_empty(), "{not_pass:#?}");
+    expect(&checks, "tables", CheckOutcome::Pass, &["2 tables"]);
+    expect(
+        &checks,
+        "server-versions",
+        CheckOutcome::Pass,
+        &["blue 1", "green 1"],
+    );
+
+    // A listed table that does not exist fails the table check by name.
+    let opts = PreflightOptions {
+        tables: TableSelection::from_spec(&["public.nope".into()]),
+        ..opts
+    };
+    let checks = preflight(&blue, &green, &opts).await;
+    expect(&checks, "tables", CheckOutcome::Fail, &["public.nope"]);
+}
