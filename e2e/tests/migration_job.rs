@@ -10,7 +10,9 @@ use cutover_operator::cluster::migration_job::{
     JobSettings, MigrationJobParams, MigrationSetKind, build_migration_job,
 };
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -76,6 +78,44 @@ async fn the_migration_job_is_accepted_by_the_api_server() {
     let pod = spec.template.spec.unwrap();
     let sc = pod.containers[0].security_context.clone().unwrap();
     assert_eq!(sc.read_only_root_filesystem, Some(true));
+
+    // Its pod passes the "restricted" Pod Security Standard: enforced on pods, so create the
+    // pod template as a Pod (dry run) in a namespace that enforces it.
+    let namespaces: Api<Namespace> = Api::all(plane.client());
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            }}})),
+        )
+        .await
+        .expect("label the namespace");
+    let template = job.spec.as_ref().unwrap().template.clone();
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some("migrate-pod-check".into()),
+            namespace: Some(ns.clone()),
+            labels: template.metadata.and_then(|m| m.labels),
+            ..ObjectMeta::default()
+        },
+        spec: template.spec,
+        status: None,
+    };
+    let pods: Api<Pod> = Api::namespaced(plane.client(), &ns);
+    pods.create(&dry_run, &pod)
+        .await
+        .unwrap_or_else(|e| panic!("the pod violates the restricted Pod Security Standard: {e}"));
+    // And the check is live: a root pod is refused in that namespace.
+    let mut root = pod.clone();
+    let spec = root.spec.as_mut().unwrap();
+    spec.security_context = None;
+    spec.containers[0].security_context = None;
+    let refused = pods.create(&dry_run, &root).await;
+    assert!(refused.is_err(), "PodSecurity admission is not enforcing");
+
     assert!(
         jobs.get_opt(job.metadata.name.as_deref().unwrap())
             .await
