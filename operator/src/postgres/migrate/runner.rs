@@ -301,10 +301,16 @@ pub async fn migrate(
     if server_version >= 140_000 {
         // A killed runner's statement is cancelled within a second, its transaction rolled
         // back and its lock released, instead of running on without a client.
-        client
+        // Best effort: platforms without the kernel support refuse non-zero values.
+        if let Err(e) = client
             .batch_execute("SET client_connection_check_interval = '1s'")
             .await
-            .map_err(sql("set client_connection_check_interval"))?;
+        {
+            tracing::warn!(
+                "could not set client_connection_check_interval ({e}); a killed runner's \
+                 statement will run to its end before its transaction is rolled back"
+            );
+        }
     }
     let mut watch_opts = connect_opts.clone();
     watch_opts.application_name = format!("{}-watch", connect_opts.application_name);
