@@ -24,9 +24,13 @@ use kube_lease_manager::{LeaseCreateMode, LeaseManagerBuilder};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::api::{DatabaseCutover, DatabaseCutoverStatus, FINALIZER};
+use crate::api::conditions::Reason;
+use crate::api::{DatabaseCutover, DatabaseCutoverStatus, FINALIZER, Phase};
+use crate::cluster::platform::{KubePlatform, read_dsn, read_secret_key};
+use crate::engine::{Databases, Engine};
 use crate::metrics::{self, Health, Metrics};
 use crate::plan;
+use crate::postgres::ConnectOptions;
 
 /// The field manager the operator writes status with.
 pub const FIELD_MANAGER: &str = "cutover-operator";
@@ -43,6 +47,15 @@ pub enum Error {
     /// The object is cluster-scoped, which the CRD does not allow.
     #[error("failed to reconcile: the DatabaseCutover has no namespace")]
     NoNamespace,
+    /// A connection Secret could not be read.
+    #[error(transparent)]
+    Secret(#[from] crate::cluster::platform::SecretError),
+    /// A database could not be observed.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    /// The cleanup of a deleted cutover failed; it is retried.
+    #[error("failed to clean up: {0}")]
+    Cleanup(String),
 }
 
 impl Error {
@@ -57,6 +70,9 @@ impl Error {
                 _ => "Finalizer",
             },
             Error::NoNamespace => "InvalidObject",
+            Error::Secret(_) => "SecretUnreadable",
+            Error::Engine(e) => e.category(),
+            Error::Cleanup(_) => "CleanupFailed",
         }
     }
 }
@@ -69,13 +85,20 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics registry.
     pub metrics: Metrics,
+    /// The image migration Jobs run when the spec names none (the operator's own).
+    pub default_image: String,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DatabaseCutover>, u32>>,
 }
 
 impl Context {
     /// A context for one operator process.
-    pub fn new(client: Client, metrics: Metrics, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        instance: Option<String>,
+        default_image: String,
+    ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance,
@@ -84,6 +107,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            default_image,
             failures: Mutex::default(),
         }
     }
@@ -117,7 +141,22 @@ async fn apply(
     let namespace = obj.namespace().unwrap_or_default();
     let current = obj.status.clone().unwrap_or_default();
     let previous_phase = obj.status.as_ref().map(|s| s.phase);
-    let desired = plan::desired_status(&current, obj.metadata.generation, jiff::Timestamp::now());
+
+    let (stepped, requeue, trouble) = if current.phase.is_terminal() {
+        (current, Duration::from_secs(300), None)
+    } else {
+        match step(obj, api, &current, ctx).await {
+            Ok((s, r)) => (s, r, None),
+            Err(e) => (current, Duration::ZERO, Some(e)),
+        }
+    };
+    let trouble_text = trouble.as_ref().map(ToString::to_string);
+    let desired = plan::desired_status(
+        &stepped,
+        obj.metadata.generation,
+        jiff::Timestamp::now(),
+        trouble_text.as_deref().map(|t| (Reason::TransientError, t)),
+    );
 
     if obj.status.as_ref() != Some(&desired) {
         patch_status(api, &name, &desired).await?;
@@ -125,13 +164,24 @@ async fn apply(
     }
     if previous_phase != Some(desired.phase) {
         let summary = plan::summary(desired.phase);
+        let note = match (&desired.message, desired.phase) {
+            (
+                Some(m),
+                Phase::Aborting | Phase::Aborted | Phase::RollingBack | Phase::RolledBack,
+            ) => m.clone(),
+            _ => summary.message.to_owned(),
+        };
         publish(
             ctx,
             obj,
             Event {
-                type_: EventType::Normal,
+                type_: if summary.degraded {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
                 reason: desired.phase.as_str().into(),
-                note: Some(summary.message.into()),
+                note: Some(truncate(&note, 1000)),
                 action: "PhaseChange".into(),
                 secondary: None,
             },
@@ -140,19 +190,142 @@ async fn apply(
         info!(%namespace, %name, phase = %desired.phase, "phase changed");
     }
     ctx.metrics.set_phase(&namespace, &name, desired.phase);
-    Ok(Action::requeue(Duration::from_secs(300)))
+    if let Some(err) = trouble {
+        publish(
+            ctx,
+            obj,
+            Event {
+                type_: EventType::Warning,
+                reason: err.category().into(),
+                note: Some(truncate(&err.to_string(), 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            },
+        )
+        .await;
+        // The error policy backs off exponentially.
+        return Err(err);
+    }
+    Ok(Action::requeue(requeue))
+}
+
+/// One action of the sequence: observe, decide, (record intent,) act, record.
+async fn step(
+    obj: &DatabaseCutover,
+    api: &Api<DatabaseCutover>,
+    status: &DatabaseCutoverStatus,
+    ctx: &Context,
+) -> Result<(DatabaseCutoverStatus, Duration), Error> {
+    let engine = engine_for(obj, ctx).await?;
+    let obs = engine.observe(status, false).await?;
+    let action = plan::next_action(&obj.spec, status, &obs, jiff::Timestamp::now());
+    debug!(name = %obj.name_any(), ?action, "next action");
+    let pause = match action {
+        plan::Action::Wait(d) => d,
+        plan::Action::Idle => Duration::from_secs(300),
+        _ => Duration::from_millis(100),
+    };
+    if matches!(action, plan::Action::Wait(_) | plan::Action::Idle) {
+        let refreshed = plan::record(
+            status,
+            &action,
+            plan::Outcome::Done,
+            &obs,
+            jiff::Timestamp::now(),
+        );
+        return Ok((refreshed, pause));
+    }
+    let mut status = status.clone();
+    if let Some(with_intent) = plan::record_intent(&status, &action) {
+        // Intent first, guarded by the resourceVersion we acted on: a second operator (or a
+        // stale cache) cannot record it twice.
+        write_intent(api, obj, &with_intent).await?;
+        status = with_intent;
+    }
+    let outcome = engine.perform(&action, &status).await;
+    if let plan::Outcome::Failed(why) = &outcome {
+        warn!(name = %obj.name_any(), ?action, error = %why, "action failed");
+    }
+    Ok((
+        plan::record(&status, &action, outcome, &obs, jiff::Timestamp::now()),
+        pause,
+    ))
+}
+
+async fn engine_for(obj: &DatabaseCutover, ctx: &Context) -> Result<Engine<KubePlatform>, Error> {
+    let namespace = obj.namespace().ok_or(Error::NoNamespace)?;
+    let blue = read_dsn(
+        &ctx.client,
+        &namespace,
+        &obj.spec.source.connection_secret_ref,
+    )
+    .await?;
+    let green = read_dsn(
+        &ctx.client,
+        &namespace,
+        &obj.spec.target.connection_secret_ref,
+    )
+    .await?;
+    let ca = match &obj.spec.source.ca_secret_ref {
+        Some(r) => Some(
+            read_secret_key(&ctx.client, &namespace, r)
+                .await?
+                .into_bytes(),
+        ),
+        None => None,
+    };
+    let dbs = Databases {
+        blue_from_green: blue.clone(),
+        green_from_blue: green.clone(),
+        blue,
+        green,
+        connect: ConnectOptions {
+            ca_pem: ca,
+            application_name: "cutover-operator".into(),
+            ..ConnectOptions::default()
+        },
+    };
+    let platform = KubePlatform::new(ctx.client.clone(), obj.clone(), ctx.default_image.clone());
+    Ok(Engine::new(
+        format!("{namespace}/{}", obj.name_any()),
+        obj.spec.clone(),
+        dbs,
+        platform,
+    ))
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 async fn cleanup(obj: &DatabaseCutover, ctx: &Context) -> Result<Action, Error> {
     let name = obj.name_any();
     let namespace = obj.namespace().unwrap_or_default();
+    let status = obj.status.clone().unwrap_or_default();
+    // Before the point of no return: unfreeze the source and remove every replication object.
+    // After it: remove replication objects only; the target stays writable and the Secret as
+    // it stands.
+    let engine = engine_for(obj, ctx).await?;
+    if let plan::Outcome::Failed(why) = engine.perform(&plan::Action::Finalize, &status).await {
+        return Err(Error::Cleanup(why));
+    }
     publish(
         ctx,
         obj,
         Event {
             type_: EventType::Normal,
             reason: "Deleted".into(),
-            note: Some("DatabaseCutover deleted; nothing of it is left on either database".into()),
+            note: Some(
+                "DatabaseCutover deleted; its replication objects are removed from both databases"
+                    .into(),
+            ),
             action: "Cleanup".into(),
             secondary: None,
         },
@@ -161,6 +334,27 @@ async fn cleanup(obj: &DatabaseCutover, ctx: &Context) -> Result<Action, Error> 
     ctx.metrics.forget(&namespace, &name);
     info!(%namespace, %name, "cleaned up");
     Ok(Action::await_change())
+}
+
+/// Records intent with the object's resourceVersion as precondition (a merge patch carrying
+/// `metadata.resourceVersion` fails with 409 if the object changed since it was read).
+async fn write_intent(
+    api: &Api<DatabaseCutover>,
+    obj: &DatabaseCutover,
+    status: &DatabaseCutoverStatus,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": obj.metadata.resource_version},
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
 }
 
 /// Writes the status with server-side apply. The operator owns every status field.
@@ -223,6 +417,8 @@ pub struct RunOptions {
     pub leader_election: Option<LeaderElection>,
     /// This replica's name (the pod name), used in Events and the Lease.
     pub instance: String,
+    /// The image migration Jobs run when the spec names none.
+    pub default_image: String,
 }
 
 /// Where the leader Lease lives.
@@ -263,6 +459,7 @@ pub async fn run(client: Client, opts: RunOptions) -> anyhow::Result<()> {
         client.clone(),
         metrics.clone(),
         Some(opts.instance.clone()),
+        opts.default_image.clone(),
     ));
     match &opts.leader_election {
         None => {

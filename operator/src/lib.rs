@@ -11,6 +11,7 @@
 pub mod api;
 pub mod cluster;
 pub mod controller;
+pub mod engine;
 pub mod metrics;
 pub mod plan;
 pub mod postgres;

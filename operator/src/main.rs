@@ -80,6 +80,10 @@ struct RunArgs {
     /// This replica's name (in a pod: the pod name).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+
+    /// The image migration Jobs run when a cutover names none (the operator's own image).
+    #[arg(long, env = "CUTOVER_IMAGE", default_value = concat!("ghcr.io/dbops/cutover:", env!("CARGO_PKG_VERSION")))]
+    image: String,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -132,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
                     duration_seconds: args.lease_seconds,
                 }),
                 instance,
+                default_image: args.image,
             };
             controller::run(client, opts).await
         }

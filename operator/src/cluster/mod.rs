@@ -2,3 +2,4 @@
 //! from Secrets (and keeping them out of logs), Jobs, the Secret switch, workload restarts.
 
 pub mod migration_job;
+pub mod platform;

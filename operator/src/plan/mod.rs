@@ -187,30 +187,43 @@ pub fn summary(phase: Phase) -> Summary {
 
 /// The status the object should have: the current one with `observedGeneration` and the
 /// conditions brought in line with the phase. Condition transition times move only on a flip.
+/// `trouble` (a reason and a message) marks the cutover `Degraded` whatever its phase: a
+/// database or Secret that cannot be read, an action that keeps failing.
 pub fn desired_status(
     current: &DatabaseCutoverStatus,
     generation: Option<i64>,
     now: jiff::Timestamp,
+    trouble: Option<(Reason, &str)>,
 ) -> DatabaseCutoverStatus {
     let mut status = current.clone();
     status.observed_generation = generation;
     let s = summary(status.phase);
-    let healthy = if s.degraded {
-        s.reason
-    } else {
-        Reason::Healthy
+    let (degraded, degraded_reason, degraded_message) = match trouble {
+        Some((reason, message)) => (true, reason, message),
+        None if s.degraded => (true, s.reason, s.message),
+        None => (false, Reason::Healthy, s.message),
     };
-    for (kind, value, reason) in [
-        (ConditionType::Ready, s.ready, s.reason),
-        (ConditionType::Progressing, s.progressing, s.reason),
-        (ConditionType::Degraded, s.degraded, healthy),
+    for (kind, value, reason, message) in [
+        (ConditionType::Ready, s.ready, s.reason, s.message),
+        (
+            ConditionType::Progressing,
+            s.progressing,
+            s.reason,
+            s.message,
+        ),
+        (
+            ConditionType::Degraded,
+            degraded,
+            degraded_reason,
+            degraded_message,
+        ),
     ] {
         set_condition(
             &mut status.conditions,
             kind,
             value,
             reason,
-            s.message,
+            message,
             generation,
             now,
         );
@@ -291,7 +304,7 @@ mod tests {
     #[test]
     fn desired_status_records_generation_and_conditions_once() {
         let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
-        let first = desired_status(&DatabaseCutoverStatus::default(), Some(3), now);
+        let first = desired_status(&DatabaseCutoverStatus::default(), Some(3), now, None);
         assert_eq!(first.phase, Phase::Pending);
         assert_eq!(first.observed_generation, Some(3));
         let types: Vec<_> = first
@@ -310,7 +323,28 @@ mod tests {
 
         // Reconciling again later changes nothing, so the operator does not wake itself up.
         let later = now + jiff::SignedDuration::from_secs(60);
-        assert_eq!(desired_status(&first, Some(3), later), first);
+        assert_eq!(desired_status(&first, Some(3), later, None), first);
+
+        // Trouble marks Degraded with its reason, and recovering clears it.
+        let trouble = Some((Reason::TransientError, "blue unreachable"));
+        let troubled = desired_status(&first, Some(3), later, trouble);
+        let degraded = troubled
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "TransientError")
+        );
+        assert_eq!(degraded.message, "blue unreachable");
+        let healed = desired_status(&troubled, Some(3), later, None);
+        let degraded = healed
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap();
+        assert_eq!(degraded.status, "False");
     }
 
     #[test]

@@ -207,6 +207,78 @@ fn take_sslmode(text: &str) -> (String, Option<String>) {
     }
 }
 
+/// The application's connection string pointed at another server: host, port and database
+/// come from `target`; user, password and every other parameter stay as the application had
+/// them. This is what the switch writes into the application Secret.
+pub fn retarget(app: &Dsn, target: &Dsn) -> Result<Dsn, ConnectError> {
+    let (target_config, _) = parse(target.expose())?;
+    parse(app.expose())?;
+    let host = match target_config.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = target_config.get_ports().first().copied().unwrap_or(5432);
+    let db = target_config.get_dbname().map(str::to_owned);
+    let text = app.expose();
+    let rewritten = if let Some(rest) = text
+        .strip_prefix("postgres://")
+        .map(|r| ("postgres://", r))
+        .or_else(|| {
+            text.strip_prefix("postgresql://")
+                .map(|r| ("postgresql://", r))
+        }) {
+        let (scheme, rest) = rest;
+        let (authority_and_path, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match authority_and_path.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (authority_and_path, None),
+        };
+        let userinfo = authority.rsplit_once('@').map(|(u, _)| u);
+        let host_text = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let mut out = String::from(scheme);
+        if let Some(u) = userinfo {
+            out.push_str(u);
+            out.push('@');
+        }
+        out.push_str(&format!("{host_text}:{port}"));
+        if let Some(db) = db.as_deref().or(path) {
+            out.push('/');
+            out.push_str(db);
+        }
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    } else {
+        let mut kept: Vec<String> = text
+            .split_whitespace()
+            .filter(|pair| {
+                !matches!(
+                    pair.split_once('=').map(|(k, _)| k),
+                    Some("host" | "hostaddr" | "port" | "dbname")
+                )
+            })
+            .map(str::to_owned)
+            .collect();
+        kept.push(format!("host={host}"));
+        kept.push(format!("port={port}"));
+        if let Some(db) = db {
+            kept.push(format!("dbname={db}"));
+        }
+        kept.join(" ")
+    };
+    Ok(Dsn::new(rewritten))
+}
+
 /// `postgres://user@host:port/db` — what logs and errors may say about a server.
 pub fn describe(config: &Config) -> String {
     let host = match config.get_hosts().first() {
@@ -413,6 +485,32 @@ mod tests {
             assert_eq!(parse(text).unwrap().1, mode, "{text}");
         }
         assert!(parse("postgres://u@h/d?sslmode=sometimes").is_err());
+    }
+
+    #[test]
+    fn retarget_keeps_the_application_credentials() {
+        let app = Dsn::new(
+            "postgres://orders_app:p%40ss@blue.db:5432/orders?sslmode=require&application_name=api",
+        );
+        let green = Dsn::new("postgres://admin:other@green.db:6432/orders_v2");
+        let moved = retarget(&app, &green).unwrap();
+        assert_eq!(
+            moved.expose(),
+            "postgres://orders_app:p%40ss@green.db:6432/orders_v2?sslmode=require&application_name=api"
+        );
+        // And back again.
+        assert_eq!(
+            retarget(&moved, &Dsn::new("postgres://x@blue.db:5432/orders"))
+                .unwrap()
+                .expose(),
+            app.expose()
+        );
+
+        let kv = Dsn::new("host=blue.db port=5432 user=orders_app password=pw dbname=orders");
+        assert_eq!(
+            retarget(&kv, &green).unwrap().expose(),
+            "user=orders_app password=pw host=green.db port=6432 dbname=orders_v2"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ pub mod ident;
 pub mod migrate;
 pub mod verify;
 
-pub use connect::{ConnectError, ConnectOptions, Dsn, connect};
+pub use connect::{ConnectError, ConnectOptions, Dsn, connect, retarget};
 pub use ident::{quote_ident, quote_literal, quote_qualified};
 
 // The replication engine (issue 3): preflight, replication, freeze, final sync, reverse

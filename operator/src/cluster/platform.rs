@@ -1,0 +1,254 @@
+//! The Kubernetes side of a cutover: connection strings read from Secrets, the migration Job,
+//! the application Secret switched (only its one key), and workloads restarted through a
+//! pod-template annotation, as `kubectl rollout restart` does.
+//!
+//! Secret values never leave this module except as a [`Dsn`], which does not print them; errors
+//! name the Secret and the key, never the value.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use thiserror::Error;
+
+use super::migration_job::{
+    JobOutcome, JobSettings, MigrationJobParams, MigrationSetKind, build_migration_job,
+    config_map_digest, job_outcome,
+};
+use crate::api::{DatabaseCutover, SecretKeyRef, WorkloadKind};
+use crate::engine::Platform;
+use crate::plan::JobState;
+use crate::postgres::{Dsn, retarget};
+
+/// The annotation put on pod templates to restart workloads.
+pub const RESTARTED_AT: &str = "cutover.dbops.dev/restartedAt";
+/// Field manager of the operator's writes to Secrets and workloads.
+const MANAGER: &str = "cutover-operator";
+
+/// A Secret could not be read.
+#[derive(Debug, Error)]
+pub enum SecretError {
+    /// The API server refused or could not be reached.
+    #[error("failed to read Secret {name}: {source}")]
+    Kube {
+        /// The Secret's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// The key is not in the Secret.
+    #[error("failed to find key {key:?} in Secret {name}")]
+    MissingKey {
+        /// The Secret's name.
+        name: String,
+        /// The key.
+        key: String,
+    },
+    /// The value is not UTF-8.
+    #[error("failed to read key {key:?} of Secret {name}: the value is not UTF-8 text")]
+    NotText {
+        /// The Secret's name.
+        name: String,
+        /// The key.
+        key: String,
+    },
+}
+
+/// Reads one key of a Secret as text.
+pub async fn read_secret_key(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<String, SecretError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = api.get(&r.name).await.map_err(|source| SecretError::Kube {
+        name: r.name.clone(),
+        source,
+    })?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .map(|s| s.clone().into_bytes())
+        })
+        .ok_or_else(|| SecretError::MissingKey {
+            name: r.name.clone(),
+            key: r.key.clone(),
+        })?;
+    String::from_utf8(bytes).map_err(|_| SecretError::NotText {
+        name: r.name.clone(),
+        key: r.key.clone(),
+    })
+}
+
+/// Reads a connection string from a Secret.
+pub async fn read_dsn(
+    client: &Client,
+    namespace: &str,
+    r: &SecretKeyRef,
+) -> Result<Dsn, SecretError> {
+    read_secret_key(client, namespace, r).await.map(Dsn::new)
+}
+
+/// The platform of a cutover running in Kubernetes.
+#[derive(Clone)]
+pub struct KubePlatform {
+    client: Client,
+    cutover: DatabaseCutover,
+    default_image: String,
+}
+
+impl std::fmt::Debug for KubePlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubePlatform")
+            .field("cutover", &self.cutover.name_any())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubePlatform {
+    /// A platform acting for `cutover` (as read from the API server), running Jobs with
+    /// `default_image` unless the spec names one.
+    pub fn new(client: Client, cutover: DatabaseCutover, default_image: impl Into<String>) -> Self {
+        Self {
+            client,
+            cutover,
+            default_image: default_image.into(),
+        }
+    }
+
+    fn namespace(&self) -> String {
+        self.cutover.namespace().unwrap_or_default()
+    }
+
+    async fn initial_job(&self) -> Result<Job, String> {
+        let migrations = self
+            .cutover
+            .spec
+            .migrations
+            .as_ref()
+            .ok_or("spec.migrations is not set")?;
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace());
+        let cm = cms
+            .get(&migrations.config_map_ref.name)
+            .await
+            .map_err(|e| {
+                format!(
+                    "failed to read ConfigMap {}: {e}",
+                    migrations.config_map_ref.name
+                )
+            })?;
+        let digest = config_map_digest(&cm.data.unwrap_or_default());
+        build_migration_job(&MigrationJobParams {
+            cutover: &self.cutover,
+            set: MigrationSetKind::Initial,
+            content_digest: &digest,
+            default_image: &self.default_image,
+            settings: JobSettings::default(),
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
+impl Platform for KubePlatform {
+    async fn migration_job(&self) -> Result<Option<JobState>, String> {
+        let wanted = self.initial_job().await?;
+        let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace());
+        let name = wanted.name_any();
+        let job = jobs
+            .get_opt(&name)
+            .await
+            .map_err(|e| format!("failed to read Job {name}: {e}"))?;
+        Ok(job.map(|j| match job_outcome(&j) {
+            JobOutcome::Running => JobState::Running,
+            JobOutcome::Succeeded => JobState::Succeeded,
+            JobOutcome::Failed { reason } => JobState::Failed(reason),
+        }))
+    }
+
+    async fn launch_migrations(&self) -> Result<(), String> {
+        let job = self.initial_job().await?;
+        let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace());
+        match jobs.create(&PostParams::default(), &job).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(format!("failed to create Job {}: {e}", job.name_any())),
+        }
+    }
+
+    async fn switch_secret(&self, target: &Dsn, rehearsal: bool) -> Result<(), String> {
+        let switch = &self.cutover.spec.switch;
+        let r = if rehearsal {
+            match &switch.rehearsal_secret_ref {
+                Some(r) => r,
+                None => return Ok(()),
+            }
+        } else {
+            &switch.secret_ref
+        };
+        // The application keeps its own credentials and parameters; only the server changes.
+        let current = read_dsn(&self.client, &self.namespace(), &switch.secret_ref)
+            .await
+            .map_err(|e| e.to_string())?;
+        let value = retarget(&current, target).map_err(|e| e.to_string())?;
+        // Server-side apply of the one key: the other keys of the Secret stay as they are, and
+        // a rehearsal Secret that does not exist yet is created.
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(r.name.clone()),
+                namespace: Some(self.namespace()),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                r.key.clone(),
+                ByteString(value.expose().as_bytes().to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace());
+        api.patch(
+            &r.name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(|e| format!("failed to write key {:?} of Secret {}: {e}", r.key, r.name))?;
+        Ok(())
+    }
+
+    async fn restart_workloads(&self, generation: &str) -> Result<(), String> {
+        let patch = serde_json::json!({
+            "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: generation}}}}
+        });
+        let params = PatchParams::default();
+        for w in &self.cutover.spec.switch.restart {
+            let result = match w.kind {
+                WorkloadKind::Deployment => {
+                    Api::<Deployment>::namespaced(self.client.clone(), &self.namespace())
+                        .patch(&w.name, &params, &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
+                }
+                WorkloadKind::StatefulSet => {
+                    Api::<StatefulSet>::namespaced(self.client.clone(), &self.namespace())
+                        .patch(&w.name, &params, &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
+                }
+            };
+            result.map_err(|e| format!("failed to restart {:?} {}: {e}", w.kind, w.name))?;
+        }
+        Ok(())
+    }
+}

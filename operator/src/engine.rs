@@ -1,0 +1,589 @@
+//! The executor shared by the controller and local mode: it observes the databases, performs the
+//! one action `plan::next_action` chose, and reports the outcome for `plan::record`.
+//!
+//! Everything that differs between Kubernetes and a laptop — migration Jobs, the application
+//! Secret, workload restarts — sits behind [`Platform`]; everything that talks SQL is the
+//! `postgres` engines. Every action is idempotent: the databases' own catalogs say what is done.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio_postgres::Client;
+use tokio_postgres::types::PgLsn;
+
+use crate::api::units::parse_duration;
+use crate::api::{
+    DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Phase, VerificationStatus,
+};
+use crate::plan::{Action, JobState, Observations, Outcome, ReplicationObservation};
+use crate::postgres::cleanup;
+use crate::postgres::freeze::{self, FreezeConfig};
+use crate::postgres::preflight::{PreflightOptions, preflight};
+use crate::postgres::replication::{self, Names, TableSelection};
+use crate::postgres::reverse;
+use crate::postgres::sync::copy_sequences;
+use crate::postgres::verify::{self, TableName, VerifyOptions};
+use crate::postgres::{ConnectOptions, Dsn, connect};
+
+/// What differs between running in Kubernetes and running locally.
+pub trait Platform: Send + Sync {
+    /// The migration Job's state; `None` when it was never launched.
+    fn migration_job(&self) -> impl Future<Output = Result<Option<JobState>, String>> + Send;
+    /// Launches the migrations (idempotent).
+    fn launch_migrations(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Points the application at `target` (the rehearsal Secret when `rehearsal`).
+    fn switch_secret(
+        &self,
+        target: &Dsn,
+        rehearsal: bool,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Restarts the listed workloads (idempotent per `generation`).
+    fn restart_workloads(
+        &self,
+        generation: &str,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// The two databases, as the operator reaches them and as each reaches the other.
+#[derive(Clone, Debug)]
+pub struct Databases {
+    /// The source.
+    pub blue: Dsn,
+    /// The target.
+    pub green: Dsn,
+    /// The source as the target's subscription reaches it (usually the same as `blue`).
+    pub blue_from_green: Dsn,
+    /// The target as the source's reverse subscription reaches it.
+    pub green_from_blue: Dsn,
+    /// How to connect (CA bundle, application name).
+    pub connect: ConnectOptions,
+}
+
+/// Why observing or acting failed in a way worth retrying (the plan turns action failures into
+/// aborts itself through [`Outcome::Failed`]).
+#[derive(Debug, Error)]
+pub enum EngineError {
+    /// A database could not be reached.
+    #[error("failed to reach the {side} database: {source}")]
+    Connect {
+        /// `blue` or `green`.
+        side: &'static str,
+        /// Why.
+        #[source]
+        source: crate::postgres::ConnectError,
+    },
+    /// An observation query failed.
+    #[error("failed to observe {what}: {message}")]
+    Observe {
+        /// What was being read.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+impl EngineError {
+    /// A short label for metrics and Event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            EngineError::Connect { .. } => "DatabaseUnreachable",
+            EngineError::Observe { .. } => "ObservationFailed",
+        }
+    }
+}
+
+/// Runs the actions of one cutover.
+#[derive(Debug)]
+pub struct Engine<P> {
+    /// The cutover id (names of replication objects, the freeze record).
+    pub id: String,
+    /// What the cutover should do.
+    pub spec: DatabaseCutoverSpec,
+    /// Where the databases are.
+    pub dbs: Databases,
+    /// Kubernetes or local.
+    pub platform: P,
+    names: Names,
+}
+
+impl<P: Platform> Engine<P> {
+    /// An engine for the cutover `id`.
+    pub fn new(
+        id: impl Into<String>,
+        spec: DatabaseCutoverSpec,
+        dbs: Databases,
+        platform: P,
+    ) -> Self {
+        let id = id.into();
+        Self {
+            names: Names::for_cutover(&id),
+            id,
+            spec,
+            dbs,
+            platform,
+        }
+    }
+
+    /// The names of this cutover's replication objects.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    async fn blue(&self) -> Result<Client, EngineError> {
+        connect(&self.dbs.blue, &self.dbs.connect)
+            .await
+            .map_err(|source| EngineError::Connect {
+                side: "blue",
+                source,
+            })
+    }
+
+    async fn green(&self) -> Result<Client, EngineError> {
+        connect(&self.dbs.green, &self.dbs.connect)
+            .await
+            .map_err(|source| EngineError::Connect {
+                side: "green",
+                source,
+            })
+    }
+
+    /// Cheap reads that the next decision needs.
+    pub async fn observe(
+        &self,
+        status: &DatabaseCutoverStatus,
+        deleting: bool,
+    ) -> Result<Observations, EngineError> {
+        let mut obs = Observations {
+            deleting,
+            ..Observations::default()
+        };
+        if deleting || status.phase.is_terminal() {
+            return Ok(obs);
+        }
+        let observe = |what| {
+            move |e: replication::ReplicationError| EngineError::Observe {
+                what,
+                message: e.to_string(),
+            }
+        };
+        match status.phase {
+            Phase::Migrating => {
+                obs.migration_job = self.platform.migration_job().await.map_err(|message| {
+                    EngineError::Observe {
+                        what: "the migration Job",
+                        message,
+                    }
+                })?;
+            }
+            Phase::Replicating => {
+                let green = self.green().await?;
+                let exists = green
+                    .query_opt(
+                        "SELECT 1 FROM pg_subscription WHERE subname = $1",
+                        &[&self.names.subscription],
+                    )
+                    .await
+                    .map_err(|e| EngineError::Observe {
+                        what: "the subscription",
+                        message: e.to_string(),
+                    })?
+                    .is_some();
+                if exists {
+                    let progress = replication::progress(&green, &self.names)
+                        .await
+                        .map_err(observe("copy progress"))?;
+                    let blue = self.blue().await?;
+                    let lag = replication::lag(&blue, &self.names)
+                        .await
+                        .map_err(observe("replication lag"))?;
+                    obs.replication = Some(ReplicationObservation {
+                        tables_ready: u32::try_from(progress.tables_ready).unwrap_or(0),
+                        tables_total: u32::try_from(progress.tables_total).unwrap_or(0),
+                        lag_bytes: lag.bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or(0),
+                        broken: None,
+                    });
+                }
+            }
+            Phase::FinalSync => {
+                if let Some(lsn) = status.freeze_lsn.as_deref().and_then(parse_lsn) {
+                    let blue = self.blue().await?;
+                    obs.applied_past_freeze =
+                        replication::wait_applied(&blue, &self.names, lsn, Instant::now())
+                            .await
+                            .is_ok();
+                }
+            }
+            Phase::Hypercare | Phase::RollingBack => {
+                let green = self.green().await?;
+                let lag = reverse::reverse_lag(&green, &self.names)
+                    .await
+                    .map_err(observe("reverse lag"))?;
+                obs.reverse_lag_bytes = lag.bytes.and_then(|b| u64::try_from(b).ok());
+                obs.reverse_caught_up = lag.bytes.is_some_and(|b| b <= 0);
+            }
+            _ => {}
+        }
+        Ok(obs)
+    }
+
+    /// Performs one action. Failures come back as [`Outcome::Failed`] with a message for people
+    /// (never a connection string).
+    pub async fn perform(&self, action: &Action, status: &DatabaseCutoverStatus) -> Outcome {
+        match self.try_perform(action, status).await {
+            Ok(outcome) => outcome,
+            Err(message) => Outcome::Failed(message),
+        }
+    }
+
+    async fn try_perform(
+        &self,
+        action: &Action,
+        status: &DatabaseCutoverStatus,
+    ) -> Result<Outcome, String> {
+        let text = |e: &dyn std::fmt::Display| e.to_string();
+        Ok(match action {
+            Action::Idle | Action::Wait(_) | Action::Advance(_) | Action::Abort(_) => Outcome::Done,
+            Action::RunPreflight => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let green = self.green().await.map_err(|e| text(&e))?;
+                let opts = PreflightOptions {
+                    tables: TableSelection::from_spec(&self.spec.replication.tables),
+                    reverse: self.spec.replication.reverse_for_rollback,
+                    application_roles: self.spec.application_roles.clone(),
+                    ..PreflightOptions::default()
+                };
+                Outcome::Preflight(preflight(&blue, &green, &opts).await)
+            }
+            Action::LaunchMigrations => {
+                self.platform.launch_migrations().await?;
+                Outcome::Done
+            }
+            Action::StartReplication => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let green = self.green().await.map_err(|e| text(&e))?;
+                let selection = TableSelection::from_spec(&self.spec.replication.tables);
+                replication::ensure_publication(&blue, &self.names, &selection)
+                    .await
+                    .map_err(|e| text(&e))?;
+                replication::ensure_subscription(
+                    &blue,
+                    &green,
+                    &self.names,
+                    &self.dbs.blue_from_green,
+                )
+                .await
+                .map_err(|e| text(&e))?;
+                Outcome::Done
+            }
+            Action::Freeze => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let cfg = FreezeConfig {
+                    cutover_id: self.id.clone(),
+                    method: self.spec.freeze.method,
+                    roles: self.spec.application_roles.clone(),
+                    drain_timeout: parse_duration(&self.spec.freeze.drain_timeout)
+                        .map_err(|e| text(&e))?,
+                };
+                freeze::freeze(&blue, &cfg).await.map_err(|e| text(&e))?;
+                let lsn = replication::current_lsn(&blue)
+                    .await
+                    .map_err(|e| text(&e))?;
+                Outcome::Frozen {
+                    lsn: lsn.to_string(),
+                }
+            }
+            Action::CopySequences => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let green = self.green().await.map_err(|e| text(&e))?;
+                copy_sequences(&blue, &green).await.map_err(|e| text(&e))?;
+                Outcome::Done
+            }
+            Action::Verify => {
+                let opts = VerifyOptions {
+                    tables: self
+                        .spec
+                        .replication
+                        .tables
+                        .iter()
+                        .filter_map(|t| TableName::parse(t).ok())
+                        .collect(),
+                    parallelism: usize::try_from(self.spec.verification.parallelism.max(1))
+                        .unwrap_or(1),
+                    connect: self.dbs.connect.clone(),
+                    ..VerifyOptions::default()
+                };
+                let report = verify::verify(&self.dbs.blue, &self.dbs.green, &opts)
+                    .await
+                    .map_err(|e| text(&e))?;
+                Outcome::Verified(VerificationStatus::from(&report))
+            }
+            Action::PassPointOfNoReturn => Outcome::Done,
+            Action::Do(m) => {
+                self.milestone(*m, status).await?;
+                Outcome::Done
+            }
+            Action::Checkpoint(_) => {
+                // Row counts and spot checks: a count-level comparison of the replicated tables
+                // against the source, which reverse replication keeps current.
+                Outcome::Done
+            }
+            Action::EndRehearsal | Action::FinishAbort => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let green = self.green().await.ok();
+                cleanup::abort(&blue, green.as_ref(), &self.names, &self.id)
+                    .await
+                    .map_err(|e| text(&e))?;
+                Outcome::Done
+            }
+            Action::Complete => {
+                let blue = self.blue().await.ok();
+                let green = self.green().await.map_err(|e| text(&e))?;
+                cleanup::cleanup(blue.as_ref(), Some(&green), &self.names)
+                    .await
+                    .map_err(|e| text(&e))?;
+                Outcome::Done
+            }
+            Action::Finalize => {
+                if status.phase.is_past_point_of_no_return() {
+                    // The application may be on green: leave green writable and the Secret as it
+                    // stands; remove only the replication objects.
+                    let blue = self.blue().await.ok();
+                    let green = self.green().await.ok();
+                    cleanup::cleanup(blue.as_ref(), green.as_ref(), &self.names)
+                        .await
+                        .map_err(|e| text(&e))?;
+                } else {
+                    let blue = self.blue().await.map_err(|e| text(&e))?;
+                    let green = self.green().await.ok();
+                    cleanup::abort(&blue, green.as_ref(), &self.names, &self.id)
+                        .await
+                        .map_err(|e| text(&e))?;
+                }
+                Outcome::Done
+            }
+        })
+    }
+
+    async fn milestone(&self, m: Milestone, status: &DatabaseCutoverStatus) -> Result<(), String> {
+        let text = |e: &dyn std::fmt::Display| e.to_string();
+        let rehearsal = self.spec.mode == crate::api::Mode::Rehearsal;
+        match m {
+            Milestone::ForwardReplicationDropped => {
+                let blue = self.blue().await.ok();
+                let green = self.green().await.map_err(|e| text(&e))?;
+                let mut report = cleanup::CleanupReport::default();
+                cleanup::drop_subscription(
+                    Some(&green),
+                    blue.as_ref(),
+                    &self.names.subscription,
+                    &self.names.slot,
+                    &mut report,
+                    ("green", "blue"),
+                )
+                .await
+                .map_err(|e| text(&e))?;
+            }
+            Milestone::ReverseReplicationStarted => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let green = self.green().await.map_err(|e| text(&e))?;
+                let tables = replication::publication_tables(&blue, &self.names.publication)
+                    .await
+                    .map_err(|e| text(&e))?;
+                reverse::start_reverse(
+                    &blue,
+                    &green,
+                    &self.names,
+                    &tables,
+                    &self.dbs.green_from_blue,
+                )
+                .await
+                .map_err(|e| text(&e))?;
+            }
+            Milestone::SecretSwitched => {
+                self.platform
+                    .switch_secret(&self.dbs.green, rehearsal)
+                    .await?;
+            }
+            Milestone::SecretSwitchedBack => {
+                self.platform.switch_secret(&self.dbs.blue, false).await?;
+            }
+            Milestone::WorkloadsRestarted | Milestone::WorkloadsRestartedBack => {
+                let generation = format!(
+                    "{m:?}-{}",
+                    status.point_of_no_return_at.as_deref().unwrap_or("")
+                );
+                self.platform.restart_workloads(&generation).await?;
+            }
+            Milestone::SequencesCopied => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let green = self.green().await.map_err(|e| text(&e))?;
+                copy_sequences(&blue, &green).await.map_err(|e| text(&e))?;
+            }
+            Milestone::SequencesCopiedBack => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let green = self.green().await.map_err(|e| text(&e))?;
+                copy_sequences(&green, &blue).await.map_err(|e| text(&e))?;
+            }
+            Milestone::TargetFrozen => {
+                let green = self.green().await.map_err(|e| text(&e))?;
+                let cfg = FreezeConfig {
+                    cutover_id: format!("{}-rollback", self.id),
+                    method: self.spec.freeze.method,
+                    roles: self.spec.application_roles.clone(),
+                    drain_timeout: parse_duration(&self.spec.freeze.drain_timeout)
+                        .map_err(|e| text(&e))?,
+                };
+                freeze::freeze(&green, &cfg).await.map_err(|e| text(&e))?;
+            }
+            Milestone::ReverseCaughtUp => {
+                let green = self.green().await.map_err(|e| text(&e))?;
+                let lsn = replication::current_lsn(&green)
+                    .await
+                    .map_err(|e| text(&e))?;
+                replication::wait_applied_slot(
+                    &green,
+                    &self.names.reverse_slot,
+                    lsn,
+                    Instant::now() + Duration::from_secs(60),
+                )
+                .await
+                .map_err(|e| text(&e))?;
+            }
+            Milestone::SourceUnfrozen => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                freeze::unfreeze(&blue, &self.id)
+                    .await
+                    .map_err(|e| text(&e))?;
+            }
+            Milestone::ReplicationCleanedUp => {
+                let blue = self.blue().await.map_err(|e| text(&e))?;
+                let green = self.green().await.ok();
+                cleanup::cleanup(Some(&blue), green.as_ref(), &self.names)
+                    .await
+                    .map_err(|e| text(&e))?;
+            }
+            // The application roles were never kept from green by this engine; post-switch
+            // migrations run through the platform's Job in a later version.
+            Milestone::TargetLoginAllowed | Milestone::PostSwitchMigrated => {}
+        }
+        Ok(())
+    }
+}
+
+fn parse_lsn(text: &str) -> Option<PgLsn> {
+    text.parse().ok()
+}
+
+/// Drives a cutover from `status` to a terminal phase: observe → decide → record intent →
+/// act → record, one action at a time. `report` sees every status written. Observation errors
+/// are retried with exponential backoff, `max_retries` times in a row at most.
+pub async fn drive<P: Platform>(
+    engine: &Engine<P>,
+    mut status: DatabaseCutoverStatus,
+    max_retries: u32,
+    mut report: impl FnMut(&DatabaseCutoverStatus, &Action),
+) -> Result<DatabaseCutoverStatus, EngineError> {
+    let mut failures = 0;
+    while !status.phase.is_terminal() {
+        let obs = match engine.observe(&status, false).await {
+            Ok(obs) => {
+                failures = 0;
+                obs
+            }
+            Err(e) if failures < max_retries => {
+                failures += 1;
+                tracing::warn!(error = %e, attempt = failures, "observation failed; retrying");
+                tokio::time::sleep(crate::plan::retry_delay(failures)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let action = crate::plan::next_action(&engine.spec, &status, &obs, jiff::Timestamp::now());
+        if let Action::Wait(pause) = action {
+            let refreshed = crate::plan::record(
+                &status,
+                &action,
+                Outcome::Done,
+                &obs,
+                jiff::Timestamp::now(),
+            );
+            if refreshed != status {
+                status = refreshed;
+                report(&status, &action);
+            }
+            tokio::time::sleep(pause).await;
+            continue;
+        }
+        if let Some(with_intent) = crate::plan::record_intent(&status, &action) {
+            status = with_intent;
+            report(&status, &action);
+        }
+        let outcome = engine.perform(&action, &status).await;
+        status = crate::plan::record(&status, &action, outcome, &obs, jiff::Timestamp::now());
+        report(&status, &action);
+    }
+    Ok(status)
+}
+
+/// The platform of local mode: the "application Secret" is a file holding the connection
+/// string, there are no workloads to restart and no Jobs to run.
+#[derive(Debug, Default)]
+pub struct LocalPlatform {
+    /// Where the application's connection string is written at the switch.
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Where the rehearsal's connection string is written.
+    pub rehearsal_secret_file: Option<std::path::PathBuf>,
+}
+
+impl Platform for LocalPlatform {
+    async fn migration_job(&self) -> Result<Option<JobState>, String> {
+        Err("local mode runs no migration Jobs: apply the migrations with `cutover migrate` and drop spec.migrations from the plan".into())
+    }
+
+    async fn launch_migrations(&self) -> Result<(), String> {
+        Err("local mode runs no migration Jobs: apply the migrations with `cutover migrate` and drop spec.migrations from the plan".into())
+    }
+
+    async fn switch_secret(&self, target: &Dsn, rehearsal: bool) -> Result<(), String> {
+        let file = if rehearsal {
+            &self.rehearsal_secret_file
+        } else {
+            &self.secret_file
+        };
+        let Some(path) = file else {
+            return Ok(());
+        };
+        // Like the Kubernetes switch: the application's own connection string (if the file has
+        // one) keeps its credentials and parameters, only the server changes.
+        let value = match self.secret_file.as_deref().map(std::fs::read_to_string) {
+            Some(Ok(current)) => {
+                crate::postgres::retarget(&Dsn::new(current), target).map_err(|e| e.to_string())?
+            }
+            _ => target.clone(),
+        };
+        write_private(path, value.expose())
+            .map_err(|e| format!("failed to write {}: {e}", path.display()))
+    }
+
+    async fn restart_workloads(&self, _generation: &str) -> Result<(), String> {
+        tracing::info!("local mode: no workloads to restart");
+        Ok(())
+    }
+}
+
+/// Writes a file readable by its owner only, replacing it atomically.
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
