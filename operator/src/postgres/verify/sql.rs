@@ -61,13 +61,20 @@ impl TableSql {
     pub fn rows(&self, range: &Range) -> (String, Vec<String>) {
         let (predicate, params) = self.predicate(range);
         let keys: Vec<String> = self.key.iter().map(|k| format!("{k}::text")).collect();
+        // Qualified: a bare `ORDER BY "id"` would sort by the output column of that name, the
+        // key's text.
+        let order: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("{}.{k}", self.relation))
+            .collect();
         (
             format!(
                 "SELECT {}, {} FROM {}{predicate} ORDER BY {}",
                 keys.join(", "),
                 self.row_hash,
                 self.relation,
-                self.key.join(", ")
+                order.join(", ")
             ),
             params,
         )
