@@ -193,19 +193,14 @@ async fn client_loop(id: i32, cfg: LoadConfig, stop: Arc<AtomicBool>, shared: Ar
     };
     let mut next = Instant::now() + interval.mul_f64(f64::from(id) / cfg.clients as f64);
     let mut seq: i64 = 0;
-    let mut conn: Option<tokio_postgres::Client> = None;
+    let mut conn: Option<(tokio_postgres::Client, Statements)> = None;
     let note = |msg: String| {
         *shared.lock().unwrap().errors.entry(msg).or_default() += 1;
     };
     while !stop.load(Ordering::SeqCst) {
-        if conn.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-            match tokio_postgres::connect(&cfg.dsn, NoTls).await {
-                Ok((c, connection)) => {
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    conn = Some(c);
-                }
+        if conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
+            match connect(&cfg.dsn).await {
+                Ok(c) => conn = Some(c),
                 Err(e) => {
                     note(message(&e));
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -213,7 +208,7 @@ async fn client_loop(id: i32, cfg: LoadConfig, stop: Arc<AtomicBool>, shared: Ar
                 }
             }
         }
-        let client = conn.as_mut().expect("connected above");
+        let (client, statements) = conn.as_mut().expect("connected above");
         if !interval.is_zero() {
             let now = Instant::now();
             if next > now {
@@ -228,7 +223,7 @@ async fn client_loop(id: i32, cfg: LoadConfig, stop: Arc<AtomicBool>, shared: Ar
             b += 1;
         }
         let amount = 1 + rng.below(100);
-        match transfer(client, id, seq, a, b, amount).await {
+        match transfer(client, statements, id, seq, a, b, amount).await {
             Ok(()) => {
                 let mut s = shared.lock().unwrap();
                 s.acknowledged.push((id, seq));
@@ -246,8 +241,29 @@ async fn client_loop(id: i32, cfg: LoadConfig, stop: Arc<AtomicBool>, shared: Ar
     }
 }
 
+/// The workload's statements, prepared once per connection.
+struct Statements {
+    update: tokio_postgres::Statement,
+    insert: tokio_postgres::Statement,
+}
+
+async fn connect(dsn: &str) -> Result<(tokio_postgres::Client, Statements), tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(dsn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let update = client
+        .prepare("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+        .await?;
+    let insert = client
+        .prepare("INSERT INTO ledger (client, seq, amount) VALUES ($1, $2, $3)")
+        .await?;
+    Ok((client, Statements { update, insert }))
+}
+
 async fn transfer(
     client: &mut tokio_postgres::Client,
+    statements: &Statements,
     id: i32,
     seq: i64,
     from: i64,
@@ -265,21 +281,12 @@ async fn transfer(
         i32::try_from(first).unwrap_or(1),
         i32::try_from(second).unwrap_or(2),
     );
-    tx.execute(
-        "UPDATE accounts SET balance = balance + $2 WHERE id = $1",
-        &[&first, &(sign * amount)],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE accounts SET balance = balance + $2 WHERE id = $1",
-        &[&second, &(-sign * amount)],
-    )
-    .await?;
-    tx.execute(
-        "INSERT INTO ledger (client, seq, amount) VALUES ($1, $2, $3)",
-        &[&id, &seq, &amount],
-    )
-    .await?;
+    tx.execute(&statements.update, &[&first, &(sign * amount)])
+        .await?;
+    tx.execute(&statements.update, &[&second, &(-sign * amount)])
+        .await?;
+    tx.execute(&statements.insert, &[&id, &seq, &amount])
+        .await?;
     tx.commit().await
 }
 

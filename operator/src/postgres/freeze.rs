@@ -12,7 +12,9 @@
 //!
 //! Sessions opened before the freeze keep their old settings, so every application session
 //! that started before the settings were committed is ended: idle ones at once, those inside a
-//! transaction when it finishes or when the drain budget runs out, whichever comes first.
+//! transaction as soon as that transaction has ended (the client got its commit), and the rest
+//! when the drain budget runs out. A session that already began its *next* transaction is ended
+//! too: nothing of that one was acknowledged.
 //!
 //! **Prior state lives in the database, not in memory.** Before changing anything, `freeze`
 //! records the settings it is about to change in the table `cutover.freeze_state` on the frozen
@@ -291,14 +293,15 @@ struct Drain {
 }
 
 /// Ends the sessions of `roles` in this database that started before `before` (all when
-/// `None`): idle ones at once, ones inside a transaction when they become idle or when `budget`
-/// is spent.
+/// `None`): idle ones at once, ones inside a transaction as soon as that transaction has ended
+/// (committed or rolled back), and whatever is left when `budget` is spent.
 async fn end_sessions(
     db: &Client,
     roles: &[String],
     before: Option<jiff::Timestamp>,
     budget: Duration,
 ) -> Result<Drain, FreezeError> {
+    use std::collections::{HashMap, HashSet};
     let started = Instant::now();
     let mut drain = Drain {
         ended_idle: 0,
@@ -306,12 +309,16 @@ async fn end_sessions(
         forced: 0,
         took: Duration::ZERO,
     };
-    let mut seen_busy = std::collections::HashSet::new();
-    let mut terminated = std::collections::HashSet::new();
+    // Sessions found inside a transaction, with that transaction's start: once it has ended
+    // (the session is idle, gone, or in a *new* transaction the client has not been told is
+    // committed) the session is ended at once — waiting for it to be idle again could take
+    // forever under a steady load.
+    let mut in_flight: HashMap<i32, Option<jiff::Timestamp>> = HashMap::new();
+    let mut terminated: HashSet<i32> = HashSet::new();
     loop {
         let rows = db
             .query(
-                "SELECT pid, state IS NOT DISTINCT FROM 'idle' AND backend_xid IS NULL
+                "SELECT pid, state IS NOT DISTINCT FROM 'idle' AND backend_xid IS NULL, xact_start
                    FROM pg_stat_activity
                   WHERE datname = current_database() AND usename = ANY($1)
                     AND pid <> pg_backend_pid()
@@ -320,8 +327,8 @@ async fn end_sessions(
             )
             .await
             .map_err(sql("list the application's sessions"))?;
-        // Sessions seen inside a transaction that have since gone on their own: drained.
-        seen_busy.retain(|pid| {
+        // Sessions that were in a transaction and have since gone on their own: drained.
+        in_flight.retain(|pid, _| {
             let present = rows.iter().any(|r| r.get::<_, i32>(0) == *pid);
             if !present && !terminated.contains(pid) {
                 drain.drained += 1;
@@ -336,17 +343,25 @@ async fn end_sessions(
         for row in &rows {
             let pid: i32 = row.get(0);
             let idle: bool = row.get(1);
-            if !(idle || out_of_budget) {
-                seen_busy.insert(pid);
+            let xact_start: Option<jiff::Timestamp> = row.get(2);
+            let first_sight = !in_flight.contains_key(&pid) && !terminated.contains(&pid);
+            let finished = match in_flight.get(&pid) {
+                Some(waited_for) => idle || xact_start != *waited_for,
+                None => idle,
+            };
+            if !(finished || out_of_budget) {
+                if first_sight {
+                    in_flight.insert(pid, xact_start);
+                }
                 continue;
             }
             if terminated.insert(pid) {
-                if !idle {
-                    drain.forced += 1;
-                } else if seen_busy.contains(&pid) {
+                if finished && in_flight.contains_key(&pid) {
                     drain.drained += 1;
-                } else {
+                } else if finished {
                     drain.ended_idle += 1;
+                } else {
+                    drain.forced += 1;
                 }
             }
             db.execute("SELECT pg_terminate_backend($1)", &[&pid])

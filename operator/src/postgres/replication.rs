@@ -656,6 +656,80 @@ pub async fn wait_applied(
     wait_applied_slot(blue, &names.slot, lsn, deadline).await
 }
 
+/// A position on blue to wait for after the freeze, chosen so green can confirm it fast.
+///
+/// Commits a transaction holding only a logical message (`pg_logical_emit_message`, which
+/// subscribers never receive: the built-in subscription does not ask for messages, and PostgreSQL
+/// 15+ skips the then-empty transaction) and returns `pg_current_wal_lsn()` after it. Every
+/// transaction committed before the call therefore ends strictly before the returned position,
+/// which is what makes [`wait_applied_by`]'s subscriber-side check sound. Falls back to the plain
+/// current position when the role may not emit messages.
+pub async fn sync_point(blue: &Client) -> Result<PgLsn, ReplicationError> {
+    writable_session(blue)
+        .await
+        .map_err(sql("make the session writable"))?;
+    let marked = blue
+        .batch_execute(
+            "BEGIN; SELECT pg_logical_emit_message(true, 'cutover', 'sync point'); COMMIT",
+        )
+        .await;
+    if marked.is_err() {
+        let _ = blue.batch_execute("ROLLBACK").await;
+    }
+    current_lsn(blue).await
+}
+
+/// Waits until green has applied blue's changes up to `lsn` (from [`sync_point`]), whichever
+/// of two signals comes first:
+/// - green's apply worker has *received* a position ≥ `lsn` (`pg_stat_subscription.received_lsn`).
+///   It applies what it receives in order, and every change before a [`sync_point`] has a
+///   position below it, so everything before was applied (committed, visible). This is the fast
+///   signal: it moves as soon as blue's walsender sends its keepalive.
+/// - blue's slot has `confirmed_flush_lsn ≥ lsn` (what [`wait_applied`] waits for), which the
+///   subscriber reports only after its own commits are flushed — up to a second later.
+pub async fn wait_applied_by(
+    blue: &Client,
+    green: &Client,
+    names: &Names,
+    lsn: PgLsn,
+    deadline: Instant,
+) -> Result<PgLsn, ReplicationError> {
+    let started = Instant::now();
+    loop {
+        let received: Option<PgLsn> = green
+            .query_opt(
+                "SELECT received_lsn FROM pg_stat_subscription
+                  WHERE subname = $1 AND relid IS NULL AND received_lsn IS NOT NULL",
+                &[&names.subscription],
+            )
+            .await
+            .map_err(sql("read the subscription's position"))?
+            .map(|r| r.get(0));
+        if let Some(r) = received
+            && r >= lsn
+        {
+            return Ok(r);
+        }
+        match wait_applied_slot(blue, &names.slot, lsn, Instant::now()).await {
+            Ok(c) => return Ok(c),
+            Err(ReplicationError::Timeout { .. }) if Instant::now() < deadline => {}
+            Err(ReplicationError::Timeout { detail, .. }) => {
+                return Err(ReplicationError::Timeout {
+                    what: format!("apply the source's changes up to {lsn}"),
+                    waited: started.elapsed(),
+                    detail: Some(format!(
+                        "green received {}; {}",
+                        received.map_or_else(|| "nothing".into(), |r| r.to_string()),
+                        detail.unwrap_or_default()
+                    )),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// The publisher's current WAL position.
 pub async fn current_lsn(client: &Client) -> Result<PgLsn, ReplicationError> {
     let row = client

@@ -14,7 +14,7 @@ use tokio_postgres::types::PgLsn;
 
 use super::ident::quote_qualified;
 use super::replication::{
-    EXCLUDED_SCHEMAS, Names, ReplicationError, current_lsn, db_message, wait_applied,
+    EXCLUDED_SCHEMAS, Names, ReplicationError, db_message, sync_point, wait_applied_by,
     writable_session,
 };
 
@@ -159,8 +159,9 @@ pub struct FinalSync {
     pub sequence_copy: Duration,
 }
 
-/// Runs the final sync after blue is frozen: blue's position now, wait until green has applied
-/// past it (until `deadline`), then copy every sequence blue → green. Repeatable: a second run
+/// Runs the final sync after blue is frozen: blue's position now ([`sync_point`]), wait until
+/// green has applied past it (until `deadline`, [`wait_applied_by`]), then copy every sequence
+/// blue → green. Repeatable: a second run
 /// reads a later position that green reaches at once and sets the same sequence values.
 pub async fn final_sync(
     blue: &Client,
@@ -168,9 +169,9 @@ pub async fn final_sync(
     names: &Names,
     deadline: Instant,
 ) -> Result<FinalSync, SyncError> {
-    let freeze_lsn = current_lsn(blue).await?;
+    let freeze_lsn = sync_point(blue).await?;
     let started = Instant::now();
-    let applied_lsn = wait_applied(blue, names, freeze_lsn, deadline).await?;
+    let applied_lsn = wait_applied_by(blue, green, names, freeze_lsn, deadline).await?;
     let wait = started.elapsed();
     let started = Instant::now();
     let seqs = copy_sequences(blue, green).await?;
