@@ -589,11 +589,20 @@ fn select(
 /// mismatch); chunk by the source's primary key when the target has all its columns.
 fn plan(name: &TableName, source: &Table, target: &Table) -> Plan {
     let on_target = |c: &str| target.columns.iter().any(|t| t.name == c);
-    let columns: Vec<&str> = source
+    // A column's type only picks how it is rendered when both sides agree on the type;
+    // otherwise it is compared as text (and the type difference is a schema mismatch).
+    let columns: Vec<(&str, &str)> = source
         .columns
         .iter()
-        .map(|c| c.name.as_str())
-        .filter(|c| on_target(c))
+        .filter_map(|c| {
+            let other = target.columns.iter().find(|t| t.name == c.name)?;
+            let ty = if other.type_base == c.type_base {
+                c.type_base.as_str()
+            } else {
+                ""
+            };
+            Some((c.name.as_str(), ty))
+        })
         .collect();
     let key = source.key();
     let usable = !key.is_empty() && key.iter().all(|c| on_target(&c.name));
