@@ -221,7 +221,11 @@ mod tests {
         assert!(params.is_empty());
         let sql = TableSql::new(
             &TableName::new("s", "t"),
-            &[("n", "numeric"), ("at", "timestamp with time zone"), ("x", "real")],
+            &[
+                ("n", "numeric"),
+                ("at", "timestamp with time zone"),
+                ("x", "real"),
+            ],
             &[],
         );
         let (text, _) = sql.chunk_hash(&Range::default());
