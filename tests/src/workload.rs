@@ -82,6 +82,15 @@ impl LoadReport {
     }
 }
 
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     acknowledged: Vec<(i32, i64)>,
@@ -89,8 +98,10 @@ struct Shared {
     errors: BTreeMap<String, usize>,
 }
 
-/// A running workload.
+/// A running workload, on its own tokio runtime: the clients' reconnects (SCRAM key derivation
+/// is CPU-heavy in a debug build) must not stall the code under test on the caller's runtime.
 pub struct Load {
+    runtime: Option<tokio::runtime::Runtime>,
     stop: Arc<AtomicBool>,
     shared: Arc<Mutex<Shared>>,
     tasks: Vec<JoinHandle<()>>,
@@ -104,8 +115,14 @@ impl std::fmt::Debug for Load {
 }
 
 impl Load {
-    /// Starts the clients on the current tokio runtime.
+    /// Starts the clients on a runtime of their own (two worker threads).
     pub fn start(cfg: LoadConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("workload")
+            .enable_all()
+            .build()
+            .expect("building the workload's runtime");
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Mutex::new(Shared::default()));
         let tasks = (0..cfg.clients)
@@ -113,12 +130,13 @@ impl Load {
                 let cfg = cfg.clone();
                 let stop = stop.clone();
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                runtime.spawn(async move {
                     client_loop(i32::try_from(i).unwrap_or(0), cfg, stop, shared).await
                 })
             })
             .collect();
         Self {
+            runtime: Some(runtime),
             stop,
             shared,
             tasks,
@@ -158,10 +176,13 @@ impl Load {
     }
 
     /// Stops the clients and returns what they saw.
-    pub async fn stop(self) -> LoadReport {
+    pub async fn stop(mut self) -> LoadReport {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
         let s = std::mem::take(&mut *self.shared.lock().unwrap());
         LoadReport {

@@ -103,7 +103,7 @@ async fn main() -> Result<()> {
         drain_timeout: Duration::from_secs(5),
     };
     println!(
-        "round  lag_at_freeze_B  freeze_ms  drain_ms  apply_wait_ms  seq_copy_ms  db_window_ms  write_gap_ms"
+        "round  lag_at_freeze_B  freeze_ms  drain_ms  apply_wait_ms  seq_copy_ms  db_window_ms  unfreeze_ms  write_gap_ms"
     );
     let (mut windows, mut gaps) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
@@ -133,19 +133,21 @@ async fn main() -> Result<()> {
         freeze::unfreeze(&blue, &cfg.cutover_id)
             .await
             .context("unfreeze")?;
+        let unfreeze = t_unfreeze.elapsed();
         wait_until("writes resumed", Duration::from_secs(30), || {
             load.commits_since(t_unfreeze) >= 20
         })
         .await?;
         let gap = load.snapshot().longest_gap(t0, t_unfreeze);
         println!(
-            "{round:>5}  {:>15}  {:>9}  {:>8}  {:>13}  {:>11}  {:>12}  {:>12}",
+            "{round:>5}  {:>15}  {:>9}  {:>8}  {:>13}  {:>11}  {:>12}  {:>11}  {:>12}",
             lag.bytes.unwrap_or_default(),
             ms(t_frozen - t0),
             ms(frozen.drain),
             ms(fs.wait),
             ms(fs.sequence_copy),
             ms(window),
+            ms(unfreeze),
             ms(gap)
         );
         windows.push(window);
