@@ -312,9 +312,15 @@ async fn cleanup(obj: &DatabaseCutover, ctx: &Context) -> Result<Action, Error> 
     // Before the point of no return: unfreeze the source and remove every replication object.
     // After it: remove replication objects only; the target stays writable and the Secret as
     // it stands.
-    let engine = engine_for(obj, ctx).await?;
-    if let plan::Outcome::Failed(why) = engine.perform(&plan::Action::Finalize, &status).await {
-        return Err(Error::Cleanup(why));
+    // Preflight only reads, and a finished cutover cleaned up after itself: then nothing of
+    // ours can be on either server, and the databases need not even be reachable.
+    let nothing_created = matches!(status.phase, Phase::Pending | Phase::Preflight);
+    let cleaned_up = status.phase.is_terminal();
+    if !nothing_created && !cleaned_up {
+        let engine = engine_for(obj, ctx).await?;
+        if let plan::Outcome::Failed(why) = engine.perform(&plan::Action::Finalize, &status).await {
+            return Err(Error::Cleanup(why));
+        }
     }
     publish(
         ctx,
@@ -336,21 +342,25 @@ async fn cleanup(obj: &DatabaseCutover, ctx: &Context) -> Result<Action, Error> 
     Ok(Action::await_change())
 }
 
-/// Records intent with the object's resourceVersion as precondition (a merge patch carrying
-/// `metadata.resourceVersion` fails with 409 if the object changed since it was read).
+/// Records intent with the object's resourceVersion as precondition: server-side apply
+/// honours `metadata.resourceVersion` in the applied object and answers 409 if the object
+/// changed since it was read. Same field manager as every status write, so the next write,
+/// without the intent, removes it.
 async fn write_intent(
     api: &Api<DatabaseCutover>,
     obj: &DatabaseCutover,
     status: &DatabaseCutoverStatus,
 ) -> Result<(), Error> {
     let patch = serde_json::json!({
-        "metadata": {"resourceVersion": obj.metadata.resource_version},
+        "apiVersion": "cutover.dbops.dev/v1alpha1",
+        "kind": "DatabaseCutover",
+        "metadata": {"name": obj.name_any(), "resourceVersion": obj.metadata.resource_version},
         "status": status,
     });
     api.patch_status(
         &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
     )
     .await
     .map_err(Error::Kube)?;
