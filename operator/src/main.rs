@@ -45,10 +45,29 @@ enum Command {
     Wait(cli::wait::WaitArgs),
     /// Flag dangerous DDL in a migrations directory.
     Lint(cli::lint::LintArgs),
+    /// Show a cutover's phase, conditions, replication and verification (kubectl plugin verb).
+    Status(cli::kubectl::Target),
+    /// Pass the point of no return of a cutover with manual approval (kubectl plugin verb).
+    Approve(cli::kubectl::Target),
+    /// Abort a cutover before the point of no return (kubectl plugin verb).
+    Abort(cli::kubectl::Target),
+    /// Move the application back to the source during hypercare (kubectl plugin verb).
+    Rollback(cli::kubectl::Target),
+    /// Per-step durations, the write-freeze window and the slowest step (kubectl plugin verb).
+    Report(cli::kubectl::Target),
 }
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
+    /// Local mode: run this plan file without Kubernetes (the rehearsal on a laptop or in CI).
+    #[arg(short = 'f', long = "file")]
+    file: Option<std::path::PathBuf>,
+
+    /// Local mode: Secrets as files, `DIR/<secret>/<key>` (also where the switch writes).
+    /// Without it, `CUTOVER_SECRET_<SECRET>_<KEY>` environment variables are read.
+    #[arg(long, requires = "file")]
+    secrets_dir: Option<std::path::PathBuf>,
+
     /// Address of the /metrics, /healthz and /readyz endpoint.
     #[arg(long, default_value = "0.0.0.0:8080", env = "CUTOVER_METRICS_ADDR")]
     metrics_addr: SocketAddr,
@@ -118,6 +137,20 @@ async fn main() -> anyhow::Result<()> {
             cli::wait::run(args).await
         }
         Command::Lint(args) => cli::lint::run(args),
+        Command::Run(args) if args.file.is_some() => {
+            init_tracing(cli.log_format);
+            let plan = args.file.expect("checked by the match guard");
+            cli::local::run(cli::local::LocalArgs {
+                plan,
+                secrets_dir: args.secrets_dir,
+            })
+            .await
+        }
+        Command::Status(t) => cli::kubectl::run(cli::kubectl::Verb::Status, t).await,
+        Command::Approve(t) => cli::kubectl::run(cli::kubectl::Verb::Approve, t).await,
+        Command::Abort(t) => cli::kubectl::run(cli::kubectl::Verb::Abort, t).await,
+        Command::Rollback(t) => cli::kubectl::run(cli::kubectl::Verb::Rollback, t).await,
+        Command::Report(t) => cli::kubectl::run(cli::kubectl::Verb::Report, t).await,
         Command::Run(args) => {
             init_tracing(cli.log_format);
             rustls::crypto::ring::default_provider()

@@ -26,3 +26,122 @@ pub fn crd_yaml() -> String {
          # and run `make crds`.\n---\n{body}"
     )
 }
+
+/// The admission rules, checked without an API server (local mode reads plans from files).
+/// Mirrors the CEL rules of the CRD; returns one message per problem, empty when the spec is
+/// valid.
+pub fn validate(spec: &DatabaseCutoverSpec) -> Vec<String> {
+    use units::{parse_duration, parse_size, parse_timestamp};
+    let mut problems = Vec::new();
+    let durations = [
+        ("spec.freeze.drainTimeout", &spec.freeze.drain_timeout),
+        (
+            "spec.pointOfNoReturn.deadline",
+            &spec.point_of_no_return.deadline,
+        ),
+        (
+            "spec.schedule.maxWriteDowntime",
+            &spec.schedule.max_write_downtime,
+        ),
+        ("spec.schedule.hypercare", &spec.schedule.hypercare),
+        (
+            "spec.schedule.budgets.preflight",
+            &spec.schedule.budgets.preflight,
+        ),
+        (
+            "spec.schedule.budgets.migrations",
+            &spec.schedule.budgets.migrations,
+        ),
+        (
+            "spec.schedule.budgets.replication",
+            &spec.schedule.budgets.replication,
+        ),
+        (
+            "spec.schedule.budgets.freeze",
+            &spec.schedule.budgets.freeze,
+        ),
+        (
+            "spec.schedule.budgets.finalSync",
+            &spec.schedule.budgets.final_sync,
+        ),
+        (
+            "spec.schedule.budgets.verification",
+            &spec.schedule.budgets.verification,
+        ),
+    ];
+    for (field, value) in durations {
+        if let Err(e) = parse_duration(value) {
+            problems.push(format!("{field}: {e}"));
+        }
+    }
+    for (i, c) in spec.schedule.checkpoints.iter().enumerate() {
+        if let Err(e) = parse_duration(c) {
+            problems.push(format!("spec.schedule.checkpoints[{i}]: {e}"));
+        }
+    }
+    if let Err(e) = parse_size(&spec.replication.max_lag_before_freeze) {
+        problems.push(format!("spec.replication.maxLagBeforeFreeze: {e}"));
+    }
+    if let Some(at) = &spec.schedule.freeze_at
+        && let Err(e) = parse_timestamp(at)
+    {
+        problems.push(format!("spec.schedule.freezeAt: {e}"));
+    }
+    if spec.source.connection_secret_ref == spec.target.connection_secret_ref {
+        problems.push(
+            "source and target must be different databases, but both name the same Secret key"
+                .into(),
+        );
+    }
+    let rollback = spec.rollback.clone().unwrap_or_default();
+    if rollback.readiness && !spec.replication.reverse_for_rollback {
+        problems.push("rollback.readiness needs replication.reverseForRollback: true".into());
+    }
+    if rollback.requested && !rollback.readiness {
+        problems.push("rollback.requested needs rollback.readiness: true".into());
+    }
+    if spec.freeze.method == FreezeMethod::RevokeLogin && spec.application_roles.is_empty() {
+        problems
+            .push("freeze.method RevokeLogin needs at least one entry in applicationRoles".into());
+    }
+    if !(1..=64).contains(&spec.verification.parallelism) {
+        problems.push("spec.verification.parallelism must be between 1 and 64".into());
+    }
+    for t in &spec.replication.tables {
+        if t.split('.').count() != 2 || t.starts_with('.') || t.ends_with('.') {
+            problems.push(format!(
+                "spec.replication.tables: {t:?} must be written as schema.table"
+            ));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod validate_tests {
+    use super::*;
+
+    fn example() -> DatabaseCutoverSpec {
+        let text = include_str!("../../../cutover-plans/production-with-rollback.yaml");
+        serde_saphyr::from_str::<DatabaseCutover>(text)
+            .unwrap()
+            .spec
+    }
+
+    #[test]
+    fn the_examples_are_valid() {
+        assert_eq!(validate(&example()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn problems_are_named() {
+        let mut spec = example();
+        spec.freeze.drain_timeout = "banana".into();
+        spec.target = spec.source.clone();
+        spec.replication.reverse_for_rollback = false;
+        spec.replication.tables = vec!["orders".into()];
+        let problems = validate(&spec);
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        assert!(problems[0].starts_with("spec.freeze.drainTimeout: \"banana\" must be a duration"));
+    }
+}

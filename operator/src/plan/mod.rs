@@ -8,11 +8,13 @@
 mod next;
 #[cfg(test)]
 mod next_tests;
+pub mod report;
 
 pub use next::{
     Action, JobState, Observations, Outcome, ReplicationObservation, checkpoint_offsets,
     next_action, record, record_intent,
 };
+pub use report::{TimingReport, format_duration, timing_report};
 
 use std::time::Duration;
 
