@@ -9,14 +9,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::operator::{OperatorProcess, eventually};
-use cutover_operator::api::{DatabaseCutover, Phase, WorkloadKind, WorkloadRef};
+use cutover_e2e::operator::{OperatorProcess, cutover_binary, eventually};
+use cutover_operator::api::{
+    Approval, DatabaseCutover, DatabaseCutoverStatus, Milestone, Phase, WorkloadKind, WorkloadRef,
+};
 use cutover_tests::workload::{self, Load, LoadConfig};
 use cutover_tests::{BlueGreen, PgCluster};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use serde_json::json;
 
 const APP_ROLE: &str = "orders_app";
@@ -93,80 +95,207 @@ async fn secret_value(plane: &ControlPlane, ns: &str, name: &str, key: &str) -> 
     String::from_utf8(s.data.unwrap()[key].0.clone()).unwrap()
 }
 
+/// Two databases with the bank schema, a namespace with the connection Secrets, the
+/// application Secret and a Deployment, the bank load writing to blue, and the operator.
+struct Scenario {
+    bg: BlueGreen,
+    plane: ControlPlane,
+    ns: String,
+    operator: OperatorProcess,
+    load: Option<Load>,
+    blue_app: String,
+    green_app: String,
+}
+
+impl Scenario {
+    async fn start(prefix: &str) -> Self {
+        let bg = tokio::task::spawn_blocking(databases).await.unwrap();
+        let plane = ControlPlane::shared().await.expect("control plane");
+        plane
+            .install_crds(repo().join("crds"))
+            .await
+            .expect("install crds/");
+        let ns = plane.namespace(prefix).await.expect("namespace");
+        eprintln!(
+            "running against the real API server at {}",
+            plane.server_url()
+        );
+
+        let blue_app = bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
+        let green_app = bg.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
+        secret(&plane, &ns, "billing-blue-admin", "uri", &bg.blue_dsn()).await;
+        secret(&plane, &ns, "billing-green-admin", "uri", &bg.green_dsn()).await;
+        secret(&plane, &ns, "billing-db", "DATABASE_URL", &blue_app).await;
+        let deployments: Api<Deployment> = Api::namespaced(plane.client(), &ns);
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "billing-api"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "billing-api"}},
+                "template": {
+                    "metadata": {"labels": {"app": "billing-api"}},
+                    "spec": {"containers": [{"name": "api", "image": "registry.example/billing-api:1"}]}
+                }
+            }
+        }))
+        .unwrap();
+        deployments
+            .create(&PostParams::default(), &deployment)
+            .await
+            .unwrap();
+
+        let load = Load::start(LoadConfig {
+            dsn: blue_app.clone(),
+            clients: 4,
+            tps: 200.0,
+            accounts: 50,
+        });
+        eventually("the load commits", Duration::from_secs(30), || async {
+            (load.commits() > 20).then_some(())
+        })
+        .await;
+        let operator =
+            OperatorProcess::start(&plane, &ns, "driver", &[]).expect("start the operator");
+        Self {
+            bg,
+            plane,
+            ns,
+            operator,
+            load: Some(load),
+            blue_app,
+            green_app,
+        }
+    }
+
+    /// The rollback-ready example plan, made quick.
+    fn plan(&self) -> DatabaseCutover {
+        let text =
+            std::fs::read_to_string(repo().join("cutover-plans/production-with-rollback.yaml"))
+                .unwrap();
+        let mut plan: DatabaseCutover = serde_saphyr::from_str(&text).unwrap();
+        plan.metadata.namespace = Some(self.ns.clone());
+        plan.spec.application_roles = vec![APP_ROLE.into()];
+        plan.spec.freeze.drain_timeout = "2s".into();
+        plan.spec.replication.max_lag_before_freeze = "1MiB".into();
+        plan.spec.schedule.hypercare = "2s".into();
+        plan.spec.schedule.checkpoints = vec![];
+        plan.spec.switch.restart = vec![WorkloadRef {
+            kind: WorkloadKind::Deployment,
+            name: "billing-api".into(),
+        }];
+        plan
+    }
+
+    fn api(&self) -> Api<DatabaseCutover> {
+        Api::namespaced(self.plane.client(), &self.ns)
+    }
+
+    async fn apply(&self, plan: &DatabaseCutover) {
+        self.api()
+            .create(&PostParams::default(), plan)
+            .await
+            .expect("create the cutover");
+    }
+
+    async fn wait_phase(&self, phase: Phase, timeout: Duration) -> DatabaseCutoverStatus {
+        let api = self.api();
+        eventually(&format!("phase {phase}"), timeout, || async {
+            let status = api.get(NAME).await.ok()?.status?;
+            (status.phase == phase).then_some(status)
+        })
+        .await
+    }
+
+    /// `kubectl cutover VERB NAME`, with the plugin found on PATH as kubectl finds plugins.
+    fn kubectl_cutover(&self, verb: &str) -> String {
+        let bin = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(cutover_binary(), bin.path().join("kubectl-cutover")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        // kubectl takes no flags before a plugin's name: the kubeconfig goes by environment.
+        let kubectl = self
+            .plane
+            .kubectl(Vec::<&str>::new())
+            .get_program()
+            .to_owned();
+        let mut cmd = std::process::Command::new(kubectl);
+        cmd.args(["cutover", verb, NAME, "-n", &self.ns])
+            .env("PATH", path);
+        if let Some(kubeconfig) = self.plane.kubeconfig_path() {
+            cmd.env("KUBECONFIG", kubeconfig);
+        }
+        let out = cmd.output().expect("run kubectl cutover");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "kubectl cutover {verb} failed: {text}"
+        );
+        text
+    }
+
+    async fn stop_load(&mut self) -> workload::LoadReport {
+        self.load.take().expect("the load runs").stop().await
+    }
+
+    /// Every acknowledged write is on `side`, and money was neither made nor lost.
+    fn assert_ledger(&self, side: &PgCluster, report: &workload::LoadReport) {
+        assert!(report.acknowledged.len() > 20, "the load barely ran");
+        for (client, seq) in &report.acknowledged {
+            let n = one(
+                side,
+                &format!("SELECT count(*) FROM ledger WHERE client = {client} AND seq = {seq}"),
+            );
+            assert_eq!(n, 1, "acknowledged write ({client}, {seq}) missing");
+        }
+        assert_eq!(one(side, "SELECT sum(balance) FROM accounts"), 50 * 1000);
+    }
+
+    fn assert_nothing_left(&self) {
+        assert_eq!(
+            leftovers(&self.bg.blue),
+            Vec::<String>::new(),
+            "left on blue"
+        );
+        assert_eq!(
+            leftovers(&self.bg.green),
+            Vec::<String>::new(),
+            "left on green"
+        );
+    }
+
+    async fn assert_blue_writable(&self) {
+        let app = self
+            .bg
+            .blue
+            .connect_as(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE)
+            .await
+            .unwrap();
+        app.execute("UPDATE accounts SET balance = balance WHERE id = 1", &[])
+            .await
+            .expect("the application can write on blue");
+    }
+}
+
+const NAME: &str = "billing-to-new-cluster";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_drives_a_cutover_to_completed_under_load() {
-    let bg = tokio::task::spawn_blocking(databases).await.unwrap();
-    let plane = ControlPlane::shared().await.expect("control plane");
-    plane
-        .install_crds(repo().join("crds"))
-        .await
-        .expect("install crds/");
-    let ns = plane.namespace("cutover").await.expect("namespace");
-    eprintln!(
-        "running against the real API server at {}",
-        plane.server_url()
-    );
+    let mut s = Scenario::start("happy").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    s.apply(&s.plan()).await;
 
-    let blue_app = bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
-    let green_app = bg.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
-    secret(&plane, &ns, "billing-blue-admin", "uri", &bg.blue_dsn()).await;
-    secret(&plane, &ns, "billing-green-admin", "uri", &bg.green_dsn()).await;
-    secret(&plane, &ns, "billing-db", "DATABASE_URL", &blue_app).await;
-    let deployments: Api<Deployment> = Api::namespaced(plane.client(), &ns);
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "billing-api"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "billing-api"}},
-            "template": {
-                "metadata": {"labels": {"app": "billing-api"}},
-                "spec": {"containers": [{"name": "api", "image": "registry.example/billing-api:1"}]}
-            }
-        }
-    }))
-    .unwrap();
-    deployments
-        .create(&PostParams::default(), &deployment)
-        .await
-        .unwrap();
-
-    let load = Load::start(LoadConfig {
-        dsn: blue_app.clone(),
-        clients: 4,
-        tps: 200.0,
-        accounts: 50,
-    });
-    eventually("the load commits", Duration::from_secs(30), || async {
-        (load.commits() > 20).then_some(())
-    })
-    .await;
-
-    let operator = OperatorProcess::start(&plane, &ns, "driver", &[]).expect("start the operator");
-    let _dump = operator.dump_on_panic(&plane, &ns);
-
-    let text = std::fs::read_to_string(repo().join("cutover-plans/production-with-rollback.yaml"))
-        .unwrap();
-    let mut plan: DatabaseCutover = serde_saphyr::from_str(&text).unwrap();
-    plan.metadata.namespace = Some(ns.clone());
-    plan.spec.application_roles = vec![APP_ROLE.into()];
-    plan.spec.freeze.drain_timeout = "2s".into();
-    plan.spec.replication.max_lag_before_freeze = "1MiB".into();
-    plan.spec.schedule.hypercare = "2s".into();
-    plan.spec.schedule.checkpoints = vec![];
-    plan.spec.switch.restart = vec![WorkloadRef {
-        kind: WorkloadKind::Deployment,
-        name: "billing-api".into(),
-    }];
-    let api: Api<DatabaseCutover> = Api::namespaced(plane.client(), &ns);
-    api.create(&PostParams::default(), &plan)
-        .await
-        .expect("create the cutover");
-
+    let api = s.api();
     let done = eventually(
         "the cutover completes",
         Duration::from_secs(180),
         || async {
-            let obj = api.get("billing-to-new-cluster").await.ok()?;
-            let status = obj.status?;
+            let status = api.get(NAME).await.ok()?.status?;
             assert_ne!(
                 status.phase,
                 Phase::Aborted,
@@ -177,7 +306,7 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         },
     )
     .await;
-    let report = load.stop().await;
+    let report = s.stop_load().await;
 
     assert!(done.verification.as_ref().is_some_and(|v| v.matched));
     assert!(done.point_of_no_return_at.is_some());
@@ -188,19 +317,15 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         "write freeze: {freeze:.3}s; {} writes acknowledged",
         report.acknowledged.len()
     );
-    for step in &done.steps {
-        eprintln!(
-            "step {:?}: {} .. {:?}",
-            step.name, step.started_at, step.finished_at
-        );
-    }
+    eprint!("{}", s.kubectl_cutover("report"));
 
     // Only the application Secret's key changed: it names green, with the application's own
     // credentials.
     assert_eq!(
-        secret_value(&plane, &ns, "billing-db", "DATABASE_URL").await,
-        green_app
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.green_app
     );
+    let deployments: Api<Deployment> = Api::namespaced(s.plane.client(), &s.ns);
     let annotated = deployments.get("billing-api").await.unwrap();
     let annotations = annotated
         .spec
@@ -215,8 +340,8 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         "{annotations:?}"
     );
 
-    // An Event for every phase.
-    let events: Api<Event> = Api::namespaced(plane.client(), &ns);
+    // An Event for every phase (Pending lasts no longer than the first reconcile).
+    let events: Api<Event> = Api::namespaced(s.plane.client(), &s.ns);
     let reasons: Vec<String> = events
         .list(&ListParams::default())
         .await
@@ -225,7 +350,6 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         .into_iter()
         .filter_map(|e| e.reason)
         .collect();
-    // (Pending lasts no longer than the first reconcile, which already starts preflight.)
     for phase in [
         "Preflight",
         "Replicating",
@@ -243,27 +367,190 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         );
     }
 
-    // The ledger: every acknowledged write is on green, money neither made nor lost.
-    for (client, seq) in &report.acknowledged {
-        let n = one(
-            &bg.green,
-            &format!("SELECT count(*) FROM ledger WHERE client = {client} AND seq = {seq}"),
-        );
-        assert_eq!(
-            n, 1,
-            "acknowledged write ({client}, {seq}) missing on green"
-        );
-    }
-    assert_eq!(
-        one(&bg.green, "SELECT sum(balance) FROM accounts"),
-        50 * 1000
-    );
-    assert_eq!(leftovers(&bg.blue), Vec::<String>::new(), "left on blue");
-    assert_eq!(leftovers(&bg.green), Vec::<String>::new(), "left on green");
-
-    let metrics = operator.metrics().await;
+    s.assert_ledger(&s.bg.green, &report);
+    s.assert_nothing_left();
+    let metrics = s.operator.metrics().await;
     let line = format!(
-        r#"cutover_phase{{name="billing-to-new-cluster",namespace="{ns}",phase="Completed"}} 1"#
+        r#"cutover_phase{{name="{NAME}",namespace="{}",phase="Completed"}} 1"#,
+        s.ns
     );
     assert!(metrics.contains(&line), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_approval_waits_for_kubectl_cutover_approve() {
+    let mut s = Scenario::start("approve").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let mut plan = s.plan();
+    plan.spec.point_of_no_return.approval = Approval::Manual;
+    plan.spec.point_of_no_return.deadline = "5m".into();
+    s.apply(&plan).await;
+
+    let waiting = s
+        .wait_phase(Phase::AwaitingApproval, Duration::from_secs(120))
+        .await;
+    assert!(waiting.point_of_no_return_at.is_none());
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.blue_app,
+        "nothing switched before approval"
+    );
+    let said = s.kubectl_cutover("approve");
+    assert!(said.contains("approved"), "{said}");
+    s.wait_phase(Phase::Completed, Duration::from_secs(120))
+        .await;
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.green, &report);
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.green_app
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_deadline_passed_aborts_and_unfreezes_blue() {
+    let mut s = Scenario::start("deadline").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let mut plan = s.plan();
+    plan.spec.point_of_no_return.approval = Approval::Manual;
+    plan.spec.point_of_no_return.deadline = "2s".into();
+    s.apply(&plan).await;
+
+    let aborted = s.wait_phase(Phase::Aborted, Duration::from_secs(120)).await;
+    let message = aborted.message.unwrap_or_default();
+    assert!(message.contains("no approval"), "{message}");
+    assert!(aborted.point_of_no_return_at.is_none());
+    s.assert_blue_writable().await;
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.blue, &report);
+    s.assert_nothing_left();
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.blue_app
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_changed_on_green_aborts_naming_table_and_key() {
+    let mut s = Scenario::start("mismatch").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    s.bg.green
+        .execute(BlueGreen::DATABASE, "INSERT INTO accounts VALUES (9999, 1)")
+        .unwrap();
+    s.apply(&s.plan()).await;
+
+    let aborted = s.wait_phase(Phase::Aborted, Duration::from_secs(120)).await;
+    let message = aborted.message.unwrap_or_default();
+    assert!(
+        message.contains("accounts") && message.contains("9999"),
+        "{message}"
+    );
+    s.assert_blue_writable().await;
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.blue, &report);
+    s.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_over_its_budget_aborts() {
+    let mut s = Scenario::start("budget").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let mut plan = s.plan();
+    plan.spec.schedule.budgets.verification = "1ms".into();
+    s.apply(&plan).await;
+
+    let aborted = s.wait_phase(Phase::Aborted, Duration::from_secs(120)).await;
+    let message = aborted.message.unwrap_or_default();
+    assert!(
+        message.contains("exceeded its budget (schedule.budgets.verification: 1ms)"),
+        "{message}"
+    );
+    s.assert_blue_writable().await;
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.blue, &report);
+    s.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_during_hypercare_brings_green_writes_back_to_blue() {
+    let mut s = Scenario::start("rollback").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let mut plan = s.plan();
+    plan.spec.schedule.hypercare = "1h".into();
+    s.apply(&plan).await;
+
+    s.wait_phase(Phase::Hypercare, Duration::from_secs(180))
+        .await;
+    let before_switch = s.stop_load().await;
+    // The application now writes on green.
+    let green_app =
+        s.bg.green
+            .connect_as(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE)
+            .await
+            .unwrap();
+    for seq in 1..=20i64 {
+        green_app
+            .execute(
+                "INSERT INTO ledger (client, seq, amount) VALUES (777, $1, 0)",
+                &[&seq],
+            )
+            .await
+            .expect("the application writes on green after the switch");
+    }
+    let said = s.kubectl_cutover("rollback");
+    assert!(said.contains("rollback requested"), "{said}");
+    let rolled = s
+        .wait_phase(Phase::RolledBack, Duration::from_secs(120))
+        .await;
+    assert!(
+        rolled.milestones.contains(&Milestone::SecretSwitchedBack),
+        "{:?}",
+        rolled.milestones
+    );
+
+    // The writes made on green are on blue; the Secret names blue again; blue takes writes.
+    assert_eq!(
+        one(&s.bg.blue, "SELECT count(*) FROM ledger WHERE client = 777"),
+        20
+    );
+    s.assert_ledger(&s.bg.blue, &before_switch);
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.blue_app
+    );
+    s.assert_blue_writable().await;
+    s.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_mid_replication_leaves_nothing_behind() {
+    let mut s = Scenario::start("delete").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let mut plan = s.plan();
+    // Hold the cutover in Replicating: the freeze is scheduled an hour from now.
+    plan.spec.schedule.freeze_at =
+        Some((jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string());
+    s.apply(&plan).await;
+    s.wait_phase(Phase::Replicating, Duration::from_secs(60))
+        .await;
+    eventually(
+        "the subscription exists",
+        Duration::from_secs(60),
+        || async { (!leftovers(&s.bg.green).is_empty()).then_some(()) },
+    )
+    .await;
+
+    s.api()
+        .delete(NAME, &DeleteParams::default())
+        .await
+        .unwrap();
+    let api = s.api();
+    eventually("the cutover is gone", Duration::from_secs(60), || async {
+        matches!(api.get_opt(NAME).await, Ok(None)).then_some(())
+    })
+    .await;
+    s.assert_nothing_left();
+    s.assert_blue_writable().await;
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.blue, &report);
 }
