@@ -172,8 +172,23 @@ async fn abort_during_the_initial_copy_drops_the_copy_workers_slots() {
         || async { leftovers(&bg.blue).iter().any(|l| l.contains("_sync_")) },
     )
     .await;
-    let progress = replication::progress(&green, &names).await.unwrap();
-    assert!(!progress.is_ready(), "{progress:?}");
+    // While the copy runs, progress reports the bytes copied so far.
+    let mut progress = replication::progress(&green, &names).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while progress.bytes_copied.unwrap_or(0) == 0 {
+        assert!(
+            !progress.is_ready(),
+            "the copy finished unobserved: {progress:?}"
+        );
+        assert!(Instant::now() < deadline, "no copy progress: {progress:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        progress = replication::progress(&green, &names).await.unwrap();
+    }
+    assert_eq!(
+        (progress.tables_ready, progress.tables_total),
+        (0, 1),
+        "{progress:?}"
+    );
     let report = cleanup::abort(&blue, Some(&green), &names, id)
         .await
         .unwrap();
