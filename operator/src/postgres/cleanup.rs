@@ -306,6 +306,7 @@ pub async fn cleanup(
                 .push(format!("schema {STATE_SCHEMA} on {side}"));
         }
     }
+    tracing::info!(dropped = ?report.dropped, skipped = ?report.skipped, "cleaned up replication objects");
     Ok(report)
 }
 

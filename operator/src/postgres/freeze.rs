@@ -276,6 +276,16 @@ pub async fn freeze(db: &Client, cfg: &FreezeConfig) -> Result<FreezeOutcome, Fr
 
     // 3. End every application session that predates the settings.
     let drain = end_sessions(db, &cfg.roles, Some(frozen_at), cfg.drain_timeout).await?;
+    tracing::info!(
+        cutover = %cfg.cutover_id,
+        method = method_name(cfg.method),
+        %frozen_at,
+        ended_idle = drain.ended_idle,
+        drained = drain.drained,
+        forced = drain.forced,
+        drain_ms = drain.took.as_millis() as u64,
+        "froze writes"
+    );
     Ok(FreezeOutcome {
         frozen_at,
         ended_idle: drain.ended_idle,
@@ -468,6 +478,11 @@ pub async fn unfreeze(db: &Client, cutover_id: &str) -> Result<UnfreezeOutcome, 
     // Sessions that connected during a ReadOnly freeze carry `default_transaction_read_only =
     // on` for their whole life: end them so the application reconnects writable.
     let drain = end_sessions(db, &roles, None, Duration::ZERO).await?;
+    tracing::info!(
+        cutover = %cutover_id,
+        restored = rows.len().saturating_sub(1),
+        "unfroze writes, restoring the recorded settings"
+    );
     Ok(UnfreezeOutcome {
         restored: rows.len().saturating_sub(1),
         ended_sessions: drain.ended_idle + drain.forced + drain.drained,

@@ -415,6 +415,12 @@ pub async fn ensure_subscription_named(
         "create subscription {name} to {}",
         publisher_conninfo.redacted()
     )))?;
+    tracing::info!(
+        subscription = name,
+        publisher = %publisher_conninfo.redacted(),
+        copy_data = options.copy_data,
+        "created subscription"
+    );
     Ok(true)
 }
 
