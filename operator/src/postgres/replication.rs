@@ -700,13 +700,26 @@ pub async fn wait_applied_by(
     lsn: PgLsn,
     deadline: Instant,
 ) -> Result<PgLsn, ReplicationError> {
+    wait_applied_named(blue, green, &names.subscription, &names.slot, lsn, deadline).await
+}
+
+/// [`wait_applied_by`] for any direction: `subscription` on `subscriber`, its slot `slot` on
+/// `publisher`.
+pub async fn wait_applied_named(
+    publisher: &Client,
+    subscriber: &Client,
+    subscription: &str,
+    slot: &str,
+    lsn: PgLsn,
+    deadline: Instant,
+) -> Result<PgLsn, ReplicationError> {
     let started = Instant::now();
     loop {
-        let received: Option<PgLsn> = green
+        let received: Option<PgLsn> = subscriber
             .query_opt(
                 "SELECT received_lsn FROM pg_stat_subscription
                   WHERE subname = $1 AND relid IS NULL AND received_lsn IS NOT NULL",
-                &[&names.subscription],
+                &[&subscription],
             )
             .await
             .map_err(sql("read the subscription's position"))?
@@ -716,7 +729,7 @@ pub async fn wait_applied_by(
         {
             return Ok(r);
         }
-        match wait_applied_slot(blue, &names.slot, lsn, Instant::now()).await {
+        match wait_applied_slot(publisher, slot, lsn, Instant::now()).await {
             Ok(c) => return Ok(c),
             Err(ReplicationError::Timeout { .. }) if Instant::now() < deadline => {}
             Err(ReplicationError::Timeout { detail, .. }) => {
@@ -724,7 +737,7 @@ pub async fn wait_applied_by(
                     what: format!("apply the source's changes up to {lsn}"),
                     waited: started.elapsed(),
                     detail: Some(format!(
-                        "green received {}; {}",
+                        "the subscriber received {}; {}",
                         received.map_or_else(|| "nothing".into(), |r| r.to_string()),
                         detail.unwrap_or_default()
                     )),
