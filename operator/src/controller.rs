@@ -132,6 +132,12 @@ async fn reconcile(obj: Arc<DatabaseCutover>, ctx: Arc<Context>) -> Result<Actio
     result
 }
 
+/// Most steps one reconcile takes before handing back to the controller.
+const MAX_STEPS_PER_RECONCILE: usize = 64;
+/// Waits shorter than this are slept inside the reconcile (the write freeze is running; a
+/// round trip through the work queue would only lengthen it).
+const INLINE_WAIT: Duration = Duration::from_millis(250);
+
 async fn apply(
     obj: &DatabaseCutover,
     api: &Api<DatabaseCutover>,
@@ -139,74 +145,87 @@ async fn apply(
 ) -> Result<Action, Error> {
     let name = obj.name_any();
     let namespace = obj.namespace().unwrap_or_default();
-    let current = obj.status.clone().unwrap_or_default();
-    let previous_phase = obj.status.as_ref().map(|s| s.phase);
+    let mut obj = obj.clone();
+    let mut engine: Option<(Option<i64>, Engine<KubePlatform>)> = None;
+    // Steps follow one another within the reconcile while each is immediate; the status is
+    // written after every one of them, so a crash between two loses nothing.
+    for _ in 0..MAX_STEPS_PER_RECONCILE {
+        let current = obj.status.clone().unwrap_or_default();
+        let previous_phase = obj.status.as_ref().map(|s| s.phase);
 
-    let (stepped, requeue, trouble) = if current.phase.is_terminal() {
-        (current, Duration::from_secs(300), None)
-    } else {
-        match step(obj, api, &current, ctx).await {
-            Ok((s, r)) => (s, r, None),
-            Err(e) => (current, Duration::ZERO, Some(e)),
-        }
-    };
-    let trouble_text = trouble.as_ref().map(ToString::to_string);
-    let desired = plan::desired_status(
-        &stepped,
-        obj.metadata.generation,
-        jiff::Timestamp::now(),
-        trouble_text.as_deref().map(|t| (Reason::TransientError, t)),
-    );
-
-    if obj.status.as_ref() != Some(&desired) {
-        patch_status(api, &name, &desired).await?;
-        debug!(%namespace, %name, phase = %desired.phase, "status written");
-    }
-    if previous_phase != Some(desired.phase) {
-        let summary = plan::summary(desired.phase);
-        let note = match (&desired.message, desired.phase) {
-            (
-                Some(m),
-                Phase::Aborting | Phase::Aborted | Phase::RollingBack | Phase::RolledBack,
-            ) => m.clone(),
-            _ => summary.message.to_owned(),
+        let (stepped, requeue, trouble) = if current.phase.is_terminal() {
+            (current, Duration::from_secs(300), None)
+        } else {
+            match step(&obj, api, &current, ctx, &mut engine).await {
+                Ok((s, r)) => (s, r, None),
+                Err(e) => (current, Duration::ZERO, Some(e)),
+            }
         };
-        publish(
-            ctx,
-            obj,
-            Event {
-                type_: if summary.degraded {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
+        let trouble_text = trouble.as_ref().map(ToString::to_string);
+        let desired = plan::desired_status(
+            &stepped,
+            obj.metadata.generation,
+            jiff::Timestamp::now(),
+            trouble_text.as_deref().map(|t| (Reason::TransientError, t)),
+        );
+
+        if obj.status.as_ref() != Some(&desired) {
+            obj = patch_status(api, &name, &desired).await?;
+            debug!(%namespace, %name, phase = %desired.phase, "status written");
+        }
+        if previous_phase != Some(desired.phase) {
+            announce_phase(ctx, &obj, &desired).await;
+            info!(%namespace, %name, phase = %desired.phase, "phase changed");
+        }
+        ctx.metrics.set_phase(&namespace, &name, desired.phase);
+        if let Some(err) = trouble {
+            publish(
+                ctx,
+                &obj,
+                Event {
+                    type_: EventType::Warning,
+                    reason: err.category().into(),
+                    note: Some(truncate(&err.to_string(), 1000)),
+                    action: "Reconcile".into(),
+                    secondary: None,
                 },
-                reason: desired.phase.as_str().into(),
-                note: Some(truncate(&note, 1000)),
-                action: "PhaseChange".into(),
-                secondary: None,
-            },
-        )
-        .await;
-        info!(%namespace, %name, phase = %desired.phase, "phase changed");
+            )
+            .await;
+            // The error policy backs off exponentially.
+            return Err(err);
+        }
+        if desired.phase.is_terminal() || requeue > INLINE_WAIT {
+            return Ok(Action::requeue(requeue));
+        }
+        tokio::time::sleep(requeue).await;
     }
-    ctx.metrics.set_phase(&namespace, &name, desired.phase);
-    if let Some(err) = trouble {
-        publish(
-            ctx,
-            obj,
-            Event {
-                type_: EventType::Warning,
-                reason: err.category().into(),
-                note: Some(truncate(&err.to_string(), 1000)),
-                action: "Reconcile".into(),
-                secondary: None,
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+async fn announce_phase(ctx: &Context, obj: &DatabaseCutover, status: &DatabaseCutoverStatus) {
+    let summary = plan::summary(status.phase);
+    let note = match (&status.message, status.phase) {
+        (Some(m), Phase::Aborting | Phase::Aborted | Phase::RollingBack | Phase::RolledBack) => {
+            m.clone()
+        }
+        _ => summary.message.to_owned(),
+    };
+    publish(
+        ctx,
+        obj,
+        Event {
+            type_: if summary.degraded {
+                EventType::Warning
+            } else {
+                EventType::Normal
             },
-        )
-        .await;
-        // The error policy backs off exponentially.
-        return Err(err);
-    }
-    Ok(Action::requeue(requeue))
+            reason: status.phase.as_str().into(),
+            note: Some(truncate(&note, 1000)),
+            action: "PhaseChange".into(),
+            secondary: None,
+        },
+    )
+    .await;
 }
 
 /// One action of the sequence: observe, decide, (record intent,) act, record.
@@ -215,8 +234,16 @@ async fn step(
     api: &Api<DatabaseCutover>,
     status: &DatabaseCutoverStatus,
     ctx: &Context,
+    cache: &mut Option<(Option<i64>, Engine<KubePlatform>)>,
 ) -> Result<(DatabaseCutoverStatus, Duration), Error> {
-    let engine = engine_for(obj, ctx).await?;
+    // The engine (Secrets read, spec copied) is reused while the spec is unchanged.
+    if cache
+        .as_ref()
+        .is_none_or(|(generation, _)| *generation != obj.metadata.generation)
+    {
+        *cache = Some((obj.metadata.generation, engine_for(obj, ctx).await?));
+    }
+    let engine = &cache.as_ref().expect("set just above").1;
     let obs = engine.observe(status, false).await?;
     let action = plan::next_action(&obj.spec, status, &obs, jiff::Timestamp::now());
     debug!(name = %obj.name_any(), ?action, "next action");
@@ -372,7 +399,7 @@ async fn patch_status(
     api: &Api<DatabaseCutover>,
     name: &str,
     status: &DatabaseCutoverStatus,
-) -> Result<(), Error> {
+) -> Result<DatabaseCutover, Error> {
     let patch = serde_json::json!({
         "apiVersion": "cutover.dbops.dev/v1alpha1",
         "kind": "DatabaseCutover",
@@ -384,8 +411,7 @@ async fn patch_status(
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    .map_err(Error::Kube)
 }
 
 /// Events are best effort: a failed Event never fails a reconcile.

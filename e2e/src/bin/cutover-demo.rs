@@ -1,6 +1,8 @@
-//! `make demo`: the whole product on one machine. Starts a real kube-apiserver + etcd and two
-//! PostgreSQL clusters (blue and green), installs the CRD, runs the operator, applies an example
-//! plan with kubectl and shows what the operator does with it, step by step, then cleans up.
+//! `make demo`: a whole live cutover on one machine. Two PostgreSQL clusters (blue and green), a
+//! bank workload writing to blue, a real kube-apiserver + etcd, the operator, and the
+//! `production-with-rollback` example applied with kubectl and watched phase by phase to
+//! Completed. Ends with a summary: the write-freeze window, rows verified, writes acknowledged
+//! and writes lost (counted on green, not assumed).
 //!
 //! `--keep` leaves everything running until Ctrl-C and prints how to reach it.
 
@@ -9,11 +11,14 @@ use std::time::{Duration, Instant};
 
 use cutover_e2e::ControlPlane;
 use cutover_e2e::operator::OperatorProcess;
-use cutover_tests::pg::BlueGreen;
+use cutover_tests::workload::{self, Load, LoadConfig};
+use cutover_tests::{BlueGreen, PgCluster};
 
-const NAMESPACE: &str = "shop-staging";
-const PLAN: &str = "cutover-plans/staging-rehearsal.yaml";
-const NAME: &str = "orders-rehearsal";
+const NAMESPACE: &str = "billing";
+const PLAN: &str = "cutover-plans/production-with-rollback.yaml";
+const NAME: &str = "billing-to-new-cluster";
+const APP_ROLE: &str = "billing_app";
+const APP_PASSWORD: &str = "demo-app-password";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -46,30 +51,63 @@ fn show(plane: &ControlPlane, args: &[&str]) {
     print!("{}", kubectl(plane, args));
 }
 
+fn count(c: &PgCluster, sql: &str) -> i64 {
+    c.query(BlueGreen::DATABASE, sql).unwrap()[0][0]
+        .clone()
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or(0)
+}
+
+fn start_databases() -> BlueGreen {
+    let settings = |b: cutover_tests::PgClusterBuilder| {
+        b.setting("wal_receiver_status_interval", "1s")
+            .setting("wal_retrieve_retry_interval", "200ms")
+    };
+    let bg = BlueGreen::start_with(
+        settings(PgCluster::builder()),
+        settings(PgCluster::builder()),
+    )
+    .expect("start PostgreSQL");
+    for c in [&bg.blue, &bg.green] {
+        c.create_role(APP_ROLE, APP_PASSWORD, "LOGIN").unwrap();
+        c.execute(BlueGreen::DATABASE, workload::SCHEMA).unwrap();
+        c.execute(BlueGreen::DATABASE, &workload::grants(APP_ROLE))
+            .unwrap();
+    }
+    bg.blue
+        .execute(BlueGreen::DATABASE, &workload::seed(1000, 1000))
+        .unwrap();
+    bg
+}
+
 #[tokio::main]
 async fn main() {
     let keep = std::env::args().any(|a| a == "--keep");
     let started = Instant::now();
 
-    say("starting two PostgreSQL clusters (blue = source, green = target)");
-    let dbs = tokio::task::spawn_blocking(BlueGreen::start)
-        .await
-        .unwrap()
-        .expect("start PostgreSQL");
-    println!(
-        "blue  on 127.0.0.1:{}  (PostgreSQL {}, wal_level={})",
-        dbs.blue.port(),
-        dbs.blue.show("server_version").unwrap(),
-        dbs.blue.show("wal_level").unwrap()
-    );
-    println!(
-        "green on 127.0.0.1:{}  (PostgreSQL {}, wal_level={})",
-        dbs.green.port(),
-        dbs.green.show("server_version").unwrap(),
-        dbs.green.show("wal_level").unwrap()
-    );
+    say("starting two PostgreSQL clusters: blue (the source) and green (the target, schema only)");
+    let dbs = tokio::task::spawn_blocking(start_databases).await.unwrap();
+    for (label, c) in [("blue ", &dbs.blue), ("green", &dbs.green)] {
+        println!(
+            "{label} 127.0.0.1:{}  PostgreSQL {}  wal_level={}  accounts={}",
+            c.port(),
+            c.show("server_version").unwrap(),
+            c.show("wal_level").unwrap(),
+            count(c, "SELECT count(*) FROM accounts")
+        );
+    }
 
-    say("starting a local control plane (real kube-apiserver + etcd)");
+    say("the application: 4 clients moving money between 1000 accounts on blue, ~200 tps");
+    let blue_app = dbs.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
+    let load = Load::start(LoadConfig {
+        dsn: blue_app.clone(),
+        clients: 4,
+        tps: 200.0,
+        accounts: 1000,
+    });
+
+    say("starting a local control plane (a real kube-apiserver + etcd)");
     let plane = ControlPlane::start()
         .await
         .expect("start the control plane");
@@ -83,17 +121,15 @@ async fn main() {
         .install_crds(repo().join("crds"))
         .await
         .expect("install the CRD");
-    show(
-        &plane,
-        &["get", "crd", "databasecutovers.cutover.dbops.dev"],
-    );
 
-    say("creating the namespace and the connection Secrets (their values are never printed)");
+    say(
+        "the namespace, the connection Secrets and the application's Secret (values never printed)",
+    );
     kubectl(&plane, &["create", "namespace", NAMESPACE]);
     for (name, key, value) in [
-        ("orders-blue-admin", "uri", dbs.blue_dsn()),
-        ("orders-green-admin", "uri", dbs.green_dsn()),
-        ("orders-db", "DATABASE_URL", dbs.blue_dsn()),
+        ("billing-blue-admin", "uri", dbs.blue_dsn()),
+        ("billing-green-admin", "uri", dbs.green_dsn()),
+        ("billing-db", "DATABASE_URL", blue_app.clone()),
     ] {
         let literal = format!("--from-literal={key}={value}");
         kubectl(
@@ -103,20 +139,43 @@ async fn main() {
             ],
         );
     }
-    show(&plane, &["-n", NAMESPACE, "get", "secrets"]);
+    kubectl(
+        &plane,
+        &[
+            "-n",
+            NAMESPACE,
+            "create",
+            "deployment",
+            "billing-api",
+            "--image=registry.example/billing-api:1",
+        ],
+    );
+    show(&plane, &["-n", NAMESPACE, "get", "secrets,deployments"]);
 
     say("running the operator (`cutover run`)");
     let mut operator =
         OperatorProcess::start(&plane, NAMESPACE, "demo", &[]).expect("start the operator");
 
-    say(&format!("applying {PLAN} with kubectl"));
-    let plan = repo().join(PLAN);
-    show(&plane, &["apply", "-f", plan.to_str().unwrap()]);
+    say(&format!(
+        "applying {PLAN} (roles and timings adapted to the demo) with kubectl"
+    ));
+    let plan = std::fs::read_to_string(repo().join(PLAN))
+        .unwrap()
+        .replace(
+            "applicationRoles: [billing_app]",
+            &format!("applicationRoles: [{APP_ROLE}]"),
+        )
+        .replace("hypercare: 24h", "hypercare: 5s")
+        .replace("checkpoints: [15m, 1h]", "checkpoints: []");
+    let plan_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(plan_file.path(), plan).unwrap();
+    show(&plane, &["apply", "-f", plan_file.path().to_str().unwrap()]);
 
-    say("waiting for the operator to pick it up");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let phase = kubectl(
+    say("watching the cutover (kubectl get dbcut)");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = String::new();
+    let phase = loop {
+        let line = kubectl(
             &plane,
             &[
                 "-n",
@@ -124,22 +183,84 @@ async fn main() {
                 "get",
                 "dbcut",
                 NAME,
+                "--no-headers",
                 "-o",
-                "jsonpath={.status.phase}",
+                "custom-columns=PHASE:.status.phase,STEP:.status.currentStep,LAG:.status.replication.lag",
             ],
         );
-        if !phase.trim().is_empty() {
-            break;
+        let line = line.trim().to_owned();
+        if line != last {
+            println!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+            last = line.clone();
+        }
+        let phase = line
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        if matches!(phase.as_str(), "Completed" | "Aborted" | "RolledBack") {
+            break phase;
         }
         assert!(
             Instant::now() < deadline,
-            "the operator never reported a phase:\n{}",
+            "the cutover did not finish:\n{}",
             operator.log()
         );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    show(&plane, &["-n", NAMESPACE, "get", "dbcut"]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let report = load.stop().await;
+
+    say("what the operator recorded");
     show(
+        &plane,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "events",
+            "--sort-by=.metadata.creationTimestamp",
+            "--field-selector",
+            &format!("involvedObject.name={NAME}"),
+        ],
+    );
+    println!("$ kubectl cutover report {NAME}");
+    let out = std::process::Command::new(cutover_e2e::operator::cutover_binary())
+        .args(["report", NAME, "-n", NAMESPACE])
+        .env(
+            "KUBECONFIG",
+            plane
+                .kubeconfig_path()
+                .expect("a local control plane has a kubeconfig"),
+        )
+        .output()
+        .expect("run cutover report");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+
+    say("summary");
+    let lost = report
+        .acknowledged
+        .iter()
+        .filter(|(client, seq)| {
+            count(
+                &dbs.green,
+                &format!("SELECT count(*) FROM ledger WHERE client = {client} AND seq = {seq}"),
+            ) != 1
+        })
+        .count();
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(plane.client(), NAMESPACE);
+    let app_secret = secrets
+        .get("billing-db")
+        .await
+        .expect("read the application Secret");
+    let switched = app_secret
+        .data
+        .and_then(|d| {
+            d.get("DATABASE_URL")
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        })
+        .unwrap_or_default();
+    let points_at_green = kubectl(
         &plane,
         &[
             "-n",
@@ -148,29 +269,49 @@ async fn main() {
             "dbcut",
             NAME,
             "-o",
-            "jsonpath={range .status.conditions[*]}{.type}={.status} ({.reason}): {.message}{\"\\n\"}{end}",
+            "jsonpath={.status.switchedAt}",
         ],
     );
-    show(
+    let freeze = kubectl(
         &plane,
         &[
             "-n",
             NAMESPACE,
             "get",
-            "events",
-            "--field-selector",
-            &format!("involvedObject.name={NAME}"),
+            "dbcut",
+            NAME,
+            "-o",
+            "jsonpath={.status.writeFreezeSeconds}",
         ],
     );
-
-    say("the operator's metrics");
-    for line in operator.metrics().await.lines() {
-        if line.starts_with("cutover_phase") && line.ends_with(" 1")
-            || line.starts_with("cutover_leader")
-        {
-            println!("{line}");
-        }
-    }
+    let rows = kubectl(
+        &plane,
+        &[
+            "-n",
+            NAMESPACE,
+            "get",
+            "dbcut",
+            NAME,
+            "-o",
+            "jsonpath={.status.verification.rowsCompared}",
+        ],
+    );
+    println!("result:              {phase}");
+    println!("write freeze:        {} s", freeze.trim());
+    println!("rows verified:       {}", rows.trim());
+    println!("writes acknowledged: {}", report.acknowledged.len());
+    println!("writes lost:         {lost}");
+    println!(
+        "balances on green:   {} (blue started with {})",
+        count(&dbs.green, "SELECT sum(balance) FROM accounts"),
+        1000 * 1000
+    );
+    let green_app = dbs.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
+    println!(
+        "application Secret:  switched at {}; names green with the application's own role: {}",
+        points_at_green.trim(),
+        switched == green_app
+    );
 
     if keep {
         say("everything keeps running; Ctrl-C stops and removes it");
@@ -185,27 +326,18 @@ async fn main() {
             "green: psql -h 127.0.0.1 -p {} -U postgres app",
             dbs.green.port()
         );
-        println!("(the superuser password is in the orders-*-admin Secrets)");
+        println!("(the superuser passwords are in the billing-*-admin Secrets)");
         let _ = tokio::signal::ctrl_c().await;
     }
 
-    say("deleting the cutover: the operator's finalizer cleans up, then lets it go");
-    show(
-        &plane,
-        &[
-            "-n",
-            NAMESPACE,
-            "delete",
-            "dbcut",
-            NAME,
-            "--wait=true",
-            "--timeout=60s",
-        ],
-    );
     let code = operator.terminate().expect("operator stops");
-    println!("operator exited with {code:?} after SIGTERM");
+    println!("\noperator exited with {code:?} after SIGTERM");
     say(&format!(
         "done in {:.1}s; clusters and control plane are removed",
         started.elapsed().as_secs_f64()
     ));
+    assert!(
+        phase == "Completed" && lost == 0,
+        "the demo cutover did not complete cleanly"
+    );
 }
