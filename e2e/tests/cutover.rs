@@ -554,3 +554,60 @@ async fn deleting_mid_replication_leaves_nothing_behind() {
     let report = s.stop_load().await;
     s.assert_ledger(&s.bg.blue, &report);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_at_every_phase_still_completes_the_cutover_once() {
+    let mut s = Scenario::start("sigkill").await;
+    let no_election = ["--leader-elect", "false"];
+    s.operator.kill();
+    s.operator = OperatorProcess::start(&s.plane, &s.ns, "first", &no_election).unwrap();
+    s.apply(&s.plan()).await;
+
+    // Every time the phase changes, the operator is SIGKILLed and a new one started.
+    let api = s.api();
+    let mut killed_in = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let done = loop {
+        let status = api.get(NAME).await.unwrap().status.unwrap_or_default();
+        assert_ne!(
+            status.phase,
+            Phase::Aborted,
+            "aborted: {:?}",
+            status.message
+        );
+        if status.phase == Phase::Completed {
+            break status;
+        }
+        if killed_in.last() != Some(&status.phase) {
+            s.operator.kill();
+            killed_in.push(status.phase);
+            let instance = format!("after-{}", status.phase.as_str().to_lowercase());
+            s.operator = OperatorProcess::start(&s.plane, &s.ns, &instance, &no_election).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no completion; killed in {killed_in:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    eprintln!("operator killed in {killed_in:?}");
+    assert!(
+        killed_in.len() >= 6,
+        "too few phases seen to prove much: {killed_in:?}"
+    );
+
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.green, &report);
+    s.assert_nothing_left();
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.green_app
+    );
+    // Each one-shot step happened once, in order; the point of no return was recorded once.
+    let mut unique = done.milestones.clone();
+    unique.dedup();
+    assert_eq!(unique, done.milestones);
+    assert!(done.point_of_no_return_at.is_some());
+    assert_eq!(done.intent, None);
+}
