@@ -207,9 +207,13 @@ impl<P: Platform> Engine<P> {
             }
             Phase::FinalSync => {
                 if let Some(lsn) = status.freeze_lsn.as_deref().and_then(parse_lsn) {
+                    // Writes are frozen: wait here a moment rather than come back later; the
+                    // subscriber's received position passes the sync point within a keepalive.
                     let blue = self.blue().await?;
+                    let green = self.green().await?;
+                    let deadline = Instant::now() + Duration::from_secs(1);
                     obs.applied_past_freeze =
-                        replication::wait_applied(&blue, &self.names, lsn, Instant::now())
+                        replication::wait_applied_by(&blue, &green, &self.names, lsn, deadline)
                             .await
                             .is_ok();
                 }
@@ -286,9 +290,9 @@ impl<P: Platform> Engine<P> {
                         .map_err(|e| text(&e))?,
                 };
                 freeze::freeze(&blue, &cfg).await.map_err(|e| text(&e))?;
-                let lsn = replication::current_lsn(&blue)
-                    .await
-                    .map_err(|e| text(&e))?;
+                // A position every write before the freeze ends strictly before, which green
+                // confirms as soon as it has received it.
+                let lsn = replication::sync_point(&blue).await.map_err(|e| text(&e))?;
                 Outcome::Frozen {
                     lsn: lsn.to_string(),
                 }
