@@ -375,6 +375,21 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         s.ns
     );
     assert!(metrics.contains(&line), "{metrics}");
+    let freeze_gauge = format!(
+        r#"cutover_write_freeze_seconds{{name="{NAME}",namespace="{}"}}"#,
+        s.ns
+    );
+    assert!(metrics.contains(&freeze_gauge), "{metrics}");
+    for phase in [
+        "Replicating",
+        "Freezing",
+        "FinalSync",
+        "Verifying",
+        "Switching",
+    ] {
+        let count = format!(r#"cutover_step_duration_seconds_count{{phase="{phase}"}} 1"#);
+        assert!(metrics.contains(&count), "{count} missing:\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

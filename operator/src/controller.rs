@@ -170,7 +170,10 @@ async fn apply(
         );
 
         if obj.status.as_ref() != Some(&desired) {
+            let before = obj.status.clone();
             obj = patch_status(api, &name, &desired).await?;
+            ctx.metrics
+                .record_status(&namespace, &name, before.as_ref(), &desired);
             debug!(%namespace, %name, phase = %desired.phase, "status written");
         }
         if previous_phase != Some(desired.phase) {

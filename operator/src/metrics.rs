@@ -16,7 +16,8 @@ use prometheus::{
 };
 use tokio::net::TcpListener;
 
-use crate::api::Phase;
+use crate::api::units::parse_timestamp;
+use crate::api::{DatabaseCutoverStatus, Phase};
 
 /// The operator's metrics.
 #[derive(Clone)]
@@ -30,6 +31,16 @@ pub struct Metrics {
     pub phase: IntGaugeVec,
     /// Whether this replica holds the leader lease.
     pub leader: IntGaugeVec,
+    /// Seconds each finished step took, by phase.
+    pub step_duration: HistogramVec,
+    /// Replication lag in bytes, by direction (`forward`: source to target, `reverse`).
+    pub lag_bytes: IntGaugeVec,
+    /// Seconds writes on the source were (or have been) frozen.
+    pub write_freeze: prometheus::GaugeVec,
+    /// Rows compared by the last verification.
+    pub verified_rows: IntGaugeVec,
+    /// Tables that differed in the last verification.
+    pub mismatched_tables: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -73,11 +84,58 @@ impl Metrics {
             &[],
         )
         .expect("valid metric");
+        let step_duration = HistogramVec::new(
+            HistogramOpts::new("step_duration_seconds", "Seconds each finished step took").buckets(
+                vec![
+                    0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0, 86_400.0,
+                ],
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
+        let per_cutover = ["namespace", "name"];
+        let lag_bytes = IntGaugeVec::new(
+            Opts::new(
+                "replication_lag_bytes",
+                "Replication lag in bytes by direction",
+            ),
+            &["namespace", "name", "direction"],
+        )
+        .expect("valid metric");
+        let write_freeze = prometheus::GaugeVec::new(
+            Opts::new(
+                "write_freeze_seconds",
+                "Seconds writes on the source were frozen",
+            ),
+            &per_cutover,
+        )
+        .expect("valid metric");
+        let verified_rows = IntGaugeVec::new(
+            Opts::new(
+                "verification_rows",
+                "Rows compared by the last verification",
+            ),
+            &per_cutover,
+        )
+        .expect("valid metric");
+        let mismatched_tables = IntGaugeVec::new(
+            Opts::new(
+                "verification_mismatched_tables",
+                "Tables that differed in the last verification",
+            ),
+            &per_cutover,
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_duration.clone()),
             Box::new(phase.clone()),
             Box::new(leader.clone()),
+            Box::new(step_duration.clone()),
+            Box::new(lag_bytes.clone()),
+            Box::new(write_freeze.clone()),
+            Box::new(verified_rows.clone()),
+            Box::new(mismatched_tables.clone()),
         ] {
             registry
                 .register(collector)
@@ -89,6 +147,69 @@ impl Metrics {
             reconcile_duration,
             phase,
             leader,
+            step_duration,
+            lag_bytes,
+            write_freeze,
+            verified_rows,
+            mismatched_tables,
+        }
+    }
+
+    /// Brings the per-cutover metrics in line with a status just written; `before` is the
+    /// status it replaced (a step that finished in between is observed once).
+    pub fn record_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        before: Option<&DatabaseCutoverStatus>,
+        status: &DatabaseCutoverStatus,
+    ) {
+        self.set_phase(namespace, name, status.phase);
+        let finished_before = before.map_or(0, |b| {
+            b.steps.iter().filter(|s| s.finished_at.is_some()).count()
+        });
+        for step in status
+            .steps
+            .iter()
+            .filter(|s| s.finished_at.is_some())
+            .skip(finished_before)
+        {
+            if let (Ok(start), Some(Ok(end))) = (
+                parse_timestamp(&step.started_at),
+                step.finished_at.as_deref().map(parse_timestamp),
+            ) && !step.name.is_terminal()
+            {
+                let seconds = end.duration_since(start).as_secs_f64().max(0.0);
+                self.step_duration
+                    .with_label_values(&[step.name.as_str()])
+                    .observe(seconds);
+            }
+        }
+        if let Some(r) = &status.replication {
+            if let Some(b) = r.lag_bytes {
+                self.lag_bytes
+                    .with_label_values(&[namespace, name, "forward"])
+                    .set(b);
+            }
+            if let Some(b) = r.reverse_lag_bytes {
+                self.lag_bytes
+                    .with_label_values(&[namespace, name, "reverse"])
+                    .set(b);
+            }
+        }
+        if let Some(f) = status.write_freeze_seconds {
+            self.write_freeze
+                .with_label_values(&[namespace, name])
+                .set(f);
+        }
+        if let Some(v) = &status.verification {
+            self.verified_rows
+                .with_label_values(&[namespace, name])
+                .set(v.rows_compared);
+            let differing = v.tables.iter().filter(|t| !t.matched).count();
+            self.mismatched_tables
+                .with_label_values(&[namespace, name])
+                .set(i64::try_from(differing).unwrap_or(i64::MAX));
         }
     }
 
@@ -108,6 +229,15 @@ impl Metrics {
                 .phase
                 .remove_label_values(&[namespace, name, p.as_str()]);
         }
+        for direction in ["forward", "reverse"] {
+            let _ = self
+                .lag_bytes
+                .remove_label_values(&[namespace, name, direction]);
+        }
+        for gauge in [&self.verified_rows, &self.mismatched_tables] {
+            let _ = gauge.remove_label_values(&[namespace, name]);
+        }
+        let _ = self.write_freeze.remove_label_values(&[namespace, name]);
     }
 
     /// The text exposition format.
@@ -202,6 +332,65 @@ mod tests {
         );
         m.forget("shop", "orders");
         assert!(!m.render().contains(r#"name="orders""#));
+    }
+
+    #[test]
+    fn finished_steps_lag_freeze_and_verification_are_recorded_once() {
+        use crate::api::{ReplicationStatus, StepOutcome, StepRecord, VerificationStatus};
+        let t = |s: i64| {
+            jiff::Timestamp::from_second(1_800_000_000 + s)
+                .unwrap()
+                .to_string()
+        };
+        let m = Metrics::new();
+        let before = DatabaseCutoverStatus {
+            phase: Phase::Freezing,
+            steps: vec![StepRecord {
+                name: Phase::Freezing,
+                started_at: t(0),
+                finished_at: None,
+                outcome: StepOutcome::Running,
+                message: None,
+            }],
+            ..DatabaseCutoverStatus::default()
+        };
+        let mut after = before.clone();
+        after.phase = Phase::FinalSync;
+        after.steps[0].finished_at = Some(t(2));
+        after.steps[0].outcome = StepOutcome::Succeeded;
+        after.replication = Some(ReplicationStatus {
+            lag_bytes: Some(4096),
+            ..ReplicationStatus::default()
+        });
+        after.write_freeze_seconds = Some(1.25);
+        after.verification = Some(VerificationStatus {
+            matched: true,
+            rows_compared: 42,
+            ..VerificationStatus::default()
+        });
+        m.record_status("shop", "orders", Some(&before), &after);
+        m.record_status("shop", "orders", Some(&after), &after);
+        let text = m.render();
+        assert!(
+            text.contains(r#"cutover_step_duration_seconds_count{phase="Freezing"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cutover_step_duration_seconds_sum{phase="Freezing"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"cutover_replication_lag_bytes{direction="forward",name="orders",namespace="shop"} 4096"#), "{text}");
+        assert!(
+            text.contains(r#"cutover_write_freeze_seconds{name="orders",namespace="shop"} 1.25"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cutover_verification_rows{name="orders",namespace="shop"} 42"#),
+            "{text}"
+        );
+        m.forget("shop", "orders");
+        let left = m.render();
+        assert!(!left.contains(r#"name="orders""#), "{left}");
     }
 
     #[tokio::test]
