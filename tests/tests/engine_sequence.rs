@@ -99,6 +99,10 @@ async fn production_cutover_under_load_completes_losing_nothing() {
     let (status, phases) = run(&engine).await;
     let report = load.stop().await;
 
+    eprintln!(
+        "{}",
+        cutover_operator::plan::timing_report(&status, jiff::Timestamp::now()).render()
+    );
     assert_eq!(status.phase, Phase::Completed, "{:?}", status.message);
     assert_eq!(
         phases,
