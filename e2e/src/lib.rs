@@ -16,6 +16,7 @@
 //! one runtime per test, so [`ControlPlane::client`] builds a fresh client on every call; the
 //! processes themselves do not depend on any runtime.
 
+pub mod fixtures;
 pub mod operator;
 
 use std::collections::BTreeMap;

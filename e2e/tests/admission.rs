@@ -5,36 +5,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cutover_e2e::ControlPlane;
+use cutover_e2e::fixtures::{namespace_with_crds as setup, repo};
 use cutover_operator::api::DatabaseCutover;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-async fn setup(prefix: &str) -> (ControlPlane, String) {
-    let plane = ControlPlane::shared().await.expect("control plane");
-    plane
-        .install_crds(repo().join("crds"))
-        .await
-        .expect("install crds/");
-    let ns = plane.namespace(prefix).await.expect("namespace");
-    let version = plane
-        .client()
-        .apiserver_version()
-        .await
-        .expect("GET /version");
-    eprintln!(
-        "running against the real API server {} ({})",
-        version.git_version,
-        plane.server_url()
-    );
-    (plane, ns)
-}
 
 fn plans() -> Vec<(PathBuf, Value)> {
     let mut out = Vec::new();

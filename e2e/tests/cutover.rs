@@ -5,10 +5,10 @@
 //! an Event, every acknowledged write is on green and nothing of ours is left on either server.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
+use cutover_e2e::fixtures::{bank_databases, namespace_with_crds, repo};
 use cutover_e2e::operator::{OperatorProcess, cutover_binary, eventually};
 use cutover_operator::api::{
     Approval, DatabaseCutover, DatabaseCutoverStatus, Milestone, Phase, WorkloadKind, WorkloadRef,
@@ -23,35 +23,6 @@ use serde_json::json;
 
 const APP_ROLE: &str = "orders_app";
 const APP_PASSWORD: &str = "app-password";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn databases() -> BlueGreen {
-    let bg = BlueGreen::start_with(
-        PgCluster::builder()
-            .setting("wal_receiver_status_interval", "1s")
-            .setting("wal_retrieve_retry_interval", "200ms"),
-        PgCluster::builder()
-            .setting("wal_receiver_status_interval", "1s")
-            .setting("wal_retrieve_retry_interval", "200ms"),
-    )
-    .expect("start PostgreSQL");
-    for c in [&bg.blue, &bg.green] {
-        c.create_role(APP_ROLE, APP_PASSWORD, "LOGIN").unwrap();
-        c.execute(BlueGreen::DATABASE, workload::SCHEMA).unwrap();
-        c.execute(BlueGreen::DATABASE, &workload::grants(APP_ROLE))
-            .unwrap();
-    }
-    bg.blue
-        .execute(BlueGreen::DATABASE, &workload::seed(50, 1000))
-        .unwrap();
-    bg
-}
 
 fn one(c: &PgCluster, sql: &str) -> i64 {
     c.query(BlueGreen::DATABASE, sql).unwrap()[0][0]
@@ -109,17 +80,10 @@ struct Scenario {
 
 impl Scenario {
     async fn start(prefix: &str) -> Self {
-        let bg = tokio::task::spawn_blocking(databases).await.unwrap();
-        let plane = ControlPlane::shared().await.expect("control plane");
-        plane
-            .install_crds(repo().join("crds"))
+        let bg = tokio::task::spawn_blocking(|| bank_databases(APP_ROLE, APP_PASSWORD, 50))
             .await
-            .expect("install crds/");
-        let ns = plane.namespace(prefix).await.expect("namespace");
-        eprintln!(
-            "running against the real API server at {}",
-            plane.server_url()
-        );
+            .unwrap();
+        let (plane, ns) = namespace_with_crds(prefix).await;
 
         let blue_app = bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
         let green_app = bg.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);

@@ -3,36 +3,14 @@
 //! removes its finalizer when the object is deleted, and with two replicas only the holder of
 //! the leader Lease reconciles.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use cutover_e2e::ControlPlane;
+use cutover_e2e::fixtures::{namespace_with_crds as setup, repo};
 use cutover_e2e::operator::{OperatorProcess, eventually};
 use cutover_operator::api::{DatabaseCutover, FINALIZER};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-async fn setup(prefix: &str) -> (ControlPlane, String) {
-    let plane = ControlPlane::shared().await.expect("control plane");
-    plane
-        .install_crds(repo().join("crds"))
-        .await
-        .expect("install crds/");
-    let ns = plane.namespace(prefix).await.expect("namespace");
-    eprintln!(
-        "running against the real API server at {}",
-        plane.server_url()
-    );
-    (plane, ns)
-}
 
 fn example(ns: &str, name: &str) -> DatabaseCutover {
     let text =

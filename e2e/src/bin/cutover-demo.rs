@@ -6,12 +6,12 @@
 //!
 //! `--keep` leaves everything running until Ctrl-C and prints how to reach it.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cutover_e2e::ControlPlane;
+use cutover_e2e::fixtures::{bank_databases, repo};
 use cutover_e2e::operator::OperatorProcess;
-use cutover_tests::workload::{self, Load, LoadConfig};
+use cutover_tests::workload::{Load, LoadConfig};
 use cutover_tests::{BlueGreen, PgCluster};
 
 const NAMESPACE: &str = "billing";
@@ -19,13 +19,6 @@ const PLAN: &str = "cutover-plans/production-with-rollback.yaml";
 const NAME: &str = "billing-to-new-cluster";
 const APP_ROLE: &str = "billing_app";
 const APP_PASSWORD: &str = "demo-app-password";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn say(text: &str) {
     println!("\n==> {text}");
@@ -59,35 +52,15 @@ fn count(c: &PgCluster, sql: &str) -> i64 {
         .unwrap_or(0)
 }
 
-fn start_databases() -> BlueGreen {
-    let settings = |b: cutover_tests::PgClusterBuilder| {
-        b.setting("wal_receiver_status_interval", "1s")
-            .setting("wal_retrieve_retry_interval", "200ms")
-    };
-    let bg = BlueGreen::start_with(
-        settings(PgCluster::builder()),
-        settings(PgCluster::builder()),
-    )
-    .expect("start PostgreSQL");
-    for c in [&bg.blue, &bg.green] {
-        c.create_role(APP_ROLE, APP_PASSWORD, "LOGIN").unwrap();
-        c.execute(BlueGreen::DATABASE, workload::SCHEMA).unwrap();
-        c.execute(BlueGreen::DATABASE, &workload::grants(APP_ROLE))
-            .unwrap();
-    }
-    bg.blue
-        .execute(BlueGreen::DATABASE, &workload::seed(1000, 1000))
-        .unwrap();
-    bg
-}
-
 #[tokio::main]
 async fn main() {
     let keep = std::env::args().any(|a| a == "--keep");
     let started = Instant::now();
 
     say("starting two PostgreSQL clusters: blue (the source) and green (the target, schema only)");
-    let dbs = tokio::task::spawn_blocking(start_databases).await.unwrap();
+    let dbs = tokio::task::spawn_blocking(|| bank_databases(APP_ROLE, APP_PASSWORD, 1000))
+        .await
+        .unwrap();
     for (label, c) in [("blue ", &dbs.blue), ("green", &dbs.green)] {
         println!(
             "{label} 127.0.0.1:{}  PostgreSQL {}  wal_level={}  accounts={}",
