@@ -273,13 +273,19 @@ async fn step(
         status = with_intent;
     }
     let outcome = engine.perform(&action, &status).await;
+    let failed = matches!(outcome, plan::Outcome::Failed(_));
     if let plan::Outcome::Failed(why) = &outcome {
         warn!(name = %obj.name_any(), ?action, error = %why, "action failed");
     }
-    Ok((
-        plan::record(&status, &action, outcome, &obs, jiff::Timestamp::now()),
-        pause,
-    ))
+    let recorded = plan::record(&status, &action, outcome, &obs, jiff::Timestamp::now());
+    // A failure that did not move the cutover on (hypercare, rollback, an unfinished abort) is
+    // retried, but not at once.
+    let pause = if failed && recorded.phase == status.phase {
+        pause.max(plan::POLL)
+    } else {
+        pause
+    };
+    Ok((recorded, pause))
 }
 
 async fn engine_for(obj: &DatabaseCutover, ctx: &Context) -> Result<Engine<KubePlatform>, Error> {

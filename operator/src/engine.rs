@@ -524,8 +524,14 @@ pub async fn drive<P: Platform>(
             report(&status, &action);
         }
         let outcome = engine.perform(&action, &status).await;
+        let failed = matches!(outcome, Outcome::Failed(_));
+        let phase_before = status.phase;
         status = crate::plan::record(&status, &action, outcome, &obs, jiff::Timestamp::now());
         report(&status, &action);
+        if failed && status.phase == phase_before {
+            // Retried where a failure does not end the cutover; not at once.
+            tokio::time::sleep(crate::plan::POLL).await;
+        }
     }
     Ok(status)
 }

@@ -11,8 +11,8 @@ mod next_tests;
 pub mod report;
 
 pub use next::{
-    Action, JobState, Observations, Outcome, ReplicationObservation, checkpoint_offsets,
-    next_action, record, record_intent,
+    Action, FAST_POLL, JobState, Observations, Outcome, POLL, ReplicationObservation,
+    checkpoint_offsets, next_action, record, record_intent,
 };
 pub use report::{TimingReport, format_duration, timing_report};
 
