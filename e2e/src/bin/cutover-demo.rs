@@ -233,7 +233,8 @@ async fn main() {
                 .map(|v| String::from_utf8_lossy(&v.0).into_owned())
         })
         .unwrap_or_default();
-    let points_at_green = kubectl(
+    // One read of the status for the summary: switch time, write freeze, rows verified.
+    let recorded = kubectl(
         &plane,
         &[
             "-n",
@@ -242,36 +243,18 @@ async fn main() {
             "dbcut",
             NAME,
             "-o",
-            "jsonpath={.status.switchedAt}",
+            "jsonpath={.status.switchedAt} {.status.writeFreezeSeconds} {.status.verification.rowsCompared}",
         ],
     );
-    let freeze = kubectl(
-        &plane,
-        &[
-            "-n",
-            NAMESPACE,
-            "get",
-            "dbcut",
-            NAME,
-            "-o",
-            "jsonpath={.status.writeFreezeSeconds}",
-        ],
-    );
-    let rows = kubectl(
-        &plane,
-        &[
-            "-n",
-            NAMESPACE,
-            "get",
-            "dbcut",
-            NAME,
-            "-o",
-            "jsonpath={.status.verification.rowsCompared}",
-        ],
+    let mut fields = recorded.split_whitespace();
+    let (points_at_green, freeze, rows) = (
+        fields.next().unwrap_or("-"),
+        fields.next().unwrap_or("-"),
+        fields.next().unwrap_or("-"),
     );
     println!("result:              {phase}");
-    println!("write freeze:        {} s", freeze.trim());
-    println!("rows verified:       {}", rows.trim());
+    println!("write freeze:        {freeze} s");
+    println!("rows verified:       {rows}");
     println!("writes acknowledged: {}", report.acknowledged.len());
     println!("writes lost:         {lost}");
     println!(
@@ -282,7 +265,7 @@ async fn main() {
     let green_app = dbs.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
     println!(
         "application Secret:  switched at {}; names green with the application's own role: {}",
-        points_at_green.trim(),
+        points_at_green,
         switched == green_app
     );
 
