@@ -152,6 +152,7 @@ async fn apply(
     for _ in 0..MAX_STEPS_PER_RECONCILE {
         let current = obj.status.clone().unwrap_or_default();
         let previous_phase = obj.status.as_ref().map(|s| s.phase);
+        let previous = current.clone();
 
         let (stepped, requeue, trouble) = if current.phase.is_terminal() {
             (current, Duration::from_secs(300), None)
@@ -180,6 +181,7 @@ async fn apply(
             announce_phase(ctx, &obj, &desired).await;
             info!(%namespace, %name, phase = %desired.phase, "phase changed");
         }
+        announce_problems(ctx, &obj, &previous, &desired).await;
         ctx.metrics.set_phase(&namespace, &name, desired.phase);
         if let Some(err) = trouble {
             publish(
@@ -231,6 +233,51 @@ async fn announce_phase(ctx: &Context, obj: &DatabaseCutover, status: &DatabaseC
     .await;
 }
 
+/// A Warning Event for each hypercare problem that appeared, a Normal one when the last went away.
+async fn announce_problems(
+    ctx: &Context,
+    obj: &DatabaseCutover,
+    before: &DatabaseCutoverStatus,
+    after: &DatabaseCutoverStatus,
+) {
+    let problems = |s: &DatabaseCutoverStatus| {
+        s.hypercare
+            .as_ref()
+            .map(|h| h.problems.clone())
+            .unwrap_or_default()
+    };
+    let (old, new) = (problems(before), problems(after));
+    for p in new.iter().filter(|p| !old.contains(p)) {
+        warn!(name = %obj.name_any(), reason = ?p.reason, message = %p.message, "hypercare problem");
+        publish(
+            ctx,
+            obj,
+            Event {
+                type_: EventType::Warning,
+                reason: format!("{:?}", p.reason),
+                note: Some(truncate(&p.message, 1000)),
+                action: "Hypercare".into(),
+                secondary: None,
+            },
+        )
+        .await;
+    }
+    if !old.is_empty() && new.is_empty() && after.phase == Phase::Hypercare {
+        publish(
+            ctx,
+            obj,
+            Event {
+                type_: EventType::Normal,
+                reason: "Recovered".into(),
+                note: Some("hypercare sees no problem any more".into()),
+                action: "Hypercare".into(),
+                secondary: None,
+            },
+        )
+        .await;
+    }
+}
+
 /// One action of the sequence: observe, decide, (record intent,) act, record.
 async fn step(
     obj: &DatabaseCutover,
@@ -257,6 +304,7 @@ async fn step(
     };
     if matches!(action, plan::Action::Wait(_) | plan::Action::Idle) {
         let refreshed = plan::record(
+            &obj.spec,
             status,
             &action,
             plan::Outcome::Done,
@@ -277,7 +325,14 @@ async fn step(
     if let plan::Outcome::Failed(why) = &outcome {
         warn!(name = %obj.name_any(), ?action, error = %why, "action failed");
     }
-    let recorded = plan::record(&status, &action, outcome, &obs, jiff::Timestamp::now());
+    let recorded = plan::record(
+        &obj.spec,
+        &status,
+        &action,
+        outcome,
+        &obs,
+        jiff::Timestamp::now(),
+    );
     // A failure that did not move the cutover on (hypercare, rollback, an unfinished abort) is
     // retried, but not at once.
     let pause = if failed && recorded.phase == status.phase {

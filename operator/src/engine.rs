@@ -16,10 +16,11 @@ use crate::api::units::parse_duration;
 use crate::api::{
     DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Phase, VerificationStatus,
 };
-use crate::plan::{Action, JobState, Observations, Outcome, ReplicationObservation};
+use crate::plan::{Action, JobState, MigrationSet, Observations, Outcome, ReplicationObservation};
+use crate::postgres::checkpoint::{self, CountState, ReverseLink};
 use crate::postgres::cleanup;
 use crate::postgres::freeze::{self, FreezeConfig};
-use crate::postgres::preflight::{PreflightOptions, preflight};
+use crate::postgres::preflight::{self, PreflightOptions, preflight};
 use crate::postgres::replication::{self, Names, TableSelection};
 use crate::postgres::reverse;
 use crate::postgres::sync::copy_sequences;
@@ -28,10 +29,16 @@ use crate::postgres::{ConnectOptions, Dsn, connect};
 
 /// What differs between running in Kubernetes and running locally.
 pub trait Platform: Send + Sync {
-    /// The migration Job's state; `None` when it was never launched.
-    fn migration_job(&self) -> impl Future<Output = Result<Option<JobState>, String>> + Send;
-    /// Launches the migrations (idempotent).
-    fn launch_migrations(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// The state of the Job applying `set`; `None` when it was never launched.
+    fn migration_job(
+        &self,
+        set: MigrationSet,
+    ) -> impl Future<Output = Result<Option<JobState>, String>> + Send;
+    /// Launches the Job applying `set` (idempotent).
+    fn launch_migrations(
+        &self,
+        set: MigrationSet,
+    ) -> impl Future<Output = Result<(), String>> + Send;
     /// Points the application at `target` (the rehearsal Secret when `rehearsal`).
     fn switch_secret(
         &self,
@@ -43,6 +50,8 @@ pub trait Platform: Send + Sync {
         &self,
         generation: &str,
     ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Restarted workloads whose rollout is stuck, each with why (empty when all is well).
+    fn rollout_problems(&self) -> impl Future<Output = Result<Vec<String>, String>> + Send;
 }
 
 /// The two databases, as the operator reaches them and as each reaches the other.
@@ -169,12 +178,30 @@ impl<P: Platform> Engine<P> {
         };
         match status.phase {
             Phase::Migrating => {
-                obs.migration_job = self.platform.migration_job().await.map_err(|message| {
-                    EngineError::Observe {
+                obs.migration_job = self
+                    .platform
+                    .migration_job(MigrationSet::Initial)
+                    .await
+                    .map_err(|message| EngineError::Observe {
                         what: "the migration Job",
                         message,
-                    }
-                })?;
+                    })?;
+            }
+            Phase::Switching
+                if self.has_post_switch_migrations()
+                    && status
+                        .milestones
+                        .contains(&Milestone::ForwardReplicationDropped)
+                    && !status.milestones.contains(&Milestone::PostSwitchMigrated) =>
+            {
+                obs.migration_job = self
+                    .platform
+                    .migration_job(MigrationSet::PostSwitch)
+                    .await
+                    .map_err(|message| EngineError::Observe {
+                        what: "the post-switch migration Job",
+                        message,
+                    })?;
             }
             Phase::Replicating => {
                 let green = self.green().await?;
@@ -225,6 +252,34 @@ impl<P: Platform> Engine<P> {
                     .map_err(observe("reverse lag"))?;
                 obs.reverse_lag_bytes = lag.bytes.and_then(|b| u64::try_from(b).ok());
                 obs.reverse_caught_up = lag.bytes.is_some_and(|b| b <= 0);
+                if status.phase == Phase::Hypercare {
+                    if status
+                        .milestones
+                        .contains(&Milestone::ReverseReplicationStarted)
+                    {
+                        // Blue unreachable is itself a broken way back.
+                        obs.reverse_broken = match self.blue().await {
+                            Ok(blue) => replication::health(
+                                &blue,
+                                &green,
+                                &self.names.reverse_subscription,
+                                &self.names.reverse_slot,
+                            )
+                            .await
+                            .map_err(observe("reverse replication"))?,
+                            Err(e) => Some(e.to_string()),
+                        };
+                    }
+                    if status.milestones.contains(&Milestone::WorkloadsRestarted) {
+                        obs.rollout_problems =
+                            self.platform.rollout_problems().await.map_err(|message| {
+                                EngineError::Observe {
+                                    what: "the workloads' rollout",
+                                    message,
+                                }
+                            })?;
+                    }
+                }
             }
             _ => {}
         }
@@ -259,8 +314,8 @@ impl<P: Platform> Engine<P> {
                 };
                 Outcome::Preflight(preflight(&blue, &green, &opts).await)
             }
-            Action::LaunchMigrations => {
-                self.platform.launch_migrations().await?;
+            Action::LaunchMigrations(set) => {
+                self.platform.launch_migrations(*set).await?;
                 Outcome::Done
             }
             Action::StartReplication => {
@@ -327,11 +382,7 @@ impl<P: Platform> Engine<P> {
                 self.milestone(*m, status).await?;
                 Outcome::Done
             }
-            Action::Checkpoint(_) => {
-                // Row counts and spot checks: a count-level comparison of the replicated tables
-                // against the source, which reverse replication keeps current.
-                Outcome::Done
-            }
+            Action::Checkpoint(_) => Outcome::Checked(self.checkpoint(status).await?),
             Action::EndRehearsal | Action::FinishAbort => {
                 let blue = self.blue().await.map_err(|e| text(&e))?;
                 let green = self.green().await.ok();
@@ -467,11 +518,130 @@ impl<P: Platform> Engine<P> {
                     .await
                     .map_err(|e| text(&e))?;
             }
-            // The application roles were never kept from green by this engine; post-switch
-            // migrations run through the platform's Job in a later version.
-            Milestone::TargetLoginAllowed | Milestone::PostSwitchMigrated => {}
+            Milestone::PostSwitchMigrated => {
+                match self
+                    .platform
+                    .migration_job(MigrationSet::PostSwitch)
+                    .await?
+                {
+                    Some(JobState::Succeeded) => {}
+                    Some(JobState::Failed(why)) => {
+                        return Err(format!("post-switch migrations failed: {why}"));
+                    }
+                    Some(JobState::Running) | None => {
+                        return Err("post-switch migrations have not finished".into());
+                    }
+                }
+            }
+            Milestone::TargetLoginAllowed => {
+                // Nothing of the application's access on green is changed here: what would keep
+                // it from working there stops the switch before the Secret moves.
+                let green = self.green().await.map_err(|e| text(&e))?;
+                let problems = preflight::application_access(&green, &self.spec.application_roles)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "failed to read the application roles on green: {}",
+                            crate::postgres::replication::db_message(&e)
+                        )
+                    })?;
+                if !problems.is_empty() {
+                    return Err(format!(
+                        "the application could not work on green: {}",
+                        problems.join("; ")
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+}
+
+impl<P: Platform> Engine<P> {
+    fn has_post_switch_migrations(&self) -> bool {
+        self.spec
+            .migrations
+            .as_ref()
+            .is_some_and(|m| m.post_switch_config_map_ref.is_some())
+    }
+
+    /// A hypercare checkpoint: the replicated tables' row counts on green, compared with blue
+    /// while reverse replication keeps blue current (see `postgres::checkpoint`).
+    async fn checkpoint(
+        &self,
+        status: &DatabaseCutoverStatus,
+    ) -> Result<crate::api::CheckpointStatus, String> {
+        let text = |e: &dyn std::fmt::Display| e.to_string();
+        let green = self.green().await.map_err(|e| text(&e))?;
+        let reverse_started = status
+            .milestones
+            .contains(&Milestone::ReverseReplicationStarted);
+        let blue = if reverse_started {
+            Some(self.blue().await.map_err(|e| text(&e))?)
+        } else {
+            None
+        };
+        // Blue is compared only while reverse replication works (a broken one is reported by
+        // observation; waiting for it here would only time out).
+        let blue = match blue {
+            Some(blue) => replication::health(
+                &blue,
+                &green,
+                &self.names.reverse_subscription,
+                &self.names.reverse_slot,
+            )
+            .await
+            .map_err(|e| text(&e))?
+            .is_none()
+            .then_some(blue),
+            None => None,
+        };
+        let reverse = blue.is_some();
+        let tables = if reverse_started {
+            replication::publication_tables(&green, &self.names.reverse_publication).await
+        } else {
+            replication::resolve_tables(
+                &green,
+                &TableSelection::from_spec(&self.spec.replication.tables),
+            )
+            .await
+        }
+        .map_err(|e| text(&e))?;
+        let link = blue.as_ref().map(|source| ReverseLink {
+            source,
+            subscription: &self.names.reverse_subscription,
+            slot: &self.names.reverse_slot,
+            catch_up: Duration::from_secs(30),
+        });
+        let counts = checkpoint::count_rows(&green, link.as_ref(), &tables)
+            .await
+            .map_err(|e| text(&e))?;
+        let describe = |c: &checkpoint::TableCount| {
+            format!(
+                "{}: {} rows on green, {} on blue",
+                c.table,
+                c.target_rows,
+                c.source_rows.unwrap_or_default()
+            )
+        };
+        let mismatches: Vec<String> = counts
+            .iter()
+            .filter(|c| c.state == CountState::Differs)
+            .map(describe)
+            .collect();
+        Ok(crate::api::CheckpointStatus {
+            tables: i32::try_from(counts.len()).unwrap_or(i32::MAX),
+            target_rows: counts.iter().map(|c| c.target_rows).sum(),
+            compared_with_source: reverse,
+            matched: mismatches.is_empty(),
+            mismatches,
+            unsettled: counts
+                .iter()
+                .filter(|c| c.state == CountState::Unsettled)
+                .map(|c| c.table.to_string())
+                .collect(),
+            ..crate::api::CheckpointStatus::default()
+        })
     }
 }
 
@@ -506,6 +676,7 @@ pub async fn drive<P: Platform>(
         let action = crate::plan::next_action(&engine.spec, &status, &obs, jiff::Timestamp::now());
         if let Action::Wait(pause) = action {
             let refreshed = crate::plan::record(
+                &engine.spec,
                 &status,
                 &action,
                 Outcome::Done,
@@ -526,7 +697,14 @@ pub async fn drive<P: Platform>(
         let outcome = engine.perform(&action, &status).await;
         let failed = matches!(outcome, Outcome::Failed(_));
         let phase_before = status.phase;
-        status = crate::plan::record(&status, &action, outcome, &obs, jiff::Timestamp::now());
+        status = crate::plan::record(
+            &engine.spec,
+            &status,
+            &action,
+            outcome,
+            &obs,
+            jiff::Timestamp::now(),
+        );
         report(&status, &action);
         if failed && status.phase == phase_before {
             // Retried where a failure does not end the cutover; not at once.
@@ -546,13 +724,20 @@ pub struct LocalPlatform {
     pub rehearsal_secret_file: Option<std::path::PathBuf>,
 }
 
+const NO_JOBS: &str = "local mode runs no migration Jobs: apply the migrations with \
+                       `cutover migrate` and drop spec.migrations from the plan";
+
 impl Platform for LocalPlatform {
-    async fn migration_job(&self) -> Result<Option<JobState>, String> {
-        Err("local mode runs no migration Jobs: apply the migrations with `cutover migrate` and drop spec.migrations from the plan".into())
+    async fn migration_job(&self, _set: MigrationSet) -> Result<Option<JobState>, String> {
+        Err(NO_JOBS.into())
     }
 
-    async fn launch_migrations(&self) -> Result<(), String> {
-        Err("local mode runs no migration Jobs: apply the migrations with `cutover migrate` and drop spec.migrations from the plan".into())
+    async fn launch_migrations(&self, _set: MigrationSet) -> Result<(), String> {
+        Err(NO_JOBS.into())
+    }
+
+    async fn rollout_problems(&self) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
     }
 
     async fn switch_secret(&self, target: &Dsn, rehearsal: bool) -> Result<(), String> {

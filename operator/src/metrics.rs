@@ -17,7 +17,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 
 use crate::api::units::parse_timestamp;
-use crate::api::{DatabaseCutoverStatus, Phase};
+use crate::api::{DatabaseCutoverStatus, Phase, ProblemKind};
 
 /// The operator's metrics.
 #[derive(Clone)]
@@ -41,6 +41,8 @@ pub struct Metrics {
     pub verified_rows: IntGaugeVec,
     /// Tables that differed in the last verification.
     pub mismatched_tables: IntGaugeVec,
+    /// Problems hypercare sees now, by kind.
+    pub hypercare_problems: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -126,6 +128,14 @@ impl Metrics {
             &per_cutover,
         )
         .expect("valid metric");
+        let hypercare_problems = IntGaugeVec::new(
+            Opts::new(
+                "hypercare_problems",
+                "Problems hypercare sees now, by kind (ReplicationBroken, RolloutStuck, CheckpointMismatch)",
+            ),
+            &["namespace", "name", "reason"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_duration.clone()),
@@ -136,6 +146,7 @@ impl Metrics {
             Box::new(write_freeze.clone()),
             Box::new(verified_rows.clone()),
             Box::new(mismatched_tables.clone()),
+            Box::new(hypercare_problems.clone()),
         ] {
             registry
                 .register(collector)
@@ -152,6 +163,7 @@ impl Metrics {
             write_freeze,
             verified_rows,
             mismatched_tables,
+            hypercare_problems,
         }
     }
 
@@ -211,6 +223,14 @@ impl Metrics {
                 .with_label_values(&[namespace, name])
                 .set(i64::try_from(differing).unwrap_or(i64::MAX));
         }
+        if let Some(h) = &status.hypercare {
+            for kind in PROBLEM_KINDS {
+                let count = h.problems.iter().filter(|p| p.reason == kind).count();
+                self.hypercare_problems
+                    .with_label_values(&[namespace, name, problem_label(kind)])
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// Records the phase of one cutover: its phase 1, every other phase 0.
@@ -238,6 +258,13 @@ impl Metrics {
             let _ = gauge.remove_label_values(&[namespace, name]);
         }
         let _ = self.write_freeze.remove_label_values(&[namespace, name]);
+        for kind in PROBLEM_KINDS {
+            let _ = self.hypercare_problems.remove_label_values(&[
+                namespace,
+                name,
+                problem_label(kind),
+            ]);
+        }
     }
 
     /// The text exposition format.
@@ -247,6 +274,20 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("encoding to a Vec cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+const PROBLEM_KINDS: [ProblemKind; 3] = [
+    ProblemKind::ReplicationBroken,
+    ProblemKind::RolloutStuck,
+    ProblemKind::CheckpointMismatch,
+];
+
+fn problem_label(kind: ProblemKind) -> &'static str {
+    match kind {
+        ProblemKind::ReplicationBroken => "ReplicationBroken",
+        ProblemKind::RolloutStuck => "RolloutStuck",
+        ProblemKind::CheckpointMismatch => "CheckpointMismatch",
     }
 }
 

@@ -2,17 +2,22 @@
 //! clusters, with the bank workload writing to blue throughout: a production cutover ends
 //! Completed with every acknowledged write on green and nothing of ours left; a rehearsal ends
 //! Completed with blue writable and the application's connection string untouched; a row that
-//! differs on green stops the cutover before the point of no return, naming the table.
+//! differs on green stops the cutover before the point of no return, naming the table. Hypercare
+//! checkpoints compare row counts through reverse replication and report a broken way back; a
+//! green the application could not log in to stops the switch before the Secret moves.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use cutover_operator::api::conditions::ConditionType;
 use cutover_operator::api::{
     Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Mode, Phase,
 };
+use cutover_operator::api::{CheckpointStatus, ProblemKind};
 use cutover_operator::engine::{Databases, Engine, LocalPlatform, drive};
+use cutover_operator::plan::{self, Action, Outcome};
 use cutover_operator::postgres::{ConnectOptions, Dsn};
 use cutover_tests::BlueGreen;
 use cutover_tests::workload::{self, Load, LoadConfig};
@@ -68,6 +73,66 @@ fn start_load(bg: &BlueGreen) -> Load {
     })
 }
 
+/// Steps the cutover one action at a time (as `drive` does) until `stop` holds for the status.
+async fn step_until(
+    engine: &Engine<LocalPlatform>,
+    mut status: DatabaseCutoverStatus,
+    stop: impl Fn(&DatabaseCutoverStatus) -> bool,
+) -> DatabaseCutoverStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !stop(&status) {
+        assert!(
+            std::time::Instant::now() < deadline && !status.phase.is_terminal(),
+            "stopped in {} without reaching the condition: {:?}",
+            status.phase,
+            status.message
+        );
+        let obs = engine.observe(&status, false).await.expect("observe");
+        let action = plan::next_action(&engine.spec, &status, &obs, jiff::Timestamp::now());
+        if let Action::Wait(d) = action {
+            tokio::time::sleep(d.min(Duration::from_millis(200))).await;
+        }
+        if let Some(with_intent) = plan::record_intent(&status, &action) {
+            status = with_intent;
+        }
+        let outcome = engine.perform(&action, &status).await;
+        status = plan::record(
+            &engine.spec,
+            &status,
+            &action,
+            outcome,
+            &obs,
+            jiff::Timestamp::now(),
+        );
+    }
+    status
+}
+
+fn last_checkpoint(s: &DatabaseCutoverStatus) -> CheckpointStatus {
+    s.hypercare
+        .as_ref()
+        .and_then(|h| h.last_checkpoint.clone())
+        .expect("a checkpoint ran")
+}
+
+fn problems(s: &DatabaseCutoverStatus) -> Vec<ProblemKind> {
+    s.hypercare
+        .iter()
+        .flat_map(|h| h.problems.iter().map(|p| p.reason))
+        .collect()
+}
+
+fn degraded(s: &DatabaseCutoverStatus) -> (bool, String) {
+    let d = plan::desired_status(s, Some(1), jiff::Timestamp::now(), None);
+    let c = d
+        .conditions
+        .iter()
+        .find(|c| c.type_ == ConditionType::Degraded.as_str())
+        .unwrap()
+        .clone();
+    (c.status == "True", c.reason)
+}
+
 async fn run(engine: &Engine<LocalPlatform>) -> (DatabaseCutoverStatus, Vec<Phase>) {
     let mut phases = Vec::new();
     let status = tokio::time::timeout(
@@ -95,7 +160,10 @@ async fn production_cutover_under_load_completes_losing_nothing() {
     .await;
 
     std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
-    let engine = engine(&bg, spec(Mode::Production), dir.path());
+    let mut spec = spec(Mode::Production);
+    spec.schedule.checkpoints = vec!["1s".into()];
+    spec.schedule.hypercare = "2s".into();
+    let engine = engine(&bg, spec, dir.path());
     let (status, phases) = run(&engine).await;
     let report = load.stop().await;
 
@@ -137,6 +205,22 @@ async fn production_cutover_under_load_completes_losing_nothing() {
             status.milestones
         );
     }
+
+    // The hypercare checkpoint counted both tables on green and found blue (kept current by
+    // reverse replication) holding the same numbers.
+    let checkpoint = last_checkpoint(&status);
+    assert_eq!(status.checkpoints_done, 1);
+    assert!(checkpoint.compared_with_source, "{checkpoint:?}");
+    assert!(checkpoint.matched, "{checkpoint:?}");
+    assert_eq!(checkpoint.tables, 2, "accounts and ledger: {checkpoint:?}");
+    assert_eq!(
+        checkpoint.target_rows,
+        count(
+            &bg.green,
+            "SELECT (SELECT count(*) FROM accounts) + (SELECT count(*) FROM ledger)"
+        ),
+    );
+    assert!(status.hypercare_until.is_some());
 
     // The application's connection string now names green, with its own credentials.
     let secret = std::fs::read_to_string(dir.path().join("DATABASE_URL")).unwrap();
@@ -248,5 +332,154 @@ async fn a_row_changed_on_green_aborts_before_the_point_of_no_return() {
     );
     assert!(status.point_of_no_return_at.is_none());
     assert!(!dir.path().join("DATABASE_URL").exists());
+    assert_clean_and_writable(&bg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypercare_compares_counts_and_reports_a_broken_way_back() {
+    let bg = setup();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
+    let mut spec = spec(Mode::Production);
+    spec.schedule.hypercare = "1h".into();
+    spec.schedule.checkpoints = vec!["0s".into(), "1s".into(), "2s".into()];
+    let engine = engine(&bg, spec, dir.path());
+
+    let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
+        s.checkpoints_done >= 1
+    })
+    .await;
+    assert_eq!(status.phase, Phase::Hypercare);
+    let first = last_checkpoint(&status);
+    assert!(first.compared_with_source && first.matched, "{first:?}");
+    assert!(problems(&status).is_empty());
+    assert!(!degraded(&status).0);
+
+    // The application writes on green; reverse replication carries it to blue. Behind its
+    // back, a row disappears from blue: the next checkpoint must see blue differ.
+    bg.green
+        .execute(APP, "INSERT INTO accounts VALUES (5000, 0)")
+        .unwrap();
+    bg.blue
+        .execute(
+            APP,
+            "BEGIN READ WRITE; DELETE FROM accounts WHERE id = 7; COMMIT",
+        )
+        .unwrap();
+    let status = step_until(&engine, status, |s| s.checkpoints_done >= 2).await;
+    let second = last_checkpoint(&status);
+    assert!(!second.matched, "{second:?}");
+    assert_eq!(
+        second.mismatches,
+        ["public.accounts: 51 rows on green, 50 on blue"],
+        "{second:?}"
+    );
+    assert_eq!(problems(&status), [ProblemKind::CheckpointMismatch]);
+    assert_eq!(degraded(&status), (true, "CheckpointMismatch".into()));
+
+    // Reverse replication stops: observed at once as a broken way back.
+    let reverse = names("shop/orders").reverse_subscription;
+    bg.blue
+        .execute(
+            APP,
+            &format!("BEGIN READ WRITE; ALTER SUBSCRIPTION {reverse} DISABLE; COMMIT"),
+        )
+        .unwrap();
+    let obs = engine.observe(&status, false).await.unwrap();
+    let why = obs.reverse_broken.clone().expect("seen as broken");
+    assert!(why.contains("disabled"), "{why}");
+    let waiting = plan::record(
+        &engine.spec,
+        &status,
+        &Action::Wait(plan::POLL),
+        Outcome::Done,
+        &obs,
+        jiff::Timestamp::now(),
+    );
+    assert_eq!(
+        problems(&waiting),
+        [
+            ProblemKind::ReplicationBroken,
+            ProblemKind::CheckpointMismatch
+        ]
+    );
+    assert_eq!(degraded(&waiting), (true, "ReplicationBroken".into()));
+    // With the way back broken, a checkpoint counts green only instead of waiting for blue.
+    let status = step_until(&engine, waiting, |s| s.checkpoints_done >= 3).await;
+    let third = last_checkpoint(&status);
+    assert!(!third.compared_with_source && third.matched, "{third:?}");
+    assert_eq!(problems(&status), [ProblemKind::ReplicationBroken]);
+
+    // Repaired: the problem goes away with the next observation.
+    bg.blue
+        .execute(
+            APP,
+            &format!("BEGIN READ WRITE; ALTER SUBSCRIPTION {reverse} ENABLE; COMMIT"),
+        )
+        .unwrap();
+    let obs = engine.observe(&status, false).await.unwrap();
+    assert_eq!(obs.reverse_broken, None);
+    let healed = plan::record(
+        &engine.spec,
+        &status,
+        &Action::Wait(plan::POLL),
+        Outcome::Done,
+        &obs,
+        jiff::Timestamp::now(),
+    );
+    assert!(problems(&healed).is_empty());
+    assert!(!degraded(&healed).0);
+
+    // The end of hypercare removes every replication object.
+    assert_eq!(
+        engine.perform(&Action::Complete, &healed).await,
+        Outcome::Done
+    );
+    assert_eq!(leftovers(&bg.green), Vec::<String>::new(), "left on green");
+    let on_blue: Vec<String> = leftovers(&bg.blue)
+        .into_iter()
+        .filter(|l| !l.starts_with("setting") && !l.starts_with("schema"))
+        .collect();
+    assert_eq!(on_blue, Vec::<String>::new(), "left on blue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_switch_stops_before_the_secret_moves_when_green_would_refuse_the_application() {
+    let bg = setup();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
+    let engine = engine(&bg, spec(Mode::Production), dir.path());
+    // Preflight saw the role able to log in on green; it loses that before the switch.
+    let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
+        s.phase == Phase::Verifying
+    })
+    .await;
+    bg.green
+        .execute(APP, &format!("ALTER ROLE {APP_ROLE} NOLOGIN"))
+        .unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(120),
+        drive(&engine, status, 5, |_, _| {}),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    assert_eq!(status.phase, Phase::RolledBack, "{:?}", status.message);
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        status.steps.iter().any(|s| s
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("cannot log in (NOLOGIN)"))),
+        "the reason is recorded: {message} / {:?}",
+        status.steps
+    );
+    assert!(!status.milestones.contains(&Milestone::SecretSwitched));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("DATABASE_URL")).unwrap(),
+        app_dsn(&bg.blue),
+        "the application still points at blue"
+    );
     assert_clean_and_writable(&bg).await;
 }

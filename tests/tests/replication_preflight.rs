@@ -141,6 +141,13 @@ async fn preflight_catches_what_would_break_the_cutover() {
         CheckOutcome::Fail,
         &["orders_app"],
     );
+    // Green could not take the application either: the switch would stop there.
+    expect(
+        &checks,
+        "application-roles-green",
+        CheckOutcome::Fail,
+        &["role orders_app does not exist"],
+    );
     // The unlogged table is not among the replicated ones.
     expect(&checks, "tables", CheckOutcome::Pass, &["4 tables"]);
     // Nothing was changed on either side.

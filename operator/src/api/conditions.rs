@@ -49,6 +49,10 @@ pub enum Reason {
     ReplicationBroken,
     /// A check failed (preflight or verification).
     CheckFailed,
+    /// A restarted workload does not finish rolling out.
+    RolloutStuck,
+    /// A hypercare checkpoint found the target and the source differ.
+    CheckpointMismatch,
     /// The operator cannot reach a database or the API server; it retries.
     TransientError,
     /// The spec cannot be acted on; it waits for a change.
@@ -68,6 +72,8 @@ impl Reason {
             Reason::Healthy => "Healthy",
             Reason::ReplicationBroken => "ReplicationBroken",
             Reason::CheckFailed => "CheckFailed",
+            Reason::RolloutStuck => "RolloutStuck",
+            Reason::CheckpointMismatch => "CheckpointMismatch",
             Reason::TransientError => "TransientError",
             Reason::InvalidSpec => "InvalidSpec",
         }

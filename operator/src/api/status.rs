@@ -216,6 +216,71 @@ pub struct DatabaseCutoverStatus {
     /// Hypercare checkpoints already run (in `schedule.checkpoints` order, earliest first).
     #[serde(default)]
     pub checkpoints_done: i32,
+
+    /// What hypercare watches: problems present now and the latest checkpoint's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypercare: Option<HypercareStatus>,
+}
+
+/// What hypercare found.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HypercareStatus {
+    /// Problems present now; any one makes the `Degraded` condition true. A problem that goes
+    /// away (replication repaired, rollout finished, a later checkpoint matching) is removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+    /// The latest checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointStatus>,
+}
+
+/// Something wrong during hypercare.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    /// The kind of problem (also the `Degraded` condition's reason).
+    pub reason: ProblemKind,
+    /// What is wrong, for people.
+    pub message: String,
+}
+
+/// The kinds of hypercare problems.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// Reverse replication (target to source) is disabled, missing or lost its slot: a
+    /// rollback would lose the writes made on the target since.
+    ReplicationBroken,
+    /// A restarted workload does not finish rolling out.
+    RolloutStuck,
+    /// A checkpoint found row counts that differ between target and source.
+    CheckpointMismatch,
+}
+
+/// The result of one hypercare checkpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointStatus {
+    /// Which checkpoint (1 for the first of `schedule.checkpoints`).
+    pub number: i32,
+    /// When it ran.
+    pub at: String,
+    /// Tables counted.
+    pub tables: i32,
+    /// Rows on the target, all counted tables together.
+    pub target_rows: i64,
+    /// Whether the counts were compared with the source (only while reverse replication keeps
+    /// the source current).
+    pub compared_with_source: bool,
+    /// Whether every compared table had the same count on both sides.
+    pub matched: bool,
+    /// Tables whose counts differ once the source caught up, each with both counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mismatches: Vec<String>,
+    /// Tables whose counts kept changing under the write load, so no stable comparison was
+    /// possible at this checkpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsettled: Vec<String>,
 }
 
 /// A one-shot action of the sequence.

@@ -119,6 +119,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut last_phase = None;
     let mut last_progress = Instant::now();
+    let mut last_problems: Vec<String> = Vec::new();
     let status = drive(
         &engine,
         DatabaseCutoverStatus::default(),
@@ -152,6 +153,41 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                         || "?".into(),
                         |b| human_bytes(u64::try_from(b).unwrap_or(0))
                     )
+                );
+            }
+            let problems: Vec<String> = s
+                .hypercare
+                .iter()
+                .flat_map(|h| {
+                    h.problems
+                        .iter()
+                        .map(|p| format!("{:?}: {}", p.reason, p.message))
+                })
+                .collect();
+            if problems != last_problems {
+                for p in problems.iter().filter(|p| !last_problems.contains(p)) {
+                    println!("           PROBLEM {p}");
+                }
+                last_problems = problems;
+            }
+            if let (Action::Checkpoint(_), Some(c)) = (
+                action,
+                s.hypercare
+                    .as_ref()
+                    .and_then(|h| h.last_checkpoint.as_ref()),
+            ) {
+                println!(
+                    "           checkpoint {}: {} tables, {} rows on the target, {}",
+                    c.number,
+                    c.tables,
+                    c.target_rows,
+                    match (c.compared_with_source, c.matched) {
+                        (false, _) => "counted on the target only".to_owned(),
+                        (true, true) if c.unsettled.is_empty() =>
+                            "same counts on the source".into(),
+                        (true, true) => format!("no stable count for {}", c.unsettled.join(", ")),
+                        (true, false) => format!("DIFFERENT: {}", c.mismatches.join("; ")),
+                    }
                 );
             }
             if let (Action::Verify, Some(v)) = (action, &s.verification) {

@@ -21,7 +21,7 @@ use super::migration_job::{
 };
 use crate::api::{DatabaseCutover, SecretKeyRef, WorkloadKind};
 use crate::engine::Platform;
-use crate::plan::JobState;
+use crate::plan::{JobState, MigrationSet};
 use crate::postgres::{Dsn, retarget};
 
 /// The annotation put on pod templates to restart workloads.
@@ -132,27 +132,33 @@ impl KubePlatform {
         self.cutover.namespace().unwrap_or_default()
     }
 
-    async fn initial_job(&self) -> Result<Job, String> {
+    /// The Job that applies `set`, named after the content of its ConfigMap.
+    async fn job_for(&self, set: MigrationSet) -> Result<Job, String> {
         let migrations = self
             .cutover
             .spec
             .migrations
             .as_ref()
             .ok_or("spec.migrations is not set")?;
+        let (kind, config_map) = match set {
+            MigrationSet::Initial => (MigrationSetKind::Initial, &migrations.config_map_ref),
+            MigrationSet::PostSwitch => (
+                MigrationSetKind::PostSwitch,
+                migrations
+                    .post_switch_config_map_ref
+                    .as_ref()
+                    .ok_or("spec.migrations.postSwitchConfigMapRef is not set")?,
+            ),
+        };
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace());
         let cm = cms
-            .get(&migrations.config_map_ref.name)
+            .get(&config_map.name)
             .await
-            .map_err(|e| {
-                format!(
-                    "failed to read ConfigMap {}: {e}",
-                    migrations.config_map_ref.name
-                )
-            })?;
+            .map_err(|e| format!("failed to read ConfigMap {}: {e}", config_map.name))?;
         let digest = config_map_digest(&cm.data.unwrap_or_default());
         build_migration_job(&MigrationJobParams {
             cutover: &self.cutover,
-            set: MigrationSetKind::Initial,
+            set: kind,
             content_digest: &digest,
             default_image: &self.default_image,
             settings: JobSettings::default(),
@@ -162,8 +168,8 @@ impl KubePlatform {
 }
 
 impl Platform for KubePlatform {
-    async fn migration_job(&self) -> Result<Option<JobState>, String> {
-        let wanted = self.initial_job().await?;
+    async fn migration_job(&self, set: MigrationSet) -> Result<Option<JobState>, String> {
+        let wanted = self.job_for(set).await?;
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace());
         let name = wanted.name_any();
         let job = jobs
@@ -177,8 +183,8 @@ impl Platform for KubePlatform {
         }))
     }
 
-    async fn launch_migrations(&self) -> Result<(), String> {
-        let job = self.initial_job().await?;
+    async fn launch_migrations(&self, set: MigrationSet) -> Result<(), String> {
+        let job = self.job_for(set).await?;
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace());
         match jobs.create(&PostParams::default(), &job).await {
             Ok(_) => Ok(()),
@@ -251,4 +257,55 @@ impl Platform for KubePlatform {
         }
         Ok(())
     }
+
+    async fn rollout_problems(&self) -> Result<Vec<String>, String> {
+        let mut problems = Vec::new();
+        for w in &self.cutover.spec.switch.restart {
+            match w.kind {
+                WorkloadKind::Deployment => {
+                    let api = Api::<Deployment>::namespaced(self.client.clone(), &self.namespace());
+                    let found = api
+                        .get_opt(&w.name)
+                        .await
+                        .map_err(|e| format!("failed to read Deployment {}: {e}", w.name))?;
+                    match found {
+                        None => problems.push(format!("Deployment {} no longer exists", w.name)),
+                        Some(d) => problems.extend(deployment_stuck(&d)),
+                    }
+                }
+                WorkloadKind::StatefulSet => {
+                    let api =
+                        Api::<StatefulSet>::namespaced(self.client.clone(), &self.namespace());
+                    let found = api
+                        .get_opt(&w.name)
+                        .await
+                        .map_err(|e| format!("failed to read StatefulSet {}: {e}", w.name))?;
+                    if found.is_none() {
+                        problems.push(format!("StatefulSet {} no longer exists", w.name));
+                    }
+                }
+            }
+        }
+        Ok(problems)
+    }
+}
+
+/// Why a Deployment's rollout is stuck, by the Deployment controller's own verdict: its
+/// `Progressing` condition turned False with `ProgressDeadlineExceeded` (after
+/// `spec.progressDeadlineSeconds`, 10 minutes by default). A rollout still under way is not a
+/// problem.
+fn deployment_stuck(d: &Deployment) -> Option<String> {
+    let stuck = d.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+        c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    })?;
+    Some(format!(
+        "Deployment {} does not finish rolling out: {}",
+        d.name_any(),
+        stuck
+            .message
+            .as_deref()
+            .unwrap_or("progress deadline exceeded")
+    ))
 }

@@ -11,7 +11,7 @@ mod next_tests;
 pub mod report;
 
 pub use next::{
-    Action, FAST_POLL, JobState, Observations, Outcome, POLL, ReplicationObservation,
+    Action, FAST_POLL, JobState, MigrationSet, Observations, Outcome, POLL, ReplicationObservation,
     checkpoint_offsets, next_action, record, record_intent,
 };
 pub use report::{TimingReport, format_duration, timing_report};
@@ -21,7 +21,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::api::conditions::{ConditionType, Reason, set_condition};
-use crate::api::{DatabaseCutoverStatus, Phase};
+use crate::api::{DatabaseCutoverStatus, Phase, ProblemKind};
 
 /// The phases that may follow `from`.
 ///
@@ -200,10 +200,13 @@ pub fn desired_status(
     let mut status = current.clone();
     status.observed_generation = generation;
     let s = summary(status.phase);
-    let (degraded, degraded_reason, degraded_message) = match trouble {
-        Some((reason, message)) => (true, reason, message),
-        None if s.degraded => (true, s.reason, s.message),
-        None => (false, Reason::Healthy, s.message),
+    // Hypercare problems stay until they go away; an error of this pass outranks them.
+    let problems = hypercare_problems(&status);
+    let (degraded, degraded_reason, degraded_message) = match (trouble, &problems) {
+        (Some((reason, message)), _) => (true, reason, message),
+        (None, Some((reason, message))) => (true, *reason, message.as_str()),
+        (None, None) if s.degraded => (true, s.reason, s.message),
+        (None, None) => (false, Reason::Healthy, s.message),
     };
     for (kind, value, reason, message) in [
         (ConditionType::Ready, s.ready, s.reason, s.message),
@@ -231,6 +234,22 @@ pub fn desired_status(
         );
     }
     status
+}
+
+/// The Degraded reason and message for the problems hypercare found, if any.
+fn hypercare_problems(status: &DatabaseCutoverStatus) -> Option<(Reason, String)> {
+    if status.phase != Phase::Hypercare {
+        return None;
+    }
+    let problems = &status.hypercare.as_ref()?.problems;
+    let first = problems.first()?;
+    let reason = match first.reason {
+        ProblemKind::ReplicationBroken => Reason::ReplicationBroken,
+        ProblemKind::RolloutStuck => Reason::RolloutStuck,
+        ProblemKind::CheckpointMismatch => Reason::CheckpointMismatch,
+    };
+    let text: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+    Some((reason, text.join("; ")))
 }
 
 /// How long to wait before retrying after `attempt` consecutive failures: exponential from one

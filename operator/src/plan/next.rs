@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use crate::api::units::{parse_duration, parse_size, parse_timestamp};
 use crate::api::{
-    Approval, CheckOutcome, CheckResult, DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone,
-    Mode, Phase, ReplicationStatus, StepOutcome, StepRecord, VerificationStatus,
+    Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverSpec,
+    DatabaseCutoverStatus, Milestone, Mode, Phase, Problem, ProblemKind, ReplicationStatus,
+    StepOutcome, StepRecord, VerificationStatus,
 };
 
 /// How often a waiting step looks again.
@@ -34,8 +35,19 @@ pub struct Observations {
     pub reverse_lag_bytes: Option<u64>,
     /// The source applied everything written on the target up to the rollback freeze.
     pub reverse_caught_up: bool,
-    /// Whether the restarted workloads finished rolling out.
-    pub workloads_ready: Option<bool>,
+    /// Set when reverse replication (target to source) exists and is broken, with why.
+    pub reverse_broken: Option<String>,
+    /// Restarted workloads whose rollout is stuck, each with why.
+    pub rollout_problems: Vec<String>,
+}
+
+/// Which set of migrations a Job applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationSet {
+    /// `spec.migrations.configMapRef`, applied to the target before replication starts.
+    Initial,
+    /// `spec.migrations.postSwitchConfigMapRef`, applied to the target during the switch.
+    PostSwitch,
 }
 
 /// A Job's state.
@@ -75,8 +87,8 @@ pub enum Action {
     Abort(String),
     /// Run the preflight checks.
     RunPreflight,
-    /// Create the migration Job (if it does not exist yet).
-    LaunchMigrations,
+    /// Create the migration Job of this set (if it does not exist yet).
+    LaunchMigrations(MigrationSet),
     /// Create the publication and the subscription (if they do not exist yet).
     StartReplication,
     /// Stop writes on the source and read its WAL position afterwards.
@@ -144,7 +156,7 @@ pub fn next_action(
         Phase::Pending => Action::Advance(Phase::Preflight),
         Phase::Preflight => preflight(spec, status),
         Phase::Migrating => match &obs.migration_job {
-            None => Action::LaunchMigrations,
+            None => Action::LaunchMigrations(MigrationSet::Initial),
             Some(JobState::Running) => Action::Wait(POLL),
             Some(JobState::Failed(why)) => Action::Abort(format!("migrations failed: {why}")),
             Some(JobState::Succeeded) => Action::Advance(Phase::Replicating),
@@ -169,7 +181,7 @@ pub fn next_action(
             Some(v) => Action::Abort(describe_mismatch(v)),
         },
         Phase::AwaitingApproval => approval(spec, status, now),
-        Phase::Switching => switching(spec, status),
+        Phase::Switching => switching(spec, status, obs),
         Phase::Hypercare => hypercare(spec, status, now),
         Phase::Aborting => Action::FinishAbort,
         Phase::RollingBack => rolling_back(status, obs),
@@ -335,7 +347,11 @@ fn approval(
 /// The switch, in order. The forward subscription goes first: once the target takes writes,
 /// nothing may flow into it from the source, and on PostgreSQL before 16 a reverse subscription
 /// next to a forward one would loop changes back.
-fn switching(spec: &DatabaseCutoverSpec, status: &DatabaseCutoverStatus) -> Action {
+fn switching(
+    spec: &DatabaseCutoverSpec,
+    status: &DatabaseCutoverStatus,
+    obs: &Observations,
+) -> Action {
     let rehearsal = spec.mode == Mode::Rehearsal;
     let mut steps = vec![Milestone::ForwardReplicationDropped];
     if !rehearsal {
@@ -358,6 +374,15 @@ fn switching(spec: &DatabaseCutoverSpec, status: &DatabaseCutoverStatus) -> Acti
         steps.push(Milestone::WorkloadsRestarted);
     }
     match steps.into_iter().find(|m| !done(status, *m)) {
+        // The Job runs on its own; the milestone is recorded once it has finished (the action
+        // confirms the outcome, and a failed Job fails the switch, which then rolls back).
+        Some(Milestone::PostSwitchMigrated) => match obs.migration_job {
+            None => Action::LaunchMigrations(MigrationSet::PostSwitch),
+            Some(JobState::Running) => Action::Wait(POLL),
+            Some(JobState::Succeeded | JobState::Failed(_)) => {
+                Action::Do(Milestone::PostSwitchMigrated)
+            }
+        },
         Some(next) => Action::Do(next),
         None if rehearsal => Action::EndRehearsal,
         None => Action::Advance(Phase::Hypercare),
@@ -465,6 +490,8 @@ pub enum Outcome {
     },
     /// Verification ran.
     Verified(VerificationStatus),
+    /// A hypercare checkpoint ran (its number and time are filled in by [`record`]).
+    Checked(CheckpointStatus),
     /// The action failed; before the point of no return the cutover aborts, after it a failed
     /// switch rolls back.
     Failed(String),
@@ -473,6 +500,7 @@ pub enum Outcome {
 /// The status after `action` ended with `outcome`, at `now`. Observations refresh the
 /// replication numbers shown by `kubectl get`.
 pub fn record(
+    spec: &DatabaseCutoverSpec,
     status: &DatabaseCutoverStatus,
     action: &Action,
     outcome: Outcome,
@@ -491,6 +519,7 @@ pub fn record(
             ..s.replication.take().unwrap_or_default()
         });
     }
+    refresh_problems(&mut s, obs);
     if let Outcome::Failed(why) = &outcome {
         let why = why.clone();
         if s.phase.is_past_point_of_no_return() {
@@ -533,6 +562,7 @@ pub fn record(
             if *to == Phase::Hypercare {
                 s.switched_at.get_or_insert(stamp.clone());
                 s.write_freeze_seconds = freeze_seconds(&s, now);
+                s.hypercare_until = hypercare_end(spec, &s);
             }
             enter(&mut s, *to, StepOutcome::Succeeded, None, &stamp);
             if *to == Phase::RolledBack {
@@ -554,7 +584,7 @@ pub fn record(
                 s.preflight = results;
             }
         }
-        Action::LaunchMigrations | Action::StartReplication => {}
+        Action::LaunchMigrations(_) | Action::StartReplication => {}
         Action::Freeze => {
             if let Outcome::Frozen { lsn } = outcome {
                 s.frozen_at = Some(stamp.clone());
@@ -585,9 +615,15 @@ pub fn record(
             }
         }
         Action::Checkpoint(n) => {
-            s.checkpoints_done = s
-                .checkpoints_done
-                .max(i32::try_from(*n + 1).unwrap_or(i32::MAX));
+            let number = i32::try_from(*n + 1).unwrap_or(i32::MAX);
+            s.checkpoints_done = s.checkpoints_done.max(number);
+            if let Outcome::Checked(result) = outcome {
+                s.hypercare.get_or_insert_default().last_checkpoint = Some(CheckpointStatus {
+                    number,
+                    at: stamp.clone(),
+                    ..result
+                });
+            }
         }
         Action::EndRehearsal => {
             add_milestone(&mut s, Milestone::SourceUnfrozen);
@@ -623,7 +659,49 @@ pub fn record(
         }
         Action::Finalize => {}
     }
+    refresh_problems(&mut s, obs);
     s
+}
+
+/// Hypercare's problems, from this pass's observations and the latest checkpoint: a problem
+/// that went away is removed. Outside hypercare there is nothing to watch.
+fn refresh_problems(s: &mut DatabaseCutoverStatus, obs: &Observations) {
+    if s.phase != Phase::Hypercare {
+        return;
+    }
+    let mut problems = Vec::new();
+    if let Some(why) = &obs.reverse_broken {
+        problems.push(Problem {
+            reason: ProblemKind::ReplicationBroken,
+            message: format!("reverse replication is broken, a rollback would lose writes: {why}"),
+        });
+    }
+    problems.extend(obs.rollout_problems.iter().map(|why| Problem {
+        reason: ProblemKind::RolloutStuck,
+        message: why.clone(),
+    }));
+    let hypercare = s.hypercare.get_or_insert_default();
+    if let Some(c) = &hypercare.last_checkpoint
+        && !c.matched
+    {
+        problems.push(Problem {
+            reason: ProblemKind::CheckpointMismatch,
+            message: format!(
+                "checkpoint {} found the target and the source differ: {}",
+                c.number,
+                c.mismatches.join("; ")
+            ),
+        });
+    }
+    hypercare.problems = problems;
+}
+
+/// When hypercare ends: `schedule.hypercare` after the switch.
+fn hypercare_end(spec: &DatabaseCutoverSpec, s: &DatabaseCutoverStatus) -> Option<String> {
+    let switched = parse_timestamp(s.switched_at.as_deref()?).ok()?;
+    let length = parse_duration(&spec.schedule.hypercare).ok()?;
+    let length = jiff::SignedDuration::try_from(length).ok()?;
+    switched.checked_add(length).ok().map(|t| t.to_string())
 }
 
 /// The status to write *before* an irreversible action runs.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::next::*;
 use crate::api::{
-    Approval, CheckOutcome, CheckResult, DatabaseCutover, DatabaseCutoverSpec,
+    Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutover, DatabaseCutoverSpec,
     DatabaseCutoverStatus, Milestone, Mode, Phase, StepOutcome, StepRecord, TableVerification,
     VerificationStatus,
 };
@@ -128,7 +128,7 @@ fn migrations_follow_the_job() {
     };
     assert_eq!(
         next_action(&spec, &s, &job(None), t(1)),
-        Action::LaunchMigrations
+        Action::LaunchMigrations(MigrationSet::Initial)
     );
     assert_eq!(
         next_action(&spec, &s, &job(Some(JobState::Running)), t(1)),
@@ -290,7 +290,7 @@ fn switch_order_production_with_rollback_readiness() {
         match next_action(&spec, &s, &none, t(1)) {
             Action::Do(m) => {
                 order.push(m);
-                s = record(&s, &Action::Do(m), Outcome::Done, &none, t(1));
+                s = record(&spec, &s, &Action::Do(m), Outcome::Done, &none, t(1));
             }
             Action::Advance(Phase::Hypercare) => break,
             other => panic!("unexpected {other:?}"),
@@ -310,6 +310,164 @@ fn switch_order_production_with_rollback_readiness() {
 }
 
 #[test]
+fn post_switch_migrations_run_as_a_job_before_the_application_moves() {
+    let mut spec = plan("manual");
+    spec.migrations.as_mut().unwrap().post_switch_config_map_ref = Some(crate::api::ConfigMapRef {
+        name: "orders-final-migrations".into(),
+    });
+    let s = with(in_phase(Phase::Switching, 0), |s| {
+        s.milestones.push(Milestone::ForwardReplicationDropped);
+    });
+    let job = |state| Observations {
+        migration_job: state,
+        ..Observations::default()
+    };
+    assert_eq!(
+        next_action(&spec, &s, &job(None), t(1)),
+        Action::LaunchMigrations(MigrationSet::PostSwitch)
+    );
+    assert_eq!(
+        next_action(&spec, &s, &job(Some(JobState::Running)), t(1)),
+        Action::Wait(POLL)
+    );
+    // Success and failure both go to the milestone, whose action confirms the Job's outcome.
+    for state in [
+        JobState::Succeeded,
+        JobState::Failed("BackoffLimitExceeded".into()),
+    ] {
+        assert_eq!(
+            next_action(&spec, &s, &job(Some(state)), t(1)),
+            Action::Do(Milestone::PostSwitchMigrated)
+        );
+    }
+    // A failed Job fails the switch before the Secret moved: back to the source.
+    let failed = record(
+        &spec,
+        &s,
+        &Action::Do(Milestone::PostSwitchMigrated),
+        Outcome::Failed("post-switch migrations failed: BackoffLimitExceeded".into()),
+        &Observations::default(),
+        t(2),
+    );
+    assert_eq!(failed.phase, Phase::RollingBack);
+    assert!(failed.message.unwrap().contains("BackoffLimitExceeded"));
+    // Done: the login check comes next, then the Secret.
+    let migrated = record(
+        &spec,
+        &s,
+        &Action::Do(Milestone::PostSwitchMigrated),
+        Outcome::Done,
+        &Observations::default(),
+        t(2),
+    );
+    assert_eq!(
+        next_action(&spec, &migrated, &Observations::default(), t(3)),
+        Action::Do(Milestone::TargetLoginAllowed)
+    );
+}
+
+#[test]
+fn hypercare_problems_degrade_until_they_go_away() {
+    use crate::api::conditions::ConditionType;
+    let spec = plan("rollback");
+    let s = with(in_phase(Phase::Hypercare, 0), |s| {
+        s.switched_at = Some(t(0).to_string());
+    });
+    let degraded = |s: &DatabaseCutoverStatus| {
+        let d = super::desired_status(s, Some(1), t(10), None);
+        let c = d
+            .conditions
+            .iter()
+            .find(|c| c.type_ == ConditionType::Degraded.as_str())
+            .unwrap()
+            .clone();
+        (c.status == "True", c.reason, c.message)
+    };
+    assert!(!degraded(&s).0);
+
+    let broken = Observations {
+        reverse_broken: Some("subscription cutover_rev is disabled".into()),
+        rollout_problems: vec!["Deployment orders-api does not finish rolling out".into()],
+        ..Observations::default()
+    };
+    let waiting = record(
+        &spec,
+        &s,
+        &Action::Wait(POLL),
+        Outcome::Done,
+        &broken,
+        t(10),
+    );
+    let problems = &waiting.hypercare.as_ref().unwrap().problems;
+    assert_eq!(problems.len(), 2);
+    let (is, reason, message) = degraded(&waiting);
+    assert!(is);
+    assert_eq!(reason, "ReplicationBroken");
+    assert!(message.contains("cutover_rev is disabled"), "{message}");
+    assert!(message.contains("orders-api"), "{message}");
+
+    // A checkpoint that found a difference stays a problem until a later one matches.
+    let mismatch = CheckpointStatus {
+        tables: 2,
+        compared_with_source: true,
+        matched: false,
+        mismatches: vec!["public.orders: 10 rows on green, 9 on blue".into()],
+        ..CheckpointStatus::default()
+    };
+    let none = Observations::default();
+    let checked = record(
+        &spec,
+        &waiting,
+        &Action::Checkpoint(0),
+        Outcome::Checked(mismatch),
+        &none,
+        t(15 * 60),
+    );
+    let h = checked.hypercare.as_ref().unwrap();
+    assert_eq!(h.last_checkpoint.as_ref().unwrap().number, 1);
+    assert_eq!(h.problems.len(), 1, "the repaired ones are gone: {h:?}");
+    let (is, reason, message) = degraded(&checked);
+    assert!(is);
+    assert_eq!(reason, "CheckpointMismatch");
+    assert!(message.contains("public.orders: 10 rows on green, 9 on blue"));
+
+    let matched = CheckpointStatus {
+        tables: 2,
+        compared_with_source: true,
+        matched: true,
+        ..CheckpointStatus::default()
+    };
+    let fine = record(
+        &spec,
+        &checked,
+        &Action::Checkpoint(1),
+        Outcome::Checked(matched),
+        &none,
+        t(3600),
+    );
+    assert!(fine.hypercare.as_ref().unwrap().problems.is_empty());
+    assert!(!degraded(&fine).0);
+}
+
+#[test]
+fn entering_hypercare_records_when_it_ends() {
+    let spec = plan("rollback"); // hypercare 24h
+    let s = with(in_phase(Phase::Switching, 0), |s| {
+        s.switched_at = Some(t(100).to_string());
+    });
+    let none = Observations::default();
+    let h = record(
+        &spec,
+        &s,
+        &Action::Advance(Phase::Hypercare),
+        Outcome::Done,
+        &none,
+        t(101),
+    );
+    assert_eq!(h.hypercare_until, Some(t(100 + 86_400).to_string()));
+}
+
+#[test]
 fn rehearsal_never_touches_the_application() {
     let spec = plan("rehearsal");
     assert_eq!(spec.mode, Mode::Rehearsal);
@@ -320,7 +478,7 @@ fn rehearsal_never_touches_the_application() {
         match next_action(&spec, &s, &none, t(1)) {
             Action::Do(m) => {
                 order.push(m);
-                s = record(&s, &Action::Do(m), Outcome::Done, &none, t(1));
+                s = record(&spec, &s, &Action::Do(m), Outcome::Done, &none, t(1));
             }
             Action::EndRehearsal => break,
             other => panic!("unexpected {other:?}"),
@@ -334,7 +492,7 @@ fn rehearsal_never_touches_the_application() {
             Milestone::SecretSwitched
         ]
     );
-    let done = record(&s, &Action::EndRehearsal, Outcome::Done, &none, t(2));
+    let done = record(&spec, &s, &Action::EndRehearsal, Outcome::Done, &none, t(2));
     assert_eq!(done.phase, Phase::Completed);
     assert!(done.milestones.contains(&Milestone::SourceUnfrozen));
 }
@@ -354,7 +512,14 @@ fn hypercare_checkpoints_rollback_and_completion() {
         next_action(&spec, &s, &none, t(15 * 60)),
         Action::Checkpoint(0)
     );
-    let one = record(&s, &Action::Checkpoint(0), Outcome::Done, &none, t(15 * 60));
+    let one = record(
+        &spec,
+        &s,
+        &Action::Checkpoint(0),
+        Outcome::Done,
+        &none,
+        t(15 * 60),
+    );
     assert!(matches!(
         next_action(&spec, &one, &none, t(16 * 60)),
         Action::Wait(_)
@@ -363,7 +528,14 @@ fn hypercare_checkpoints_rollback_and_completion() {
         next_action(&spec, &one, &none, t(3600)),
         Action::Checkpoint(1)
     );
-    let two = record(&one, &Action::Checkpoint(1), Outcome::Done, &none, t(3600));
+    let two = record(
+        &spec,
+        &one,
+        &Action::Checkpoint(1),
+        Outcome::Done,
+        &none,
+        t(3600),
+    );
     assert_eq!(next_action(&spec, &two, &none, t(86_400)), Action::Complete);
 
     // Abort is no longer possible; rollback is.
@@ -397,7 +569,7 @@ fn rollback_reverses_what_the_switch_did() {
         match next_action(&spec, &s, &obs, t(1)) {
             Action::Do(m) => {
                 order.push(m);
-                s = record(&s, &Action::Do(m), Outcome::Done, &obs, t(1));
+                s = record(&spec, &s, &Action::Do(m), Outcome::Done, &obs, t(1));
             }
             Action::Wait(_) => obs.reverse_caught_up = true,
             Action::Advance(Phase::RolledBack) => break,
@@ -420,9 +592,11 @@ fn rollback_reverses_what_the_switch_did() {
 
 #[test]
 fn a_failed_switch_rolls_back_unless_writes_would_be_stranded() {
+    let spec = plan("rollback");
     let none = Observations::default();
     let s = in_phase(Phase::Switching, 0);
     let failed = record(
+        &spec,
         &s,
         &Action::Do(Milestone::TargetLoginAllowed),
         Outcome::Failed("boom".into()),
@@ -438,6 +612,7 @@ fn a_failed_switch_rolls_back_unless_writes_would_be_stranded() {
         ]
     });
     let retried = record(
+        &spec,
         &stranded,
         &Action::Do(Milestone::WorkloadsRestarted),
         Outcome::Failed("boom".into()),
@@ -498,6 +673,7 @@ fn abort_request_deletion_and_intent_come_first() {
         Action::Do(Milestone::SecretSwitched)
     );
     let recorded = record(
+        &spec,
         &pending_intent,
         &Action::Do(Milestone::SecretSwitched),
         Outcome::Done,
@@ -569,7 +745,7 @@ fn invariants_hold_over_random_runs() {
         let mut source_frozen = false;
         let mut pnr: Option<String> = None;
         let mut replication_started = false;
-        let mut job_launched = false;
+        let mut jobs_launched: Vec<MigrationSet> = Vec::new();
         for _ in 0..300 {
             // Requests arrive at random.
             if rng.below(1000) < 3 {
@@ -585,11 +761,16 @@ fn invariants_hold_over_random_runs() {
             }
             let obs = Observations {
                 deleting: false,
-                migration_job: job_launched.then(|| match rng.below(10) {
-                    0 => JobState::Failed("BackoffLimitExceeded".into()),
-                    1..=4 => JobState::Running,
-                    _ => JobState::Succeeded,
-                }),
+                migration_job: jobs_launched
+                    .contains(&match status.phase {
+                        Phase::Switching => MigrationSet::PostSwitch,
+                        _ => MigrationSet::Initial,
+                    })
+                    .then(|| match rng.below(10) {
+                        0 => JobState::Failed("BackoffLimitExceeded".into()),
+                        1..=4 => JobState::Running,
+                        _ => JobState::Succeeded,
+                    }),
                 replication: replication_started.then(|| ReplicationObservation {
                     tables_ready: rng.below(4) as u32,
                     tables_total: 3,
@@ -599,7 +780,8 @@ fn invariants_hold_over_random_runs() {
                 applied_past_freeze: rng.chance(60),
                 reverse_lag_bytes: None,
                 reverse_caught_up: rng.chance(50),
-                workloads_ready: None,
+                reverse_broken: (rng.below(100) < 5).then(|| "subscription disabled".into()),
+                rollout_problems: Vec::new(),
             };
             let action = next_action(&spec, &status, &obs, now);
             let fails = rng.chance(3);
@@ -639,8 +821,8 @@ fn invariants_hold_over_random_runs() {
                         replication_started = true;
                         Outcome::Done
                     }
-                    Action::LaunchMigrations => {
-                        job_launched = true;
+                    Action::LaunchMigrations(set) => {
+                        jobs_launched.push(*set);
                         Outcome::Done
                     }
                     _ => Outcome::Done,
@@ -650,7 +832,7 @@ fn invariants_hold_over_random_runs() {
                 status = with_intent;
             }
             let before = status.clone();
-            status = record(&status, &action, outcome, &obs, now);
+            status = record(&spec, &status, &action, outcome, &obs, now);
 
             let ctx = format!(
                 "seed {seed}: {} -> {} via {action:?}",

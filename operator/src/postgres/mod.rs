@@ -11,6 +11,7 @@ pub use ident::{quote_ident, quote_literal, quote_qualified};
 
 // The replication engine (issue 3): preflight, replication, freeze, final sync, reverse
 // replication and cleanup. See docs/replication.md.
+pub mod checkpoint;
 pub mod cleanup;
 pub mod freeze;
 pub mod preflight;

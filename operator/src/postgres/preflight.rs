@@ -81,6 +81,9 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
         out.push(privileges_reverse(blue).await);
     }
     out.push(roles(blue, &opts.application_roles).await);
+    if !opts.application_roles.is_empty() {
+        out.push(roles_on_green(green, &opts.application_roles).await);
+    }
     let tables = match resolve_tables(blue, &opts.tables).await {
         Ok(t) if t.is_empty() => {
             out.push(fail("tables", "no table to replicate on blue"));
@@ -313,6 +316,71 @@ async fn privileges_reverse(blue: &Client) -> CheckResult {
             "the reverse subscription on blue needs a superuser (pg_create_subscription on PostgreSQL 16+)",
         ),
         Err(e) => unreadable(NAME, "the connecting role", &e),
+    }
+}
+
+/// What would keep the application roles from working on this database once the application
+/// is pointed at it, one line per problem (empty when none): a role missing, `NOLOGIN`, without
+/// `CONNECT` on the database, or held read-only (`default_transaction_read_only` set for the
+/// database, the role, or the role in this database — a freeze left behind, for example).
+pub async fn application_access(
+    client: &Client,
+    roles: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT r.name, a.rolcanlogin,
+                    CASE WHEN a.oid IS NULL THEN NULL
+                         ELSE has_database_privilege(a.oid, current_database(), 'CONNECT') END,
+                    EXISTS (SELECT 1 FROM pg_db_role_setting s
+                             WHERE (s.setdatabase = 0 OR s.setdatabase = (SELECT oid FROM pg_database
+                                                        WHERE datname = current_database()))
+                               AND (s.setrole = 0 OR s.setrole = a.oid)
+                               AND 'default_transaction_read_only=on' = ANY(s.setconfig))
+               FROM unnest($1::text[]) AS r(name)
+               LEFT JOIN pg_roles a ON a.rolname = r.name
+              ORDER BY 1",
+            &[&roles],
+        )
+        .await?;
+    let mut problems = Vec::new();
+    for row in rows {
+        let name: String = row.get(0);
+        let login: Option<bool> = row.get(1);
+        let connect: Option<bool> = row.get(2);
+        let read_only: bool = row.get(3);
+        match login {
+            None => problems.push(format!("role {name} does not exist")),
+            Some(false) => problems.push(format!("role {name} cannot log in (NOLOGIN)")),
+            Some(true) => {}
+        }
+        if connect == Some(false) {
+            problems.push(format!("role {name} may not connect to the database"));
+        }
+        if login.is_some() && read_only {
+            problems.push(format!(
+                "role {name} is held read-only here (default_transaction_read_only)"
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+async fn roles_on_green(green: &Client, roles: &[String]) -> CheckResult {
+    const NAME: &str = "application-roles-green";
+    match application_access(green, roles).await {
+        Ok(problems) if problems.is_empty() => pass(
+            NAME,
+            format!("{} can log in and write on green", roles.join(", ")),
+        ),
+        Ok(problems) => fail(
+            NAME,
+            format!(
+                "the application could not work on green after the switch: {}",
+                problems.join("; ")
+            ),
+        ),
+        Err(e) => unreadable(NAME, "the application roles on green", &e),
     }
 }
 

@@ -556,6 +556,52 @@ pub async fn lag_of_slot(publisher: &Client, slot: &str) -> Result<Lag, Replicat
     Ok(Lag { bytes, seconds })
 }
 
+/// Why replication through `subscription` (on the subscriber) and its slot `slot` (on the
+/// publisher) is broken, or `None` while it works. Broken means it cannot catch up without a
+/// person: the subscription is missing or disabled (`disable_on_error`, or by hand), or the slot
+/// is missing or lost WAL it needed (`wal_status = 'lost'`, past `max_slot_wal_keep_size`).
+/// An apply worker that errors and restarts is not broken by itself: PostgreSQL retries it, and
+/// the lag shows whether it keeps up.
+pub async fn health(
+    subscriber: &Client,
+    publisher: &Client,
+    subscription: &str,
+    slot: &str,
+) -> Result<Option<String>, ReplicationError> {
+    let enabled: Option<bool> = subscriber
+        .query_opt(
+            "SELECT subenabled FROM pg_subscription
+              WHERE subname = $1 AND subdbid = (SELECT oid FROM pg_database
+                                                 WHERE datname = current_database())",
+            &[&subscription],
+        )
+        .await
+        .map_err(sql("read the subscription"))?
+        .map(|row| row.get(0));
+    match enabled {
+        None => return Ok(Some(format!("subscription {subscription} is missing"))),
+        Some(false) => return Ok(Some(format!("subscription {subscription} is disabled"))),
+        Some(true) => {}
+    }
+    let status: Option<Option<String>> = publisher
+        .query_opt(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql("read the replication slot"))?
+        .map(|row| row.get(0));
+    Ok(match status {
+        None => Some(format!(
+            "replication slot {slot} is missing on the publisher"
+        )),
+        Some(Some(s)) if s == "lost" => Some(format!(
+            "replication slot {slot} lost WAL it needed (max_slot_wal_keep_size)"
+        )),
+        Some(_) => None,
+    })
+}
+
 /// Lag of the cutover's forward replication, measured on blue.
 pub async fn lag(blue: &Client, names: &Names) -> Result<Lag, ReplicationError> {
     lag_of_slot(blue, &names.slot).await
