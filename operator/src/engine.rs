@@ -224,11 +224,19 @@ impl<P: Platform> Engine<P> {
                     let lag = replication::lag(&blue, &self.names)
                         .await
                         .map_err(observe("replication lag"))?;
+                    let broken = replication::health(
+                        &green,
+                        &blue,
+                        &self.names.subscription,
+                        &self.names.slot,
+                    )
+                    .await
+                    .map_err(observe("replication health"))?;
                     obs.replication = Some(ReplicationObservation {
                         tables_ready: u32::try_from(progress.tables_ready).unwrap_or(0),
                         tables_total: u32::try_from(progress.tables_total).unwrap_or(0),
                         lag_bytes: lag.bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or(0),
-                        broken: None,
+                        broken,
                     });
                 }
             }

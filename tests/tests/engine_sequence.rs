@@ -483,3 +483,41 @@ async fn the_switch_stops_before_the_secret_moves_when_green_would_refuse_the_ap
     );
     assert_clean_and_writable(&bg).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_forward_replication_aborts_leaving_blue_writable() {
+    let bg = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = spec(Mode::Production);
+    // Wait in Replicating: the freeze is an hour away.
+    spec.schedule.freeze_at =
+        Some((jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string());
+    let engine = engine(&bg, spec, dir.path());
+    let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
+        s.replication
+            .as_ref()
+            .is_some_and(|r| r.tables_total > 0 && r.tables_ready == r.tables_total)
+    })
+    .await;
+    assert_eq!(status.phase, Phase::Replicating);
+
+    // Someone (or `disable_on_error`) disables the subscription on green.
+    let subscription = names("shop/orders").subscription;
+    bg.green
+        .execute(APP, &format!("ALTER SUBSCRIPTION {subscription} DISABLE"))
+        .unwrap();
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        drive(&engine, status, 5, |_, _| {}),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(status.phase, Phase::Aborted);
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("replication is broken") && message.contains("is disabled"),
+        "{message}"
+    );
+    assert_clean_and_writable(&bg).await;
+}
