@@ -10,13 +10,16 @@
 //!
 //! There is no kube-controller-manager, scheduler or kubelet: objects are stored and validated
 //! (CRD schemas, admission, RBAC) but nothing reconciles them — no pods run, no namespace is
-//! finalised, no garbage collection, no default service accounts.
+//! finalised, no garbage collection, no default service accounts. Jobs are the exception the
+//! tests need: [`kubelet::Kubelet`] stands in for the kubelet and the Job controller, running a
+//! Job's container (this project's own binary) as a local process and writing its status.
 //!
 //! A [`kube::Client`] is tied to the tokio runtime that created it, and `#[tokio::test]` makes
 //! one runtime per test, so [`ControlPlane::client`] builds a fresh client on every call; the
 //! processes themselves do not depend on any runtime.
 
 pub mod fixtures;
+pub mod kubelet;
 pub mod operator;
 
 use std::collections::BTreeMap;
@@ -874,7 +877,7 @@ fn spawn_from_long_lived_thread(command: Command) -> io::Result<Child> {
 /// aborts, SIGKILL, Ctrl-C): no etcd or kube-apiserver outlives the test binary.
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn die_with_this_process(command: &mut Command) {
+pub(crate) fn die_with_this_process(command: &mut Command) {
     let parent = libc::pid_t::try_from(std::process::id()).expect("pids fit in pid_t");
     // SAFETY: the closure runs in the forked child before exec and only makes the
     // async-signal-safe system calls prctl(2) and getppid(2); it allocates nothing.
@@ -893,7 +896,7 @@ fn die_with_this_process(command: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_this_process(_command: &mut Command) {}
+pub(crate) fn die_with_this_process(_command: &mut Command) {}
 
 #[allow(unsafe_code)]
 fn kill_process_group(pid: u32) {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
 use cutover_e2e::fixtures::{bank_databases, namespace_with_crds, repo};
+use cutover_e2e::kubelet::Kubelet;
 use cutover_e2e::operator::{OperatorProcess, cutover_binary, eventually};
 use cutover_operator::api::{
     Approval, DatabaseCutover, DatabaseCutoverStatus, Milestone, Phase, WorkloadKind, WorkloadRef,
@@ -16,7 +17,8 @@ use cutover_operator::api::{
 use cutover_tests::workload::{self, Load, LoadConfig};
 use cutover_tests::{BlueGreen, PgCluster};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use serde_json::json;
@@ -149,6 +151,55 @@ impl Scenario {
         plan
     }
 
+    /// The plan with `spec.migrations` from ConfigMap [`MIGRATIONS`]. Only the bank's tables
+    /// are replicated and verified: the migrations add to green what blue does not have.
+    fn plan_with_migrations(&self) -> DatabaseCutover {
+        let mut plan = self.plan();
+        plan.spec.replication.tables = vec!["public.accounts".into(), "public.ledger".into()];
+        plan.spec.migrations = Some(
+            serde_json::from_value(json!({
+                "configMapRef": {"name": MIGRATIONS},
+                "lockKey": 4242,
+                "lockTimeout": "5s",
+            }))
+            .unwrap(),
+        );
+        plan
+    }
+
+    /// The ConfigMap of migration files, one key per file.
+    async fn migrations(&self, files: &[(&str, &str)]) {
+        let api: Api<ConfigMap> = Api::namespaced(self.plane.client(), &self.ns);
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(MIGRATIONS.into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                files
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            ..ConfigMap::default()
+        };
+        api.create(&PostParams::default(), &cm)
+            .await
+            .expect("create the migrations ConfigMap");
+    }
+
+    /// The cutover's one migration Job.
+    async fn migration_job(&self) -> Job {
+        let jobs: Api<Job> = Api::namespaced(self.plane.client(), &self.ns);
+        let mut list = jobs
+            .list(&ListParams::default().labels(&format!("cutover.dbops.dev/cutover={NAME}")))
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(list.len(), 1, "one migration Job");
+        list.remove(0)
+    }
+
     fn api(&self) -> Api<DatabaseCutover> {
         Api::namespaced(self.plane.client(), &self.ns)
     }
@@ -247,6 +298,15 @@ impl Scenario {
 }
 
 const NAME: &str = "billing-to-new-cluster";
+const MIGRATIONS: &str = "billing-migrations";
+const V1: (&str, &str) = (
+    "V1__create_billing_notes.sql",
+    "CREATE TABLE billing_notes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, account int NOT NULL, body text NOT NULL);",
+);
+const V2: (&str, &str) = (
+    "V2__add_author_to_billing_notes.sql",
+    "ALTER TABLE billing_notes ADD COLUMN author text;",
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_drives_a_cutover_to_completed_under_load() {
@@ -589,4 +649,176 @@ async fn an_operator_killed_at_every_phase_still_completes_the_cutover_once() {
     assert_eq!(unique, done.milestones);
     assert!(done.point_of_no_return_at.is_some());
     assert_eq!(done.intent, None);
+}
+
+/// `(version, success)` of every attempt recorded in the migration history, in order.
+fn history(c: &PgCluster) -> Vec<(String, String)> {
+    c.query(
+        BlueGreen::DATABASE,
+        "SELECT version, success::text FROM cutover_schema_history ORDER BY id",
+    )
+    .unwrap()
+    .into_iter()
+    .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+    .collect()
+}
+
+fn has_table(c: &PgCluster, name: &str) -> bool {
+    one(
+        c,
+        &format!(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = '{name}'"
+        ),
+    ) == 1
+}
+
+fn job_condition(job: &Job, type_: &str) -> Option<(String, String)> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+        .map(|c| {
+            (
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default(),
+            )
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_as_a_job_on_green_before_replication_and_the_cutover_completes() {
+    let mut s = Scenario::start("migrate").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let kubelet = Kubelet::start(s.plane.client(), &s.ns);
+    s.migrations(&[V1, V2]).await;
+    s.apply(&s.plan_with_migrations()).await;
+
+    let api = s.api();
+    let done = eventually(
+        "the cutover completes",
+        Duration::from_secs(240),
+        || async {
+            let status = api.get(NAME).await.ok()?.status?;
+            assert_ne!(
+                status.phase,
+                Phase::Aborted,
+                "aborted: {:?}",
+                status.message
+            );
+            (status.phase == Phase::Completed).then_some(status)
+        },
+    )
+    .await;
+    let report = s.stop_load().await;
+
+    // Migrating ran after the preflight and before replication, and succeeded.
+    let steps: Vec<Phase> = done.steps.iter().map(|st| st.name).collect();
+    let at = |p: Phase| steps.iter().position(|x| *x == p);
+    let migrating = at(Phase::Migrating).expect("a Migrating step");
+    assert!(at(Phase::Preflight) < Some(migrating), "{steps:?}");
+    assert!(Some(migrating) < at(Phase::Replicating), "{steps:?}");
+
+    // The Job ran `cutover migrate` and the stand-in recorded it as the Job controller would.
+    let job = s.migration_job().await;
+    let job_name = job.metadata.name.clone().unwrap();
+    eprintln!("{}", kubelet.output(&job_name));
+    let status = job.status.clone().unwrap();
+    assert_eq!(status.succeeded, Some(1));
+    assert_eq!(status.active.unwrap_or(0), 0, "no pod left active");
+    assert!(status.start_time.is_some() && status.completion_time.is_some());
+    assert!(job_condition(&job, "SuccessCriteriaMet").is_some());
+    assert!(job_condition(&job, "Complete").is_some());
+    assert!(job_condition(&job, "Failed").is_none());
+
+    // Green has both migrations in its history and the schema they made; blue has neither.
+    assert_eq!(
+        history(&s.bg.green),
+        vec![("1".into(), "true".into()), ("2".into(), "true".into())]
+    );
+    assert_eq!(
+        one(
+            &s.bg.green,
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_name = 'billing_notes' AND column_name IN ('account', 'body', 'author')"
+        ),
+        3
+    );
+    assert!(!has_table(&s.bg.blue, "billing_notes"));
+    assert!(!has_table(&s.bg.blue, "cutover_schema_history"));
+
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.green_app
+    );
+    s.assert_ledger(&s.bg.green, &report);
+    s.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_migration_aborts_the_cutover_naming_the_file_and_blue_carries_on() {
+    let mut s = Scenario::start("migrate-fail").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let kubelet = Kubelet::start(s.plane.client(), &s.ns);
+    let broken = (
+        "V2__broken.sql",
+        "ALTER TABLE billing_notes ADD COLUMN author text;\nUPDATE no_such_table SET x = 1;",
+    );
+    s.migrations(&[V1, broken]).await;
+    s.apply(&s.plan_with_migrations()).await;
+
+    let aborted = s.wait_phase(Phase::Aborted, Duration::from_secs(180)).await;
+    let message = aborted.message.unwrap_or_default();
+    assert!(
+        !message.contains(APP_PASSWORD) && !message.contains(&s.bg.green_dsn()),
+        "the abort message carries a credential"
+    );
+    assert!(
+        message.contains("migrations failed")
+            && message.contains("BackoffLimitExceeded")
+            && message.contains("V2__broken.sql")
+            && message.contains("no_such_table"),
+        "{message}"
+    );
+    let steps: Vec<Phase> = aborted.steps.iter().map(|st| st.name).collect();
+    assert!(!steps.contains(&Phase::Replicating), "{steps:?}");
+
+    // The Job failed after backoffLimit (3) retries, with the conditions the Job controller sets.
+    let job = s.migration_job().await;
+    eprintln!("{}", kubelet.output(job.metadata.name.as_deref().unwrap()));
+    let status = job.status.clone().unwrap();
+    assert_eq!(status.failed, Some(4));
+    assert_eq!(status.active.unwrap_or(0), 0, "no pod left active");
+    assert_eq!(status.completion_time, None);
+    let (reason, _) = job_condition(&job, "Failed").expect("Failed=True");
+    assert_eq!(reason, "BackoffLimitExceeded");
+    assert!(job_condition(&job, "FailureTarget").is_some());
+    assert!(job_condition(&job, "Complete").is_none());
+
+    // V1 applied once; every attempt at V2 recorded as failed and rolled back whole.
+    let attempts = history(&s.bg.green);
+    assert_eq!(attempts[0], ("1".into(), "true".into()));
+    assert_eq!(
+        attempts[1..].to_vec(),
+        vec![(String::from("2"), String::from("false")); 4],
+        "{attempts:?}"
+    );
+    assert_eq!(
+        one(
+            &s.bg.green,
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_name = 'billing_notes' AND column_name = 'author'"
+        ),
+        0
+    );
+
+    s.assert_blue_writable().await;
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.blue, &report);
+    s.assert_nothing_left();
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.blue_app
+    );
 }
