@@ -29,9 +29,15 @@ enum Change {
     ToastedOneCharLonger,
     DeletedRow,
     InsertedRow,
+    NumericScale,
+    BoolFlip,
+    UuidLastDigit,
+    TimestampMicrosecond,
+    SmallintPlusOne,
+    ValuesSwappedBetweenRows,
 }
 
-const CHANGES: [Change; 13] = [
+const CHANGES: [Change; 19] = [
     Change::TextNullToEmpty,
     Change::TextEmptyToNull,
     Change::NumericLastDigit,
@@ -45,6 +51,12 @@ const CHANGES: [Change; 13] = [
     Change::ToastedOneCharLonger,
     Change::DeletedRow,
     Change::InsertedRow,
+    Change::NumericScale,
+    Change::BoolFlip,
+    Change::UuidLastDigit,
+    Change::TimestampMicrosecond,
+    Change::SmallintPlusOne,
+    Change::ValuesSwappedBetweenRows,
 ];
 
 impl Change {
@@ -56,6 +68,8 @@ impl Change {
             Self::FloatMinusZero => g % 5 == 0,
             Self::FloatNan => g % 5 != 0 && g % 7 != 0,
             Self::ToastedOneCharLonger => g % 10 == 0,
+            // A row with a text and the row before it, whose text is '' (g ≥ 2).
+            Self::ValuesSwappedBetweenRows => g % 3 == 2,
             _ => true,
         }
     }
@@ -80,18 +94,38 @@ impl Change {
             Self::InsertedRow => {
                 format!("INSERT INTO props (id, t) VALUES ({}, 'new')", id + 1)
             }
+            // The same value, one more digit of display scale: 1.370 becomes 1.3700.
+            Self::NumericScale => set("n = round(n, scale(n) + 1)"),
+            Self::BoolFlip => set("flag = NOT flag"),
+            Self::UuidLastDigit => set(
+                "u = overlay(u::text PLACING CASE WHEN right(u::text, 1) = '0' THEN '1' ELSE '0' END \
+                 FROM 36)::uuid",
+            ),
+            Self::TimestampMicrosecond => set("lts = lts + interval '1 microsecond'"),
+            Self::SmallintPlusOne => set("small = small + 1"),
+            // Each row keeps a value, but the two rows trade theirs: every row's own content
+            // changed while the table's multiset of column values did not.
+            Self::ValuesSwappedBetweenRows => format!(
+                "UPDATE props p SET t = o.t FROM props o
+                  WHERE (p.id, o.id) IN (({id}, {previous}), ({previous}, {id}))",
+                previous = id - 2
+            ),
         }
     }
 
-    fn expected(self, id: i64) -> Difference {
+    fn expected(self, id: i64) -> Vec<Difference> {
         let key = |id: i64| Key {
             columns: vec!["id".into()],
             values: vec![id.to_string()],
         };
         match self {
-            Self::DeletedRow => Difference::MissingOnTarget { key: key(id) },
-            Self::InsertedRow => Difference::ExtraOnTarget { key: key(id + 1) },
-            _ => Difference::Changed { key: key(id) },
+            Self::DeletedRow => vec![Difference::MissingOnTarget { key: key(id) }],
+            Self::InsertedRow => vec![Difference::ExtraOnTarget { key: key(id + 1) }],
+            Self::ValuesSwappedBetweenRows => vec![
+                Difference::Changed { key: key(id - 2) },
+                Difference::Changed { key: key(id) },
+            ],
+            _ => vec![Difference::Changed { key: key(id) }],
         }
     }
 }
@@ -102,7 +136,8 @@ fn fill_sql(seed: u64, rows: i64) -> String {
     format!(
         "DROP TABLE IF EXISTS props;
          CREATE TABLE props (id bigint PRIMARY KEY, t text, n numeric, f float8, ts timestamptz,
-                             j jsonb, arr int[], b bytea, e mood, big text);
+                             j jsonb, arr int[], b bytea, e mood, big text, flag boolean,
+                             u uuid, lts timestamp, small smallint);
          INSERT INTO props
          SELECT g * 2,
                 CASE g % 3 WHEN 0 THEN NULL WHEN 1 THEN '' ELSE 'v' || g || '-' || {seed} END,
@@ -115,7 +150,11 @@ fn fill_sql(seed: u64, rows: i64) -> String {
                 (enum_range(NULL::mood))[g % 3 + 1],
                 CASE WHEN g % 10 = 0
                      THEN (SELECT string_agg(md5(i::text || g), '') FROM generate_series(1, 250) i)
-                END
+                END,
+                g % 2 = 0,
+                md5(g::text || '{seed}')::uuid,
+                timestamp '2024-03-01 12:00:00' + g * interval '1.000001 second',
+                (g % 1000)::smallint
            FROM generate_series(1, {rows}) g;"
     )
 }
@@ -209,11 +248,7 @@ async fn every_single_change_is_found_and_named_and_identical_data_matches() {
         assert!(!report.matched, "change not found: {context}");
         let t = &report.tables[0];
         assert!(!t.matched, "{context}");
-        assert_eq!(
-            t.differences,
-            vec![change.expected(id)],
-            "{context}\n{report:#?}"
-        );
+        assert_eq!(t.differences, change.expected(id), "{context}\n{report:#?}");
         assert!(!t.differences_truncated, "{context}");
         let target_rows = match change {
             Change::DeletedRow => rows - 1,
@@ -230,7 +265,7 @@ async fn every_single_change_is_found_and_named_and_identical_data_matches() {
         assert!(!status.matched);
         assert!(
             status.tables[0].differences[0]
-                .contains(&format!("id={}", change.expected(id).key_id())),
+                .contains(&format!("id={}", change.expected(id)[0].key_id())),
             "{context}: {status:?}"
         );
     }
