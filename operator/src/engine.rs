@@ -318,6 +318,7 @@ impl<P: Platform> Engine<P> {
                     tables: TableSelection::from_spec(&self.spec.replication.tables),
                     reverse: self.spec.replication.reverse_for_rollback,
                     application_roles: self.spec.application_roles.clone(),
+                    migrations_first: self.spec.migrations.is_some(),
                     ..PreflightOptions::default()
                 };
                 Outcome::Preflight(preflight(&blue, &green, &opts).await)
@@ -330,6 +331,9 @@ impl<P: Platform> Engine<P> {
                 let blue = self.blue().await.map_err(|e| text(&e))?;
                 let green = self.green().await.map_err(|e| text(&e))?;
                 let selection = TableSelection::from_spec(&self.spec.replication.tables);
+                if self.spec.migrations.is_some() {
+                    preflight::schema_ready(&blue, &green, &selection).await?;
+                }
                 replication::ensure_publication(&blue, &self.names, &selection)
                     .await
                     .map_err(|e| text(&e))?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use cutover_operator::api::{CheckOutcome, CheckResult};
-use cutover_operator::postgres::preflight::{PreflightOptions, preflight};
+use cutover_operator::postgres::preflight::{PreflightOptions, preflight, schema_ready};
 use cutover_operator::postgres::replication::TableSelection;
 use cutover_tests::{BlueGreen, PgCluster};
 
@@ -79,6 +79,7 @@ async fn preflight_catches_what_would_break_the_cutover() {
         reverse: true,
         long_transaction: Duration::from_millis(10),
         application_roles: vec!["orders_app".into()],
+        migrations_first: false,
     };
     let checks = preflight(&blue, &green, &opts).await;
     for c in &checks {
@@ -212,4 +213,54 @@ async fn preflight_passes_a_healthy_pair_and_checks_a_table_list() {
     };
     let checks = preflight(&blue, &green, &opts).await;
     expect(&checks, "tables", CheckOutcome::Fail, &["public.nope"]);
+}
+
+/// With migrations to run on green first, an empty green is expected at preflight: the schema
+/// difference is a warning, and the same check runs again once the migrations are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_migrations_green_may_be_empty_at_preflight_and_is_checked_again_after() {
+    let bg = blue_green();
+    bg.blue
+        .execute(
+            APP,
+            "CREATE TABLE orders (id int PRIMARY KEY, total numeric NOT NULL)",
+        )
+        .unwrap();
+    let (blue, green) = engine_clients(&bg).await;
+    let opts = PreflightOptions {
+        migrations_first: true,
+        ..PreflightOptions::default()
+    };
+    let checks = preflight(&blue, &green, &opts).await;
+    expect(
+        &checks,
+        "schema-match",
+        CheckOutcome::Warn,
+        &[
+            "the migrations run first",
+            "public.orders: missing on green",
+        ],
+    );
+    let without = preflight(&blue, &green, &PreflightOptions::default()).await;
+    expect(
+        &without,
+        "schema-match",
+        CheckOutcome::Fail,
+        &["public.orders: missing on green"],
+    );
+
+    let err = schema_ready(&blue, &green, &TableSelection::All)
+        .await
+        .unwrap_err();
+    assert!(err.contains("public.orders: missing on green"), "{err}");
+    // What a migration would do: now green matches and replication may start.
+    bg.green
+        .execute(
+            APP,
+            "CREATE TABLE orders (id int PRIMARY KEY, total numeric NOT NULL)",
+        )
+        .unwrap();
+    schema_ready(&blue, &green, &TableSelection::All)
+        .await
+        .expect("green matches after the migrations");
 }

@@ -25,6 +25,10 @@ pub struct PreflightOptions {
     pub long_transaction: Duration,
     /// Application roles (checked to exist on blue).
     pub application_roles: Vec<String>,
+    /// Migrations run on green after preflight and before replication: green's tables may not
+    /// match blue yet, so a schema difference is a warning here and is checked again by
+    /// [`schema_ready`] before replication starts.
+    pub migrations_first: bool,
 }
 
 impl Default for PreflightOptions {
@@ -34,6 +38,7 @@ impl Default for PreflightOptions {
             reverse: false,
             long_transaction: Duration::from_secs(60),
             application_roles: Vec::new(),
+            migrations_first: false,
         }
     }
 }
@@ -101,7 +106,16 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
     if !tables.is_empty() {
         out.push(ownership(blue, &tables).await);
         out.push(replica_identity(blue, &tables).await);
-        out.push(schema_match(blue, green, &tables).await);
+        let mut schema = schema_match(blue, green, &tables).await;
+        if opts.migrations_first && schema.outcome == CheckOutcome::Fail {
+            schema.outcome = CheckOutcome::Warn;
+            schema.message = format!(
+                "green does not match yet; the migrations run first and must bring it in line \
+                 (checked again before replication starts): {}",
+                schema.message
+            );
+        }
+        out.push(schema);
         out.extend(special_objects(blue, &tables).await);
     }
     out.push(long_transactions(blue, opts.long_transaction).await);
@@ -552,6 +566,26 @@ async fn shapes(
         }
     }
     Ok(out)
+}
+
+/// The schema check of preflight, run again once the migrations are applied: `Err` with the
+/// differences when green's tables still do not match blue's.
+pub async fn schema_ready(
+    blue: &Client,
+    green: &Client,
+    selection: &TableSelection,
+) -> Result<(), String> {
+    let tables = resolve_tables(blue, selection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let check = schema_match(blue, green, &tables).await;
+    match check.outcome {
+        CheckOutcome::Fail => Err(format!(
+            "after the migrations green's tables still differ from blue's: {}",
+            check.message
+        )),
+        CheckOutcome::Pass | CheckOutcome::Warn => Ok(()),
+    }
 }
 
 async fn schema_match(blue: &Client, green: &Client, tables: &[TableRef]) -> CheckResult {
