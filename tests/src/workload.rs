@@ -117,6 +117,18 @@ impl std::fmt::Debug for Load {
 impl Load {
     /// Starts the clients on a runtime of their own (two worker threads).
     pub fn start(cfg: LoadConfig) -> Self {
+        Self::spawn(cfg, None)
+    }
+
+    /// Like [`Load::start`], for an application that reads its connection string from
+    /// `dsn_file` (as it would from a mounted Secret): each client reads the file when it
+    /// connects and again after a failed write, and reconnects when the file names another
+    /// server — the switch of a cutover, as the application sees it. `cfg.dsn` is unused.
+    pub fn start_following(cfg: LoadConfig, dsn_file: std::path::PathBuf) -> Self {
+        Self::spawn(cfg, Some(dsn_file))
+    }
+
+    fn spawn(cfg: LoadConfig, dsn_file: Option<std::path::PathBuf>) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("workload")
@@ -130,8 +142,9 @@ impl Load {
                 let cfg = cfg.clone();
                 let stop = stop.clone();
                 let shared = shared.clone();
+                let dsn_file = dsn_file.clone();
                 runtime.spawn(async move {
-                    client_loop(i32::try_from(i).unwrap_or(0), cfg, stop, shared).await
+                    client_loop(i32::try_from(i).unwrap_or(0), cfg, dsn_file, stop, shared).await
                 })
             })
             .collect();
@@ -205,7 +218,21 @@ impl Rng {
     }
 }
 
-async fn client_loop(id: i32, cfg: LoadConfig, stop: Arc<AtomicBool>, shared: Arc<Mutex<Shared>>) {
+async fn client_loop(
+    id: i32,
+    cfg: LoadConfig,
+    dsn_file: Option<std::path::PathBuf>,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Mutex<Shared>>,
+) {
+    // The connection string in use: the file's content when following one.
+    let current_dsn = || match &dsn_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| cfg.dsn.clone()),
+        None => cfg.dsn.clone(),
+    };
+    let mut dsn = current_dsn();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((u64::try_from(id).unwrap_or(0) + 1) * 0x1000_0001));
     let interval = if cfg.tps > 0.0 {
         Duration::from_secs_f64(cfg.clients as f64 / cfg.tps)
@@ -220,7 +247,8 @@ async fn client_loop(id: i32, cfg: LoadConfig, stop: Arc<AtomicBool>, shared: Ar
     };
     while !stop.load(Ordering::SeqCst) {
         if conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            match connect(&cfg.dsn).await {
+            dsn = current_dsn();
+            match connect(&dsn).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
                     note(message(&e));
@@ -253,7 +281,7 @@ async fn client_loop(id: i32, cfg: LoadConfig, stop: Arc<AtomicBool>, shared: Ar
             Err(e) => {
                 note(message(&e));
                 let read_only = e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION);
-                if !read_only {
+                if !read_only || (dsn_file.is_some() && current_dsn() != dsn) {
                     conn = None;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
