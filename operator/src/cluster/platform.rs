@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use thiserror::Error;
 
@@ -167,6 +167,38 @@ impl KubePlatform {
     }
 }
 
+impl KubePlatform {
+    /// The termination message of the Job's most recent failed container — `cutover migrate`'s
+    /// last error line, which names the file and the SQL error (the container asks for
+    /// `FallbackToLogsOnError`). The Job's own condition only says the backoff limit was
+    /// reached. `None` when there is none or the pods cannot be read.
+    async fn last_words(&self, job: &str) -> Option<String> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace());
+        let list = pods
+            .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
+            .await
+            .ok()?;
+        let mut said: Vec<(Option<k8s_openapi::jiff::Timestamp>, String)> = list
+            .items
+            .iter()
+            .flat_map(|pod| {
+                pod.status
+                    .iter()
+                    .flat_map(|s| s.container_statuses.iter().flatten())
+                    .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+                    .filter(|t| t.exit_code != 0)
+                    .filter_map(|t| {
+                        let message = t.message.as_deref()?.trim();
+                        let last = message.lines().last()?.trim().to_owned();
+                        (!last.is_empty()).then(|| (t.finished_at.as_ref().map(|f| f.0), last))
+                    })
+            })
+            .collect();
+        said.sort_by(|a, b| a.0.cmp(&b.0));
+        said.pop().map(|(_, m)| m.chars().take(500).collect())
+    }
+}
+
 impl Platform for KubePlatform {
     async fn migration_job(&self, set: MigrationSet) -> Result<Option<JobState>, String> {
         let wanted = self.job_for(set).await?;
@@ -176,10 +208,16 @@ impl Platform for KubePlatform {
             .get_opt(&name)
             .await
             .map_err(|e| format!("failed to read Job {name}: {e}"))?;
-        Ok(job.map(|j| match job_outcome(&j) {
+        let Some(job) = job else {
+            return Ok(None);
+        };
+        Ok(Some(match job_outcome(&job) {
             JobOutcome::Running => JobState::Running,
             JobOutcome::Succeeded => JobState::Succeeded,
-            JobOutcome::Failed { reason } => JobState::Failed(reason),
+            JobOutcome::Failed { reason } => match self.last_words(&name).await {
+                Some(said) => JobState::Failed(format!("{reason}; the last attempt said: {said}")),
+                None => JobState::Failed(reason),
+            },
         }))
     }
 
