@@ -178,7 +178,7 @@ impl KubePlatform {
             .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
             .await
             .ok()?;
-        let mut said: Vec<(Option<k8s_openapi::jiff::Timestamp>, String)> = list
+        let said: Vec<(Option<k8s_openapi::jiff::Timestamp>, String)> = list
             .items
             .iter()
             .flat_map(|pod| {
@@ -194,8 +194,9 @@ impl KubePlatform {
                     })
             })
             .collect();
-        said.sort_by(|a, b| a.0.cmp(&b.0));
-        said.pop().map(|(_, m)| m.chars().take(500).collect())
+        said.into_iter()
+            .max_by_key(|(finished, _)| *finished)
+            .map(|(_, m)| m.chars().take(500).collect())
     }
 }
 
