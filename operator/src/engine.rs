@@ -382,6 +382,8 @@ impl<P: Platform> Engine<P> {
                     parallelism: usize::try_from(self.spec.verification.parallelism.max(1))
                         .unwrap_or(1),
                     connect: self.dbs.connect.clone(),
+                    // What the migrations added to green is not a difference.
+                    target_may_add: self.spec.migrations.is_some(),
                     ..VerifyOptions::default()
                 };
                 let report = verify::verify(&self.dbs.blue, &self.dbs.green, &opts)

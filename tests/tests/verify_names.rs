@@ -200,6 +200,26 @@ async fn schema_differences_are_named_and_selection_narrows_the_comparison() {
     // The rows of the common columns still match (text and varchar print alike).
     let t = report.tables.iter().find(|t| t.table.name == "t").unwrap();
     assert!(t.matched, "{t:?}");
+    // What migrations may add to the target is no mismatch when allowed; what the source has
+    // still must be there, equal.
+    let additions = VerifyOptions {
+        target_may_add: true,
+        ..small()
+    };
+    let allowed = verify(&source, &target, &additions).await.unwrap();
+    let schema: Vec<String> = allowed
+        .schema_mismatches
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        schema,
+        [
+            "public.keyless: table missing on target",
+            "public.t: column t is nullable on source, NOT NULL on target",
+            "public.t: column other is text on source, character varying(40) on target",
+        ],
+    );
     let invoice = &report.sequences[0];
     assert_eq!(invoice.target, None);
     assert!(!invoice.matched);

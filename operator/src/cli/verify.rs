@@ -71,6 +71,11 @@ pub struct Args {
     #[arg(long, default_value_t = 20)]
     max_differences: usize,
 
+    /// Tables, columns and sequences only the target has are not mismatches (migrations
+    /// added them); everything the source has must still be on the target, equal.
+    #[arg(long)]
+    allow_target_additions: bool,
+
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -104,6 +109,7 @@ async fn compare(args: Args) -> anyhow::Result<i32> {
         parallelism: usize::from(args.parallelism),
         chunk_rows: args.chunk_rows,
         max_differences: args.max_differences,
+        target_may_add: args.allow_target_additions,
         ..VerifyOptions::default()
     };
     let progress = std::io::stderr().is_terminal().then(ProgressLine::new);

@@ -121,7 +121,9 @@ pub(crate) async fn read(client: &Client, side: Side) -> Result<Catalog, VerifyE
 }
 
 /// The differences between the source's and the target's definition of one table, for people.
-pub(crate) fn compare_table(source: &Table, target: &Table) -> Vec<String> {
+/// The differences between a table's definitions, for people. With `target_may_add`, columns
+/// only the target has are not differences (migrations added them).
+pub(crate) fn compare_table(source: &Table, target: &Table, target_may_add: bool) -> Vec<String> {
     let mut out = Vec::new();
     for s in &source.columns {
         let Some(t) = target.columns.iter().find(|t| t.name == s.name) else {
@@ -150,7 +152,7 @@ pub(crate) fn compare_table(source: &Table, target: &Table) -> Vec<String> {
             ));
         }
     }
-    for t in &target.columns {
+    for t in target.columns.iter().filter(|_| !target_may_add) {
         if !source.columns.iter().any(|s| s.name == t.name) {
             out.push(format!("column {} extra on target", t.name));
         }
@@ -211,7 +213,13 @@ mod tests {
         target.columns.remove(2);
         target.columns.push(col("c", "text", None));
         target.columns[0].key_position = None;
-        let diffs = compare_table(&source, &target);
+        let diffs = compare_table(&source, &target, false);
+        assert!(
+            !compare_table(&source, &target, true)
+                .iter()
+                .any(|d| d.contains("extra on target")),
+            "with target additions allowed, an extra column is no difference"
+        );
         assert_eq!(
             diffs,
             vec![
@@ -222,6 +230,6 @@ mod tests {
                 "primary key (id) on source, none on target",
             ]
         );
-        assert!(compare_table(&source, &source).is_empty());
+        assert!(compare_table(&source, &source, false).is_empty());
     }
 }

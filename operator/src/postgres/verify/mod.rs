@@ -244,6 +244,10 @@ pub struct VerifyOptions {
     pub connect: ConnectOptions,
     /// Called as ranges are hashed.
     pub progress: Option<ProgressFn>,
+    /// The target may have more than the source: tables, columns and sequences only the target
+    /// has are not mismatches (the cutover's migrations added them to green; rows are hashed
+    /// over the source's columns anyway). Everything the source has must still be there, equal.
+    pub target_may_add: bool,
 }
 
 impl fmt::Debug for VerifyOptions {
@@ -256,6 +260,7 @@ impl fmt::Debug for VerifyOptions {
             .field("max_differences", &self.max_differences)
             .field("leaf_rows", &self.leaf_rows)
             .field("connect", &self.connect)
+            .field("target_may_add", &self.target_may_add)
             .finish_non_exhaustive()
     }
 }
@@ -274,6 +279,7 @@ impl Default for VerifyOptions {
                 ..ConnectOptions::default()
             },
             progress: None,
+            target_may_add: false,
         }
     }
 }
@@ -541,7 +547,7 @@ fn select(
             continue;
         };
         mismatches.extend(
-            catalog::compare_table(table, other)
+            catalog::compare_table(table, other, options.target_may_add)
                 .into_iter()
                 .map(|detail| SchemaMismatch {
                     object: name.clone(),
@@ -550,7 +556,7 @@ fn select(
         );
         plans.push(plan(name, table, other));
     }
-    if !explicit {
+    if !explicit && !options.target_may_add {
         for name in target.tables.keys().filter(|n| wanted(n)) {
             if !source.tables.contains_key(name) {
                 mismatches.push(SchemaMismatch {
@@ -574,7 +580,10 @@ fn select(
         }
     }
     for (name, owner) in &target.sequences {
-        if seq_wanted(name, owner) && !source.sequences.contains_key(name) {
+        if seq_wanted(name, owner)
+            && !source.sequences.contains_key(name)
+            && !options.target_may_add
+        {
             sequences.push((name.clone(), false, true));
         }
     }

@@ -212,10 +212,16 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
     ("bigint", "hashint8extended({c}, {s})"),
     ("boolean", "hashint4extended({c}::int4, {s})"),
     ("text", "hashtextextended({c} COLLATE \"C\", {s})"),
-    ("character varying", "hashtextextended({c} COLLATE \"C\", {s})"),
+    (
+        "character varying",
+        "hashtextextended({c} COLLATE \"C\", {s})",
+    ),
     ("uuid", "uuid_hash_extended({c}, {s})"),
     ("bytea", "hash_array_extended(ARRAY[{c}], {s})"),
-    ("timestamp without time zone", "timestamp_hash_extended({c}, {s})"),
+    (
+        "timestamp without time zone",
+        "timestamp_hash_extended({c}, {s})",
+    ),
     (
         "timestamp with time zone",
         "timestamp_hash_extended({c}::timestamp, {s})",
@@ -244,7 +250,8 @@ fn hash_function(ty: &str) -> Option<&'static str> {
 /// `quoted` hashed by its type's expression with `seed` (an `int8` expression).
 fn fast_hash(quoted: &str, ty: &str, seed: &str) -> String {
     let f = hash_function(ty).expect("only called for types with a hash function");
-    f.replace("{c}", quoted).replace("{s}", &format!("({seed})"))
+    f.replace("{c}", quoted)
+        .replace("{s}", &format!("({seed})"))
 }
 
 /// The types whose binary send form is cheaper to render than their text and, like the text,
