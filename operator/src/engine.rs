@@ -627,33 +627,50 @@ impl<P: Platform> Engine<P> {
             slot: &self.names.reverse_slot,
             catch_up: Duration::from_secs(30),
         });
-        let counts = checkpoint::count_rows(&green, link.as_ref(), &tables)
+        let report = checkpoint::run(&green, link.as_ref(), &tables)
             .await
             .map_err(|e| text(&e))?;
-        let describe = |c: &checkpoint::TableCount| {
-            format!(
-                "{}: {} rows on green, {} on blue",
-                c.table,
-                c.target_rows,
-                c.source_rows.unwrap_or_default()
-            )
-        };
-        let mismatches: Vec<String> = counts
+        let mut mismatches: Vec<String> = report
+            .counts
             .iter()
             .filter(|c| c.state == CountState::Differs)
-            .map(describe)
+            .map(|c| {
+                format!(
+                    "{}: {} rows on green, {} on blue",
+                    c.table,
+                    c.target_rows,
+                    c.source_rows.unwrap_or_default()
+                )
+            })
             .collect();
+        mismatches.extend(
+            report
+                .spots
+                .iter()
+                .filter(|s| s.state == CountState::Differs)
+                .map(|s| format!("{} ({} rows): the rows differ on blue", s.spot, s.rows)),
+        );
+        let mut unsettled: Vec<String> = report
+            .counts
+            .iter()
+            .filter(|c| c.state == CountState::Unsettled)
+            .map(|c| c.table.to_string())
+            .collect();
+        unsettled.extend(
+            report
+                .spots
+                .iter()
+                .filter(|s| s.state == CountState::Unsettled)
+                .map(|s| s.spot.clone()),
+        );
         Ok(crate::api::CheckpointStatus {
-            tables: i32::try_from(counts.len()).unwrap_or(i32::MAX),
-            target_rows: counts.iter().map(|c| c.target_rows).sum(),
+            tables: i32::try_from(report.counts.len()).unwrap_or(i32::MAX),
+            target_rows: report.counts.iter().map(|c| c.target_rows).sum(),
             compared_with_source: reverse,
+            spots: i32::try_from(report.spots.len()).unwrap_or(i32::MAX),
             matched: mismatches.is_empty(),
             mismatches,
-            unsettled: counts
-                .iter()
-                .filter(|c| c.state == CountState::Unsettled)
-                .map(|c| c.table.to_string())
-                .collect(),
+            unsettled,
             ..crate::api::CheckpointStatus::default()
         })
     }

@@ -342,7 +342,7 @@ async fn hypercare_compares_counts_and_reports_a_broken_way_back() {
     std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
     let mut spec = spec(Mode::Production);
     spec.schedule.hypercare = "1h".into();
-    spec.schedule.checkpoints = vec!["0s".into(), "1s".into(), "2s".into()];
+    spec.schedule.checkpoints = vec!["0s".into(), "1s".into(), "2s".into(), "3s".into()];
     let engine = engine(&bg, spec, dir.path());
 
     let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
@@ -352,6 +352,8 @@ async fn hypercare_compares_counts_and_reports_a_broken_way_back() {
     assert_eq!(status.phase, Phase::Hypercare);
     let first = last_checkpoint(&status);
     assert!(first.compared_with_source && first.matched, "{first:?}");
+    // accounts (50 rows) gets its three spots; the empty ledger none.
+    assert_eq!(first.spots, 3, "{first:?}");
     assert!(problems(&status).is_empty());
     assert!(!degraded(&status).0);
 
@@ -370,12 +372,37 @@ async fn hypercare_compares_counts_and_reports_a_broken_way_back() {
     let second = last_checkpoint(&status);
     assert!(!second.matched, "{second:?}");
     assert_eq!(
-        second.mismatches,
-        ["public.accounts: 51 rows on green, 50 on blue"],
+        second.mismatches[0], "public.accounts: 51 rows on green, 50 on blue",
         "{second:?}"
     );
     assert_eq!(problems(&status), [ProblemKind::CheckpointMismatch]);
     assert_eq!(degraded(&status), (true, "CheckpointMismatch".into()));
+
+    // The row is back, but the last account's balance differs on blue: the counts agree, the
+    // spot checks (each runs from a random key to at most 100 rows on, so every one of them
+    // covers the last key of this table) see the changed value.
+    let balance = count(&bg.green, "SELECT balance FROM accounts WHERE id = 7");
+    bg.blue
+        .execute(
+            APP,
+            &format!(
+                "BEGIN READ WRITE; INSERT INTO accounts VALUES (7, {balance});
+                 UPDATE accounts SET balance = balance + 1 WHERE id = 5000; COMMIT"
+            ),
+        )
+        .unwrap();
+    let status = step_until(&engine, status, |s| s.checkpoints_done >= 3).await;
+    let third = last_checkpoint(&status);
+    assert!(!third.matched, "{third:?}");
+    assert_eq!(third.spots, 3, "{third:?}");
+    assert_eq!(third.mismatches.len(), 3, "every spot differs: {third:?}");
+    for m in &third.mismatches {
+        assert!(
+            m.starts_with("public.accounts from id=") && m.ends_with("the rows differ on blue"),
+            "{m}"
+        );
+    }
+    assert_eq!(problems(&status), [ProblemKind::CheckpointMismatch]);
 
     // Reverse replication stops: observed at once as a broken way back.
     let reverse = names("shop/orders").reverse_subscription;
@@ -405,9 +432,10 @@ async fn hypercare_compares_counts_and_reports_a_broken_way_back() {
     );
     assert_eq!(degraded(&waiting), (true, "ReplicationBroken".into()));
     // With the way back broken, a checkpoint counts green only instead of waiting for blue.
-    let status = step_until(&engine, waiting, |s| s.checkpoints_done >= 3).await;
-    let third = last_checkpoint(&status);
-    assert!(!third.compared_with_source && third.matched, "{third:?}");
+    let status = step_until(&engine, waiting, |s| s.checkpoints_done >= 4).await;
+    let fourth = last_checkpoint(&status);
+    assert!(!fourth.compared_with_source && fourth.matched, "{fourth:?}");
+    assert_eq!(fourth.spots, 0, "{fourth:?}");
     assert_eq!(problems(&status), [ProblemKind::ReplicationBroken]);
 
     // Repaired: the problem goes away with the next observation.

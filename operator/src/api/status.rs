@@ -272,12 +272,15 @@ pub struct CheckpointStatus {
     /// Whether the counts were compared with the source (only while reverse replication keeps
     /// the source current).
     pub compared_with_source: bool,
+    /// Spot checks compared: small key ranges whose rows were hashed on both sides.
+    #[serde(default)]
+    pub spots: i32,
     /// Whether every compared table had the same count on both sides.
     pub matched: bool,
-    /// Tables whose counts differ once the source caught up, each with both counts.
+    /// Tables whose counts differ, and spots whose rows differ, once the source caught up.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mismatches: Vec<String>,
-    /// Tables whose counts kept changing under the write load, so no stable comparison was
+    /// Tables and spots that kept changing under the write load, so no stable comparison was
     /// possible at this checkpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unsettled: Vec<String>,

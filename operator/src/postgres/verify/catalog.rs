@@ -121,8 +121,8 @@ pub(crate) async fn read(client: &Client, side: Side) -> Result<Catalog, VerifyE
 }
 
 /// The differences between the source's and the target's definition of one table, for people.
-/// The differences between a table's definitions, for people. With `target_may_add`, columns
-/// only the target has are not differences (migrations added them).
+/// With `target_may_add`, columns only the target has are not differences (migrations added
+/// them).
 pub(crate) fn compare_table(source: &Table, target: &Table, target_may_add: bool) -> Vec<String> {
     let mut out = Vec::new();
     for s in &source.columns {

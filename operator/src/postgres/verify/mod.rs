@@ -13,6 +13,7 @@
 mod catalog;
 mod report;
 mod session;
+pub mod spot;
 mod sql;
 
 use std::collections::{HashMap, VecDeque};
@@ -502,7 +503,7 @@ async fn open_pairs(
 }
 
 /// A compared table: its name, the statements, and its key columns' names (none: no key).
-struct Plan {
+pub(crate) struct Plan {
     name: TableName,
     sql: TableSql,
     key: Option<Vec<String>>,
@@ -596,7 +597,7 @@ fn select(
 
 /// Hash the source's columns that the target has too (a missing column is already a schema
 /// mismatch); chunk by the source's primary key when the target has all its columns.
-fn plan(name: &TableName, source: &Table, target: &Table) -> Plan {
+pub(crate) fn plan(name: &TableName, source: &Table, target: &Table) -> Plan {
     let on_target = |c: &str| target.columns.iter().any(|t| t.name == c);
     // A column's type only picks how it is rendered when both sides agree on the type;
     // otherwise it is compared as text (and the type difference is a schema mismatch).

@@ -26,6 +26,20 @@ pub const CANONICAL_SETTINGS: &[(&str, &str)] = &[
     ("idle_in_transaction_session_timeout", "0"),
 ];
 
+/// Puts an open session into the canonical settings (outside any transaction), so rows hash
+/// as [`open`]'s sessions hash them.
+pub(crate) async fn canonicalize(client: &Client, side: Side) -> Result<(), VerifyError> {
+    let mut sql = String::new();
+    for (name, value) in CANONICAL_SETTINGS {
+        // Names and values are the constants above, not input.
+        sql.push_str(&format!("SET {name} = '{value}';\n"));
+    }
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|source| VerifyError::Session { side, source })
+}
+
 /// Opens one connection of `side`, canonicalises its session and starts a read-only
 /// repeatable-read transaction. With `snapshot`, joins that exported snapshot; the returned
 /// string is the snapshot this connection exported (first connection only) when `export` is set.
@@ -40,12 +54,7 @@ pub(crate) async fn open(
         .await
         .map_err(|source| VerifyError::Connect { side, source })?;
     let session = |source| VerifyError::Session { side, source };
-    let mut sql = String::new();
-    for (name, value) in CANONICAL_SETTINGS {
-        // Names and values are the constants above, not input.
-        sql.push_str(&format!("SET {name} = '{value}';\n"));
-    }
-    client.batch_execute(&sql).await.map_err(session)?;
+    canonicalize(&client, side).await?;
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await

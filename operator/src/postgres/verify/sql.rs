@@ -103,6 +103,43 @@ impl TableSql {
         )
     }
 
+    /// Up to `$2::int8` keys picked at random from a block sample of `$1::float8` percent of the
+    /// table: where spot checks start.
+    pub fn spot_starts(&self) -> String {
+        format!(
+            "SELECT {outer} FROM (SELECT {inner} FROM {rel} TABLESAMPLE SYSTEM ($1::float8) \
+             ORDER BY random() LIMIT $2::int8) s",
+            outer = self.aliases("::text"),
+            inner = self.aliased_keys(),
+            rel = self.relation,
+        )
+    }
+
+    /// The key `$n::int8` rows after `from` (inclusive) in key order, if there is one: where a
+    /// spot check of that many rows ends.
+    pub fn spot_end(&self, from: &[String]) -> (String, Vec<String>) {
+        let (predicate, params) = self.predicate(&Range {
+            lower: Some(from.to_vec()),
+            upper: None,
+        });
+        let offset = params.len() + 1;
+        let keys: Vec<String> = self.key.iter().map(|k| format!("{k}::text")).collect();
+        let order: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("{}.{k}", self.relation))
+            .collect();
+        (
+            format!(
+                "SELECT {} FROM {}{predicate} ORDER BY {} OFFSET ${offset}::int8 LIMIT 1",
+                keys.join(", "),
+                self.relation,
+                order.join(", ")
+            ),
+            params,
+        )
+    }
+
     fn aliased_keys(&self) -> String {
         self.key
             .iter()
