@@ -566,7 +566,7 @@ pub fn record(
             }
             enter(&mut s, *to, StepOutcome::Succeeded, None, &stamp);
             if *to == Phase::RolledBack {
-                s.message = Some("rolled back: the application is on the source again".into());
+                s.message = Some(rolled_back_message(&s));
             }
         }
         Action::Abort(why) => {
@@ -694,6 +694,24 @@ fn refresh_problems(s: &mut DatabaseCutoverStatus, obs: &Observations) {
         });
     }
     hypercare.problems = problems;
+}
+
+/// Why the cutover ended on the source. A switch that failed keeps its reason (recorded on the
+/// Switching step when the rollback began); messages of rollback steps that were retried on the
+/// way are not the story.
+fn rolled_back_message(s: &DatabaseCutoverStatus) -> String {
+    let failed_switch = s
+        .steps
+        .iter()
+        .rev()
+        .find(|st| st.name == Phase::Switching && st.outcome == StepOutcome::Failed)
+        .and_then(|st| st.message.as_deref());
+    match failed_switch {
+        Some(why) => {
+            format!("rolled back, the application is on the source again; the switch failed: {why}")
+        }
+        None => "rolled back: the application is on the source again".into(),
+    }
 }
 
 /// When hypercare ends: `schedule.hypercare` after the switch.

@@ -588,6 +588,18 @@ fn rollback_reverses_what_the_switch_did() {
             Milestone::ReplicationCleanedUp,
         ]
     );
+    let rolled = record(
+        &spec,
+        &s,
+        &Action::Advance(Phase::RolledBack),
+        Outcome::Done,
+        &obs,
+        t(2),
+    );
+    assert_eq!(
+        rolled.message.as_deref(),
+        Some("rolled back: the application is on the source again")
+    );
 }
 
 #[test]
@@ -604,6 +616,29 @@ fn a_failed_switch_rolls_back_unless_writes_would_be_stranded() {
         t(1),
     );
     assert_eq!(failed.phase, Phase::RollingBack);
+
+    // The rollback ends saying why the switch failed, not whatever a retried step said last.
+    let retrying = record(
+        &spec,
+        &failed,
+        &Action::Do(Milestone::SourceUnfrozen),
+        Outcome::Failed("blue unreachable".into()),
+        &none,
+        t(2),
+    );
+    let rolled = record(
+        &spec,
+        &retrying,
+        &Action::Advance(Phase::RolledBack),
+        Outcome::Done,
+        &none,
+        t(3),
+    );
+    assert_eq!(rolled.phase, Phase::RolledBack);
+    assert_eq!(
+        rolled.message.as_deref(),
+        Some("rolled back, the application is on the source again; the switch failed: boom")
+    );
 
     let stranded = with(s, |s| {
         s.milestones = vec![
