@@ -3,6 +3,8 @@
 //! kube API, watched to Completed; the application Secret then points at green with the
 //! application's own credentials, the Deployment's pod template was annotated, every phase left
 //! an Event, every acknowledged write is on green and nothing of ours is left on either server.
+//! Around it: manual approval, every kind of abort, rollback, a rehearsal, migrations before and
+//! after the switch (their Jobs run by the kubelet stand-in), hypercare's problems, deletion.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,15 +14,19 @@ use cutover_e2e::fixtures::{bank_databases, namespace_with_crds, repo};
 use cutover_e2e::kubelet::Kubelet;
 use cutover_e2e::operator::{OperatorProcess, cutover_binary, eventually};
 use cutover_operator::api::{
-    Approval, DatabaseCutover, DatabaseCutoverStatus, Milestone, Phase, WorkloadKind, WorkloadRef,
+    Approval, ConfigMapRef, DatabaseCutover, DatabaseCutoverStatus, Milestone, Mode, Phase,
+    SecretKeyRef, WorkloadKind, WorkloadRef,
 };
+use cutover_operator::plan::format_duration;
+use cutover_operator::postgres::replication::Names;
 use cutover_tests::workload::{self, Load, LoadConfig};
 use cutover_tests::{BlueGreen, PgCluster};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 const APP_ROLE: &str = "orders_app";
@@ -60,6 +66,18 @@ async fn secret(plane: &ControlPlane, ns: &str, name: &str, key: &str, value: &s
     api.create(&PostParams::default(), &s)
         .await
         .expect("create Secret");
+}
+
+/// A timestamp of the status, which must be set.
+fn timestamp(field: &Option<String>) -> jiff::Timestamp {
+    field.as_deref().expect("timestamp set").parse().unwrap()
+}
+
+fn secret_ref(name: &str, key: &str) -> SecretKeyRef {
+    SecretKeyRef {
+        name: name.into(),
+        key: key.into(),
+    }
 }
 
 async fn secret_value(plane: &ControlPlane, ns: &str, name: &str, key: &str) -> String {
@@ -134,17 +152,34 @@ impl Scenario {
 
     /// The rollback-ready example plan, made quick.
     fn plan(&self) -> DatabaseCutover {
-        let text =
-            std::fs::read_to_string(repo().join("cutover-plans/production-with-rollback.yaml"))
-                .unwrap();
+        self.plan_from("production-with-rollback.yaml")
+    }
+
+    /// An example plan of `cutover-plans/`, pointed at this bed (its Secrets, the application
+    /// role, the Deployment) and made quick.
+    fn plan_from(&self, example: &str) -> DatabaseCutover {
+        let text = std::fs::read_to_string(repo().join("cutover-plans").join(example)).unwrap();
         let mut plan: DatabaseCutover = serde_saphyr::from_str(&text).unwrap();
+        plan.metadata.name = Some(NAME.into());
         plan.metadata.namespace = Some(self.ns.clone());
-        plan.spec.application_roles = vec![APP_ROLE.into()];
-        plan.spec.freeze.drain_timeout = "2s".into();
-        plan.spec.replication.max_lag_before_freeze = "1MiB".into();
-        plan.spec.schedule.hypercare = "2s".into();
-        plan.spec.schedule.checkpoints = vec![];
-        plan.spec.switch.restart = vec![WorkloadRef {
+        let spec = &mut plan.spec;
+        for (side, secret) in [
+            (&mut spec.source, "billing-blue-admin"),
+            (&mut spec.target, "billing-green-admin"),
+        ] {
+            side.connection_secret_ref = secret_ref(secret, "uri");
+            side.ca_secret_ref = None;
+        }
+        spec.switch.secret_ref = secret_ref("billing-db", "DATABASE_URL");
+        if spec.switch.rehearsal_secret_ref.is_some() {
+            spec.switch.rehearsal_secret_ref = Some(secret_ref(REHEARSAL_SECRET, "DATABASE_URL"));
+        }
+        spec.application_roles = vec![APP_ROLE.into()];
+        spec.freeze.drain_timeout = "2s".into();
+        spec.replication.max_lag_before_freeze = "1MiB".into();
+        spec.schedule.hypercare = "2s".into();
+        spec.schedule.checkpoints = vec![];
+        spec.switch.restart = vec![WorkloadRef {
             kind: WorkloadKind::Deployment,
             name: "billing-api".into(),
         }];
@@ -167,12 +202,35 @@ impl Scenario {
         plan
     }
 
+    /// [`Scenario::plan_with_migrations`] plus post-switch migrations from ConfigMap
+    /// [`POST_SWITCH_MIGRATIONS`].
+    fn plan_with_post_switch_migrations(&self) -> DatabaseCutover {
+        let mut plan = self.plan_with_migrations();
+        plan.spec
+            .migrations
+            .as_mut()
+            .expect("the plan has migrations")
+            .post_switch_config_map_ref = Some(ConfigMapRef {
+            name: POST_SWITCH_MIGRATIONS.into(),
+        });
+        plan
+    }
+
     /// The ConfigMap of migration files, one key per file.
     async fn migrations(&self, files: &[(&str, &str)]) {
+        self.config_map(MIGRATIONS, files).await;
+    }
+
+    /// The ConfigMap of post-switch migration files.
+    async fn post_switch_migrations(&self, files: &[(&str, &str)]) {
+        self.config_map(POST_SWITCH_MIGRATIONS, files).await;
+    }
+
+    async fn config_map(&self, name: &str, files: &[(&str, &str)]) {
         let api: Api<ConfigMap> = Api::namespaced(self.plane.client(), &self.ns);
         let cm = ConfigMap {
             metadata: ObjectMeta {
-                name: Some(MIGRATIONS.into()),
+                name: Some(name.into()),
                 ..ObjectMeta::default()
             },
             data: Some(
@@ -185,18 +243,20 @@ impl Scenario {
         };
         api.create(&PostParams::default(), &cm)
             .await
-            .expect("create the migrations ConfigMap");
+            .unwrap_or_else(|e| panic!("create ConfigMap {name}: {e}"));
     }
 
-    /// The cutover's one migration Job.
-    async fn migration_job(&self) -> Job {
+    /// The cutover's one migration Job of `set` (`initial` or `post-switch`).
+    async fn migration_job(&self, set: &str) -> Job {
         let jobs: Api<Job> = Api::namespaced(self.plane.client(), &self.ns);
+        let selector =
+            format!("cutover.dbops.dev/cutover={NAME},cutover.dbops.dev/migration-set={set}");
         let mut list = jobs
-            .list(&ListParams::default().labels(&format!("cutover.dbops.dev/cutover={NAME}")))
+            .list(&ListParams::default().labels(&selector))
             .await
             .unwrap()
             .items;
-        assert_eq!(list.len(), 1, "one migration Job");
+        assert_eq!(list.len(), 1, "one {set} migration Job");
         list.remove(0)
     }
 
@@ -218,6 +278,124 @@ impl Scenario {
             (status.phase == phase).then_some(status)
         })
         .await
+    }
+
+    /// Waits for `phase`, failing at once if the cutover aborts or rolls back instead.
+    async fn wait_phase_unbroken(&self, phase: Phase, timeout: Duration) -> DatabaseCutoverStatus {
+        let api = self.api();
+        eventually(&format!("phase {phase}"), timeout, || async {
+            let status = api.get(NAME).await.ok()?.status?;
+            assert!(
+                !matches!(
+                    status.phase,
+                    Phase::Aborting | Phase::Aborted | Phase::RollingBack | Phase::RolledBack
+                ),
+                "{}: {:?}",
+                status.phase,
+                status.message
+            );
+            (status.phase == phase).then_some(status)
+        })
+        .await
+    }
+
+    /// Waits until the condition `type_` has `status` (and `reason`, when given).
+    async fn wait_condition(
+        &self,
+        type_: &str,
+        status: &str,
+        reason: Option<&str>,
+        timeout: Duration,
+    ) -> Condition {
+        let api = self.api();
+        let what = format!("condition {type_}={status} ({reason:?})");
+        eventually(&what, timeout, || async {
+            api.get(NAME)
+                .await
+                .ok()?
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| {
+                    c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r)
+                })
+        })
+        .await
+    }
+
+    /// How many times the cutover's Events with `reason` (and `type_`) were emitted: the
+    /// recorder folds repeats of the same Event into a series.
+    async fn event_count(&self, type_: &str, reason: &str) -> i32 {
+        let events: Api<Event> = Api::namespaced(self.plane.client(), &self.ns);
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.type_.as_deref() == Some(type_)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(NAME)
+            })
+            .map(|e| e.series.map_or(1, |s| s.count))
+            .sum()
+    }
+
+    /// Waits until the cutover's Events with `reason` were emitted at least `times` times.
+    async fn wait_event(&self, type_: &str, reason: &str, times: i32, timeout: Duration) {
+        let what = format!("{type_} Event {reason} ×{times}");
+        eventually(&what, timeout, || async {
+            (self.event_count(type_, reason).await >= times).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until the operator's `/metrics` has `line`.
+    async fn wait_metric(&self, line: &str, timeout: Duration) {
+        eventually(&format!("metric {line}"), timeout, || async {
+            self.operator.metrics().await.contains(line).then_some(())
+        })
+        .await;
+    }
+
+    /// The restart annotation on the Deployment's pod template, if the switch put one there.
+    async fn restart_annotation(&self) -> Option<String> {
+        let deployments: Api<Deployment> = Api::namespaced(self.plane.client(), &self.ns);
+        deployments
+            .get("billing-api")
+            .await
+            .unwrap()
+            .spec?
+            .template
+            .metadata?
+            .annotations?
+            .remove("cutover.dbops.dev/restartedAt")
+    }
+
+    /// Writes the Deployment's `Progressing` condition through the status subresource. No
+    /// Deployment controller runs on this bed: the test stands in for it, writing what it
+    /// writes when a rollout passes `progressDeadlineSeconds` (False,
+    /// `ProgressDeadlineExceeded`) or finishes (True, `NewReplicaSetAvailable`).
+    async fn deployment_progressing(&self, status: &str, reason: &str, message: &str) {
+        let deployments: Api<Deployment> = Api::namespaced(self.plane.client(), &self.ns);
+        let now = jiff::Timestamp::now().to_string();
+        let patch = json!({"status": {"conditions": [{
+            "type": "Progressing",
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastUpdateTime": now,
+            "lastTransitionTime": now,
+        }]}});
+        deployments
+            .patch_status(
+                "billing-api",
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .expect("write the Deployment's status");
     }
 
     /// `kubectl cutover VERB NAME`, with the plugin found on PATH as kubectl finds plugins.
@@ -298,7 +476,12 @@ impl Scenario {
 }
 
 const NAME: &str = "billing-to-new-cluster";
+const REHEARSAL_SECRET: &str = "billing-db-rehearsal";
 const MIGRATIONS: &str = "billing-migrations";
+const POST_SWITCH_MIGRATIONS: &str = "billing-post-switch-migrations";
+/// The `cutover.dbops.dev/migration-set` label of each migration Job.
+const INITIAL: &str = "initial";
+const POST_SWITCH: &str = "post-switch";
 const V1: (&str, &str) = (
     "V1__create_billing_notes.sql",
     "CREATE TABLE billing_notes (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, account int NOT NULL, body text NOT NULL);",
@@ -312,24 +495,13 @@ const V2: (&str, &str) = (
 async fn the_operator_drives_a_cutover_to_completed_under_load() {
     let mut s = Scenario::start("happy").await;
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
-    s.apply(&s.plan()).await;
+    let mut plan = s.plan();
+    plan.spec.schedule.checkpoints = vec!["1s".into()];
+    s.apply(&plan).await;
 
-    let api = s.api();
-    let done = eventually(
-        "the cutover completes",
-        Duration::from_secs(180),
-        || async {
-            let status = api.get(NAME).await.ok()?.status?;
-            assert_ne!(
-                status.phase,
-                Phase::Aborted,
-                "aborted: {:?}",
-                status.message
-            );
-            (status.phase == Phase::Completed).then_some(status)
-        },
-    )
-    .await;
+    let done = s
+        .wait_phase_unbroken(Phase::Completed, Duration::from_secs(180))
+        .await;
     let report = s.stop_load().await;
 
     assert!(done.verification.as_ref().is_some_and(|v| v.matched));
@@ -343,25 +515,36 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
     );
     eprint!("{}", s.kubectl_cutover("report"));
 
+    // Hypercare lasted `schedule.hypercare` from the switch, and its checkpoint compared the
+    // bank's two tables on green with blue through reverse replication.
+    assert_eq!(
+        timestamp(&done.hypercare_until).duration_since(timestamp(&done.switched_at)),
+        jiff::SignedDuration::from_secs(2)
+    );
+    let checkpoint = done
+        .hypercare
+        .as_ref()
+        .and_then(|h| h.last_checkpoint.clone())
+        .expect("a hypercare checkpoint ran");
+    assert!(
+        checkpoint.number == 1
+            && checkpoint.matched
+            && checkpoint.compared_with_source
+            && checkpoint.tables == 2,
+        "{checkpoint:?}"
+    );
+    assert!(checkpoint.target_rows > 50, "{checkpoint:?}");
+    assert_eq!(done.checkpoints_done, 1);
+
     // Only the application Secret's key changed: it names green, with the application's own
     // credentials.
     assert_eq!(
         secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
         s.green_app
     );
-    let deployments: Api<Deployment> = Api::namespaced(s.plane.client(), &s.ns);
-    let annotated = deployments.get("billing-api").await.unwrap();
-    let annotations = annotated
-        .spec
-        .unwrap()
-        .template
-        .metadata
-        .unwrap()
-        .annotations
-        .unwrap_or_default();
     assert!(
-        annotations.contains_key("cutover.dbops.dev/restartedAt"),
-        "{annotations:?}"
+        s.restart_annotation().await.is_some(),
+        "no restart annotation"
     );
 
     // An Event for every phase (Pending lasts no longer than the first reconcile).
@@ -404,6 +587,18 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         s.ns
     );
     assert!(metrics.contains(&freeze_gauge), "{metrics}");
+    let forward_lag = format!(
+        r#"cutover_replication_lag_bytes{{direction="forward",name="{NAME}",namespace="{}"}}"#,
+        s.ns
+    );
+    assert!(metrics.contains(&forward_lag), "{metrics}");
+    let rows = done.verification.as_ref().map_or(0, |v| v.rows_compared);
+    assert!(rows > 50, "rows compared: {rows}");
+    let rows_gauge = format!(
+        r#"cutover_verification_rows{{name="{NAME}",namespace="{}"}} {rows}"#,
+        s.ns
+    );
+    assert!(metrics.contains(&rows_gauge), "{metrics}");
     for phase in [
         "Replicating",
         "Freezing",
@@ -695,22 +890,9 @@ async fn migrations_run_as_a_job_on_green_before_replication_and_the_cutover_com
     s.migrations(&[V1, V2]).await;
     s.apply(&s.plan_with_migrations()).await;
 
-    let api = s.api();
-    let done = eventually(
-        "the cutover completes",
-        Duration::from_secs(240),
-        || async {
-            let status = api.get(NAME).await.ok()?.status?;
-            assert_ne!(
-                status.phase,
-                Phase::Aborted,
-                "aborted: {:?}",
-                status.message
-            );
-            (status.phase == Phase::Completed).then_some(status)
-        },
-    )
-    .await;
+    let done = s
+        .wait_phase_unbroken(Phase::Completed, Duration::from_secs(240))
+        .await;
     let report = s.stop_load().await;
 
     // Migrating ran after the preflight and before replication, and succeeded.
@@ -721,7 +903,7 @@ async fn migrations_run_as_a_job_on_green_before_replication_and_the_cutover_com
     assert!(Some(migrating) < at(Phase::Replicating), "{steps:?}");
 
     // The Job ran `cutover migrate` and the stand-in recorded it as the Job controller would.
-    let job = s.migration_job().await;
+    let job = s.migration_job(INITIAL).await;
     let job_name = job.metadata.name.clone().unwrap();
     eprintln!("{}", kubelet.output(&job_name));
     let status = job.status.clone().unwrap();
@@ -785,7 +967,7 @@ async fn a_failing_migration_aborts_the_cutover_naming_the_file_and_blue_carries
     assert!(!steps.contains(&Phase::Replicating), "{steps:?}");
 
     // The Job failed after backoffLimit (3) retries, with the conditions the Job controller sets.
-    let job = s.migration_job().await;
+    let job = s.migration_job(INITIAL).await;
     eprintln!("{}", kubelet.output(job.metadata.name.as_deref().unwrap()));
     let status = job.status.clone().unwrap();
     assert_eq!(status.failed, Some(4));
@@ -821,4 +1003,369 @@ async fn a_failing_migration_aborts_the_cutover_naming_the_file_and_blue_carries
         secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
         s.blue_app
     );
+}
+
+/// The `cutover_hypercare_problems` sample of this cutover for `reason`.
+fn problems_metric(ns: &str, reason: &str, value: i64) -> String {
+    format!(
+        r#"cutover_hypercare_problems{{name="{NAME}",namespace="{ns}",reason="{reason}"}} {value}"#
+    )
+}
+
+fn has_index(c: &PgCluster, name: &str) -> bool {
+    one(
+        c,
+        &format!(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' AND indexname = '{name}'"
+        ),
+    ) == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rehearsal_runs_every_step_then_undoes_its_freeze_and_the_application_stays_on_blue() {
+    let mut s = Scenario::start("rehearsal").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    // The staging example on this bed, which lists the Deployment for restart: a rehearsal must
+    // restart nothing.
+    let plan = s.plan_from("staging-rehearsal.yaml");
+    assert_eq!(plan.spec.mode, Mode::Rehearsal);
+    assert!(!plan.spec.switch.restart.is_empty());
+    s.apply(&plan).await;
+
+    let done = s
+        .wait_phase_unbroken(Phase::Completed, Duration::from_secs(180))
+        .await;
+    let ended = std::time::Instant::now();
+    assert!(done.verification.as_ref().is_some_and(|v| v.matched));
+    let message = done.message.clone().unwrap_or_default();
+    assert!(message.contains("rehearsal complete"), "{message}");
+    for m in [
+        Milestone::ForwardReplicationDropped,
+        Milestone::SecretSwitched,
+        Milestone::SourceUnfrozen,
+        Milestone::ReplicationCleanedUp,
+    ] {
+        assert!(done.milestones.contains(&m), "{m:?}: {:?}", done.milestones);
+    }
+    for m in [
+        Milestone::ReverseReplicationStarted,
+        Milestone::TargetLoginAllowed,
+        Milestone::WorkloadsRestarted,
+    ] {
+        assert!(
+            !done.milestones.contains(&m),
+            "{m:?}: {:?}",
+            done.milestones
+        );
+    }
+
+    // The application never moved: its Secret still names blue and its pods were not
+    // restarted; the rehearsal Secret got green's address with the application's credentials.
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.blue_app
+    );
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, REHEARSAL_SECRET, "DATABASE_URL").await,
+        s.green_app
+    );
+    assert_eq!(s.restart_annotation().await, None);
+
+    // The report names every step and the measured write freeze.
+    let freeze = done
+        .write_freeze_seconds
+        .expect("the write freeze was measured");
+    assert!(freeze > 0.0, "{freeze}");
+    let report = s.kubectl_cutover("report");
+    eprint!("{report}");
+    for step in [
+        "Preflight",
+        "Replicating",
+        "Freezing",
+        "FinalSync",
+        "Verifying",
+        "AwaitingApproval",
+        "Switching",
+    ] {
+        assert!(
+            report.lines().any(|l| l.starts_with(step)),
+            "no {step} line in the report:\n{report}"
+        );
+    }
+    let freeze_line = format!(
+        "write freeze: {}",
+        format_duration(Duration::from_secs_f64(freeze))
+    );
+    assert!(report.contains(&freeze_line), "{freeze_line}:\n{report}");
+    assert!(report.contains("← slowest"), "{report}");
+    assert!(report.contains("result: Completed"), "{report}");
+
+    // Blue takes writes again: the application's own load commits there after the rehearsal.
+    s.assert_blue_writable().await;
+    let load = s.load.as_ref().expect("the load runs");
+    eventually(
+        "the load commits on blue again",
+        Duration::from_secs(60),
+        || async { (load.commits_since(ended) > 20).then_some(()) },
+    )
+    .await;
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.blue, &report);
+    s.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_switch_migrations_run_as_their_own_job_after_the_point_of_no_return() {
+    let mut s = Scenario::start("post-switch").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let kubelet = Kubelet::start(s.plane.client(), &s.ns);
+    s.migrations(&[V1, V2]).await;
+    s.post_switch_migrations(&[(
+        "V3__index_ledger_by_client.sql",
+        "CREATE INDEX ledger_by_client ON ledger (client, seq);",
+    )])
+    .await;
+    s.apply(&s.plan_with_post_switch_migrations()).await;
+
+    let done = s
+        .wait_phase_unbroken(Phase::Completed, Duration::from_secs(300))
+        .await;
+    let report = s.stop_load().await;
+
+    // The post-switch set ran after forward replication stopped and before the Secret moved.
+    let at = |m: Milestone| {
+        done.milestones
+            .iter()
+            .position(|x| *x == m)
+            .unwrap_or_else(|| panic!("{m:?} missing from {:?}", done.milestones))
+    };
+    assert!(at(Milestone::ForwardReplicationDropped) < at(Milestone::PostSwitchMigrated));
+    assert!(at(Milestone::PostSwitchMigrated) < at(Milestone::SecretSwitched));
+
+    // One Job per set, both complete.
+    let initial = s.migration_job(INITIAL).await;
+    let post = s.migration_job(POST_SWITCH).await;
+    assert_ne!(initial.metadata.name, post.metadata.name);
+    eprintln!("{}", kubelet.output(post.metadata.name.as_deref().unwrap()));
+    for job in [&initial, &post] {
+        assert_eq!(job.status.as_ref().and_then(|s| s.succeeded), Some(1));
+        assert!(job_condition(job, "Complete").is_some());
+        assert!(job_condition(job, "Failed").is_none());
+    }
+
+    // Green has the index and all three versions; blue has neither.
+    assert_eq!(
+        history(&s.bg.green),
+        vec![
+            ("1".into(), "true".into()),
+            ("2".into(), "true".into()),
+            ("3".into(), "true".into())
+        ]
+    );
+    assert!(has_index(&s.bg.green, "ledger_by_client"));
+    assert!(!has_index(&s.bg.blue, "ledger_by_client"));
+
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.green_app
+    );
+    s.assert_ledger(&s.bg.green, &report);
+    s.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_post_switch_migration_rolls_back_before_the_secret_moves() {
+    let mut s = Scenario::start("post-switch-fail").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let kubelet = Kubelet::start(s.plane.client(), &s.ns);
+    s.migrations(&[V1]).await;
+    s.post_switch_migrations(&[(
+        "V2__broken_post_switch.sql",
+        "CREATE INDEX ledger_by_client ON ledger (client, seq);\nUPDATE no_such_table SET x = 1;",
+    )])
+    .await;
+    s.apply(&s.plan_with_post_switch_migrations()).await;
+
+    let rolled = s
+        .wait_phase(Phase::RolledBack, Duration::from_secs(300))
+        .await;
+    let message = rolled.message.clone().unwrap_or_default();
+    assert!(
+        !message.contains(APP_PASSWORD) && !message.contains(&s.bg.green_dsn()),
+        "the message carries a credential"
+    );
+    assert!(
+        message.contains("post-switch migrations failed")
+            && message.contains("BackoffLimitExceeded")
+            && message.contains("V2__broken_post_switch.sql")
+            && message.contains("no_such_table"),
+        "{message}"
+    );
+    assert!(rolled.point_of_no_return_at.is_some());
+    for m in [
+        Milestone::PostSwitchMigrated,
+        Milestone::ReverseReplicationStarted,
+        Milestone::TargetLoginAllowed,
+        Milestone::SecretSwitched,
+        Milestone::WorkloadsRestarted,
+    ] {
+        assert!(
+            !rolled.milestones.contains(&m),
+            "{m:?}: {:?}",
+            rolled.milestones
+        );
+    }
+
+    let job = s.migration_job(POST_SWITCH).await;
+    eprintln!("{}", kubelet.output(job.metadata.name.as_deref().unwrap()));
+    let (reason, _) = job_condition(&job, "Failed").expect("Failed=True");
+    assert_eq!(reason, "BackoffLimitExceeded");
+
+    // The failing file was rolled back whole on green, every attempt recorded as failed.
+    assert!(!has_index(&s.bg.green, "ledger_by_client"));
+    let attempts = history(&s.bg.green);
+    assert_eq!(attempts[0], ("1".into(), "true".into()));
+    assert_eq!(
+        attempts[1..].to_vec(),
+        vec![(String::from("2"), String::from("false")); 4],
+        "{attempts:?}"
+    );
+
+    // The application never left blue, and blue takes its writes again.
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.blue_app
+    );
+    assert_eq!(s.restart_annotation().await, None);
+    s.assert_blue_writable().await;
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.blue, &report);
+    s.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypercare_reports_a_stuck_rollout_and_a_broken_way_back_until_they_clear() {
+    let mut s = Scenario::start("hypercare").await;
+    let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    let mut plan = s.plan();
+    plan.spec.schedule.hypercare = "10m".into();
+    plan.spec.schedule.checkpoints = vec!["1s".into()];
+    s.apply(&plan).await;
+
+    let entered = s
+        .wait_phase_unbroken(Phase::Hypercare, Duration::from_secs(180))
+        .await;
+    let report = s.stop_load().await;
+    assert_eq!(
+        timestamp(&entered.hypercare_until).duration_since(timestamp(&entered.switched_at)),
+        jiff::SignedDuration::from_mins(10)
+    );
+    let api = s.api();
+    let checkpoint = eventually("the first checkpoint", Duration::from_secs(60), || async {
+        api.get(NAME).await.ok()?.status?.hypercare?.last_checkpoint
+    })
+    .await;
+    assert!(
+        checkpoint.number == 1
+            && checkpoint.matched
+            && checkpoint.compared_with_source
+            && checkpoint.tables == 2,
+        "{checkpoint:?}"
+    );
+    s.wait_condition("Degraded", "False", None, Duration::from_secs(30))
+        .await;
+    // Hypercare looks again at least every 30 s.
+    let notice = Duration::from_secs(90);
+
+    // (a) The restarted Deployment's rollout passes its progress deadline.
+    s.deployment_progressing(
+        "False",
+        "ProgressDeadlineExceeded",
+        r#"ReplicaSet "billing-api-7d9c5" has timed out progressing."#,
+    )
+    .await;
+    let degraded = s
+        .wait_condition("Degraded", "True", Some("RolloutStuck"), notice)
+        .await;
+    assert!(
+        degraded.message.contains("billing-api") && degraded.message.contains("timed out"),
+        "{}",
+        degraded.message
+    );
+    s.wait_event("Warning", "RolloutStuck", 1, Duration::from_secs(30))
+        .await;
+    s.wait_metric(
+        &problems_metric(&s.ns, "RolloutStuck", 1),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    s.deployment_progressing(
+        "True",
+        "NewReplicaSetAvailable",
+        r#"ReplicaSet "billing-api-7d9c5" has successfully progressed."#,
+    )
+    .await;
+    s.wait_condition("Degraded", "False", None, notice).await;
+    s.wait_event("Normal", "Recovered", 1, Duration::from_secs(30))
+        .await;
+    s.wait_metric(
+        &problems_metric(&s.ns, "RolloutStuck", 0),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    // (b) Someone disables the reverse subscription on blue: a rollback would now lose green's
+    // writes. `BEGIN READ WRITE`, as blue stays frozen (read-only with the other method).
+    let reverse = Names::for_cutover(&format!("{}/{NAME}", s.ns)).reverse_subscription;
+    let set_reverse = |verb: &str| {
+        s.bg.blue
+            .execute(
+                BlueGreen::DATABASE,
+                &format!("BEGIN READ WRITE; ALTER SUBSCRIPTION \"{reverse}\" {verb}; COMMIT;"),
+            )
+            .unwrap();
+    };
+    set_reverse("DISABLE");
+    let degraded = s
+        .wait_condition("Degraded", "True", Some("ReplicationBroken"), notice)
+        .await;
+    assert!(
+        degraded.message.contains(&reverse) && degraded.message.contains("disabled"),
+        "{}",
+        degraded.message
+    );
+    s.wait_event("Warning", "ReplicationBroken", 1, Duration::from_secs(30))
+        .await;
+    s.wait_metric(
+        &problems_metric(&s.ns, "ReplicationBroken", 1),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    set_reverse("ENABLE");
+    s.wait_condition("Degraded", "False", None, notice).await;
+    s.wait_event("Normal", "Recovered", 2, Duration::from_secs(30))
+        .await;
+    s.wait_metric(
+        &problems_metric(&s.ns, "ReplicationBroken", 0),
+        Duration::from_secs(30),
+    )
+    .await;
+    let still = api.get(NAME).await.unwrap().status.unwrap();
+    assert_eq!(still.phase, Phase::Hypercare);
+    assert!(still.hypercare.is_some_and(|h| h.problems.is_empty()));
+
+    // Deleted during hypercare: the application stays on green, the way back is removed.
+    api.delete(NAME, &DeleteParams::default()).await.unwrap();
+    eventually("the cutover is gone", Duration::from_secs(60), || async {
+        matches!(api.get_opt(NAME).await, Ok(None)).then_some(())
+    })
+    .await;
+    s.assert_nothing_left();
+    assert_eq!(
+        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.green_app
+    );
+    s.assert_ledger(&s.bg.green, &report);
 }
