@@ -35,9 +35,12 @@ enum Change {
     TimestampMicrosecond,
     SmallintPlusOne,
     ValuesSwappedBetweenRows,
+    BigintFoldedTwin,
+    IntervalSameLength,
+    ArrayLowerBound,
 }
 
-const CHANGES: [Change; 19] = [
+const CHANGES: [Change; 22] = [
     Change::TextNullToEmpty,
     Change::TextEmptyToNull,
     Change::NumericLastDigit,
@@ -57,6 +60,9 @@ const CHANGES: [Change; 19] = [
     Change::TimestampMicrosecond,
     Change::SmallintPlusOne,
     Change::ValuesSwappedBetweenRows,
+    Change::BigintFoldedTwin,
+    Change::IntervalSameLength,
+    Change::ArrayLowerBound,
 ];
 
 impl Change {
@@ -105,6 +111,15 @@ impl Change {
             Self::SmallintPlusOne => set("small = small + 1"),
             // Each row keeps a value, but the two rows trade theirs: every row's own content
             // changed while the table's multiset of column values did not.
+            // PostgreSQL's own bigint hash folds the halves together: this value hashes like
+            // the old one there.
+            Self::BigintFoldedTwin => set("counter = counter # 4294967297"),
+            // Equal as intervals, different as values: '2 days' becomes '1 day 24:00:00'.
+            Self::IntervalSameLength => set("iv = iv - interval '1 day' + interval '24 hours'"),
+            // The same elements from index 0.
+            Self::ArrayLowerBound => {
+                set("arr = ('[0:2]={' || arr[1] || ',' || arr[2] || ',' || arr[3] || '}')::int[]")
+            }
             Self::ValuesSwappedBetweenRows => format!(
                 "UPDATE props p SET t = o.t FROM props o
                   WHERE (p.id, o.id) IN (({id}, {previous}), ({previous}, {id}))",
@@ -137,7 +152,8 @@ fn fill_sql(seed: u64, rows: i64) -> String {
         "DROP TABLE IF EXISTS props;
          CREATE TABLE props (id bigint PRIMARY KEY, t text, n numeric, f float8, ts timestamptz,
                              j jsonb, arr int[], b bytea, e mood, big text, flag boolean,
-                             u uuid, lts timestamp, small smallint);
+                             u uuid, lts timestamp, small smallint, counter bigint,
+                             iv interval);
          INSERT INTO props
          SELECT g * 2,
                 CASE g % 3 WHEN 0 THEN NULL WHEN 1 THEN '' ELSE 'v' || g || '-' || {seed} END,
@@ -154,7 +170,9 @@ fn fill_sql(seed: u64, rows: i64) -> String {
                 g % 2 = 0,
                 md5(g::text || '{seed}')::uuid,
                 timestamp '2024-03-01 12:00:00' + g * interval '1.000001 second',
-                (g % 1000)::smallint
+                (g % 1000)::smallint,
+                g * 7 + {seed},
+                g * interval '1 day' + interval '1 hour'
            FROM generate_series(1, {rows}) g;"
     )
 }

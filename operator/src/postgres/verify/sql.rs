@@ -181,17 +181,16 @@ impl TableSql {
 
 /// The per-row hash expression (64 bits, `int8`).
 ///
-/// **With a key**, the row is first given a seed `k` that depends on its key alone. Columns of
-/// the types in [`HASH_FUNCTIONS`] are hashed one by one with their own hash function, seeded
-/// with `k` xor their position; all other columns are rendered together as row text
-/// (`ROW(c1, c2, …)::text`, see [`column_text`]) and hashed seeded with `k`. The row's hash is
-/// `k` xor all of these. Because every part is seeded by the key, a value moved from one row
-/// to another changes both rows' hashes (a plain sum of per-column hashes would not notice),
-/// and the position in the seed tells two columns holding the same value apart. A NULL column
-/// contributes 0, a value anything else: NULL and `''` differ.
+/// **With a key**, each column of a type in [`HASH_FUNCTIONS`] is hashed on its own by an exact
+/// 64-bit expression seeded with its position; the other columns are rendered together as row
+/// text (`ROW(c1, c2, …)::text`, see [`column_text`]) and hashed. The parts are combined with
+/// xor into `x` (a NULL column contributes 0, so NULL and `''` differ), and the row's hash is
+/// `hashtextextended(x::text, k)` with `k` a hash of the row's key alone: every part is bound
+/// to its row, so a value moved from one row to another changes both rows' hashes (a plain sum
+/// of per-column hashes would not notice), and the position in each seed tells two columns
+/// holding the same value apart.
 ///
-/// **Without a key**, the whole row is rendered as text and hashed: no seed would tell rows
-/// apart there.
+/// **Without a key**, the whole row is rendered as text and hashed: there is no key to bind to.
 fn row_hash(columns: &[(&str, &str)], key: &[(&str, &str)]) -> String {
     let text_of = |cols: &[(&str, &str)]| -> String {
         let listed: Vec<String> = cols
@@ -206,67 +205,76 @@ fn row_hash(columns: &[(&str, &str)], key: &[(&str, &str)]) -> String {
     if key.is_empty() {
         return format!("hashtextextended({}, 0)", text_of(columns));
     }
-    let seed = if key.iter().all(|(_, ty)| hash_function(ty).is_some()) {
+    // The key's seeds are negative, the columns' positive: a key column also hashed as a
+    // column gets two unrelated hashes.
+    let k = if key.iter().all(|(_, ty)| hash_function(ty).is_some()) {
         let parts: Vec<String> = key
             .iter()
             .enumerate()
-            .map(|(i, (name, ty))| fast_hash(&quote_ident(name), ty, &i.to_string()))
+            .map(|(j, (name, ty))| fast_hash(&quote_ident(name), ty, -(j as i64) - 1))
             .collect();
         parts.join(" # ")
     } else {
-        format!("hashtextextended({}, 0)", text_of(key))
+        format!("hashtextextended({}, -1)", text_of(key))
     };
-    let seed = format!("({seed})");
-    let mut parts = vec![seed.clone()];
+    let mut parts = Vec::new();
     let mut rendered: Vec<(&str, &str)> = Vec::new();
     for (i, (name, ty)) in columns.iter().enumerate() {
         if hash_function(ty).is_some() {
-            let hash = fast_hash(&quote_ident(name), ty, &format!("{seed} # {}", i + 1));
+            let hash = fast_hash(&quote_ident(name), ty, i as i64 + 1);
             parts.push(format!("coalesce({hash}, 0)"));
         } else {
             rendered.push((name, ty));
         }
     }
     if !rendered.is_empty() {
-        parts.push(format!("hashtextextended({}, {seed})", text_of(&rendered)));
+        parts.push(format!("hashtextextended({}, 0)", text_of(&rendered)));
     }
-    parts.join(" # ")
+    format!("hashtextextended(({})::text, {k})", parts.join(" # "))
 }
 
-/// Types hashed column by column, each by an expression (`{c}` the column, `{s}` the `int8`
-/// seed) that tells every two values with different text apart, gives the same result on every
-/// server version (hash partitioning depends on these functions) and needs no output function
-/// — several times cheaper per value than rendering text. Where the type's hash follows
-/// equality rather than identity, the expression adds what equality ignores: a `numeric`'s
-/// display scale (`1.5` = `1.50`), a `float`'s sign at zero (`0` = `-0`; every NaN renders
-/// alike anyway). `timestamptz` is hashed as the `timestamp` it is in UTC, the verifier's
-/// session time zone. Left to the row text: `jsonb` (numbers compare by value), enums (their
-/// hash is the label's OID, which differs between databases), `interval` (`1 day` =
-/// `24 hours`), arrays (their hash ignores the bounds) and every other type.
+/// Types hashed column by column, each by an expression (`{c}` the column, `{s}` an integer
+/// seed) that gives every two values with different text different 64-bit hashes (but for
+/// chance), the same on every server version, and runs no output function — several times
+/// cheaper per value than rendering text:
+/// - `smallint`, `integer`, `boolean` (as an integer), `uuid`: their hash functions, exact
+///   (PostgreSQL's `hashint8extended` folds 64 bits into 32 before hashing — `0` and
+///   `4294967297` hash alike — so `bigint` adds a hash of its upper half);
+/// - `text` and `varchar` under `COLLATE "C"`: the bytes;
+/// - `bytea`, and through their binary send form `numeric` (its scale included: `1.5` and
+///   `1.50` differ), `timestamp`, `timestamptz`, `date` and `interval` (`1 day` and `24 hours`
+///   differ): the bytes, by the array hash of a one-element array (`bytea`'s own hash function
+///   is not callable from SQL);
+/// - `real` and `double precision`: their hash, except that a zero is hashed as its text, so
+///   `0` and `-0` differ (every NaN renders alike anyway, and their hash agrees);
+/// - one-dimensional arrays of `smallint`, `integer`, `text` and `uuid` starting at 1: the array
+///   hash over their elements; other arrays of those types as text.
+///
+/// Left to the row text: `jsonb` (numbers compare by value), enums (their hash is the label's
+/// OID, which differs between databases) and every other type.
 const HASH_FUNCTIONS: &[(&str, &str)] = &[
     ("smallint", "hashint2extended({c}, {s})"),
     ("integer", "hashint4extended({c}, {s})"),
-    ("bigint", "hashint8extended({c}, {s})"),
+    (
+        "bigint",
+        "(hashint8extended({c}, {s}) # hashint8extended({c} >> 32, ~{s}))",
+    ),
     ("boolean", "hashint4extended({c}::int4, {s})"),
     ("text", "hashtextextended({c} COLLATE \"C\", {s})"),
-    (
-        "character varying",
-        "hashtextextended({c} COLLATE \"C\", {s})",
-    ),
+    ("character varying", "hashtextextended({c} COLLATE \"C\", {s})"),
     ("uuid", "uuid_hash_extended({c}, {s})"),
     ("bytea", "hash_array_extended(ARRAY[{c}], {s})"),
+    ("numeric", "hash_array_extended(ARRAY[numeric_send({c})], {s})"),
     (
         "timestamp without time zone",
-        "timestamp_hash_extended({c}, {s})",
+        "hash_array_extended(ARRAY[timestamp_send({c})], {s})",
     ),
     (
         "timestamp with time zone",
-        "timestamp_hash_extended({c}::timestamp, {s})",
+        "hash_array_extended(ARRAY[timestamptz_send({c})], {s})",
     ),
-    (
-        "numeric",
-        "(hash_numeric_extended({c}, {s}) # coalesce(hashint4extended(scale({c}), ~{s}), 0))",
-    ),
+    ("date", "hash_array_extended(ARRAY[date_send({c})], {s})"),
+    ("interval", "hash_array_extended(ARRAY[interval_send({c})], {s})"),
     (
         "double precision",
         "CASE WHEN {c} = 0 THEN hashtextextended({c}::text, {s}) ELSE hashfloat8extended({c}, {s}) END",
@@ -275,7 +283,20 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
         "real",
         "CASE WHEN {c} = 0 THEN hashtextextended({c}::text, {s}) ELSE hashfloat4extended({c}, {s}) END",
     ),
+    ("smallint[]", ARRAY_HASH),
+    ("integer[]", ARRAY_HASH),
+    ("uuid[]", ARRAY_HASH),
+    (
+        "text[]",
+        "CASE WHEN array_ndims({c}) = 1 AND array_lower({c}, 1) = 1 \
+         THEN hash_array_extended({c} COLLATE \"C\", {s}) ELSE hashtextextended({c}::text, {s}) END",
+    ),
 ];
+
+/// Arrays: the element hashes for the usual one-dimensional, 1-based ones (the array hash does
+/// not see the bounds), the text for the others.
+const ARRAY_HASH: &str = "CASE WHEN array_ndims({c}) = 1 AND array_lower({c}, 1) = 1 \
+     THEN hash_array_extended({c}, {s}) ELSE hashtextextended({c}::text, {s}) END";
 
 fn hash_function(ty: &str) -> Option<&'static str> {
     HASH_FUNCTIONS
@@ -284,11 +305,10 @@ fn hash_function(ty: &str) -> Option<&'static str> {
         .map(|(_, f)| *f)
 }
 
-/// `quoted` hashed by its type's expression with `seed` (an `int8` expression).
-fn fast_hash(quoted: &str, ty: &str, seed: &str) -> String {
+/// `quoted` hashed by its type's expression with the integer `seed`.
+fn fast_hash(quoted: &str, ty: &str, seed: i64) -> String {
     let f = hash_function(ty).expect("only called for types with a hash function");
-    f.replace("{c}", quoted)
-        .replace("{s}", &format!("({seed})"))
+    f.replace("{c}", quoted).replace("{s}", &format!("({seed})"))
 }
 
 /// The types whose binary send form is cheaper to render than their text and, like the text,
@@ -337,13 +357,12 @@ mod tests {
             upper: Some(vec!["5".into(), "y".into()]),
         };
         let (text, params) = sql.chunk_hash(&range);
-        let seed = r#"(hashint4extended("t", (0)) # hashtextextended("a b" COLLATE "C", (1)))"#;
+        let k = r#"hashint4extended("t", (-1)) # hashtextextended("a b" COLLATE "C", (-2))"#;
+        let x = r#"coalesce(hashint4extended("t", (1)), 0) # coalesce(hashtextextended("a b" COLLATE "C", (2)), 0)"#;
         assert_eq!(
             text,
             format!(
-                "SELECT count(*), coalesce(sum({seed} \
-                 # coalesce(hashint4extended(\"t\", ({seed} # 1)), 0) \
-                 # coalesce(hashtextextended(\"a b\" COLLATE \"C\", ({seed} # 2)), 0)), 0)::text \
+                "SELECT count(*), coalesce(sum(hashtextextended(({x})::text, {k})), 0)::text \
                  FROM \"my schema\".\"Order\"\"s\" WHERE (\"t\", \"a b\") >= (CAST($1::text AS integer), CAST($2::text AS text)) \
                  AND (\"t\", \"a b\") < (CAST($3::text AS integer), CAST($4::text AS text))"
             )
@@ -376,18 +395,18 @@ mod tests {
             text.contains(r#"hashtextextended(ROW(numeric_send("n"), timestamptz_send("at"), "x")::text COLLATE "C", 0)"#),
             "{text}"
         );
-        // With a key of a type without a usable hash function, the seed is the key's text.
+        // A key of a type without a hash expression is bound through its text; a bigint hashes
+        // both halves; jsonb and enums go to the row text.
         let sql = TableSql::new(
             &TableName::new("s", "t"),
-            &[("d", "interval"), ("id", "bigint"), ("doc", "jsonb")],
-            &[("d", "interval")],
+            &[("d", "mood"), ("id", "bigint"), ("doc", "jsonb")],
+            &[("d", "mood")],
         );
         let (text, _) = sql.chunk_hash(&Range::default());
-        let seed = r#"(hashtextextended(ROW(interval_send("d"))::text COLLATE "C", 0))"#;
         assert!(
-            text.contains(&format!(
-                r#"sum({seed} # coalesce(hashint8extended("id", ({seed} # 2)), 0) # hashtextextended(ROW(interval_send("d"), "doc")::text COLLATE "C", {seed}))"#
-            )),
+            text.contains(
+                r#"sum(hashtextextended((coalesce((hashint8extended("id", (2)) # hashint8extended("id" >> 32, ~(2))), 0) # hashtextextended(ROW("d", "doc")::text COLLATE "C", 0))::text, hashtextextended(ROW("d")::text COLLATE "C", -1)))"#
+            ),
             "{text}"
         );
     }
