@@ -10,9 +10,11 @@
 //! and the ratios against the goals (b) ≤ 1.3 × (a), (c) / (b) ≥ 3, (d) ≤ 1.1 × (b).
 //!
 //! ```text
-//! cargo run --release -p cutover-tests --bin bench_verify -- [--rows N] [--parallelism P] [--runs R]
+//! cargo run --release -p cutover-tests --bin bench_verify -- [--rows N] [--parallelism P] [--runs R] [--shared-buffers SIZE]
 //! ```
 //! Default 4,000,000 rows (about 1 GB of heap per side); `CUTOVER_BENCH_ROWS` also sets it.
+//! `--shared-buffers` (default `512MB`, smaller than the table: pages come from the OS cache)
+//! set to `2GB` keeps the whole table in PostgreSQL's own buffers.
 
 use std::hash::{DefaultHasher, Hasher as _};
 use std::time::{Duration, Instant};
@@ -47,6 +49,7 @@ struct Args {
     rows: u64,
     parallelism: usize,
     runs: usize,
+    shared_buffers: String,
 }
 
 fn args() -> Result<Args> {
@@ -59,6 +62,7 @@ fn args() -> Result<Args> {
             .unwrap_or(4_000_000),
         parallelism: VerifyOptions::default().parallelism,
         runs: 2,
+        shared_buffers: "512MB".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -67,6 +71,7 @@ fn args() -> Result<Args> {
             "--rows" => parsed.rows = value()?.parse()?,
             "--parallelism" => parsed.parallelism = value()?.parse()?,
             "--runs" => parsed.runs = value()?.parse()?,
+            "--shared-buffers" => parsed.shared_buffers = value()?,
             // `cargo bench` / `cargo test` pass these; nothing to do.
             "--bench" | "--test" => {}
             other => bail!("unknown argument {other}"),
@@ -143,7 +148,7 @@ async fn main() -> Result<()> {
     );
     let builder = || {
         PgCluster::builder()
-            .setting("shared_buffers", "512MB")
+            .setting("shared_buffers", &args.shared_buffers)
             .setting("max_parallel_workers_per_gather", "0")
             .setting("autovacuum", "off")
             .start_timeout(Duration::from_secs(120))
@@ -225,8 +230,9 @@ async fn main() -> Result<()> {
     println!("rows per side:            {}", args.rows);
     println!("table size per side:      {size}");
     println!(
-        "key ranges:               {chunks} (parallelism {})",
-        args.parallelism
+        "key ranges:               {chunks} (parallelism {}, shared_buffers {})",
+        args.parallelism,
+        args.shared_buffers
     );
     println!("(a) render floor:         {:>8.2} s", secs(a));
     println!("(b) verify (both sides):  {:>8.2} s", secs(b));
