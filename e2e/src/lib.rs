@@ -317,8 +317,46 @@ impl ControlPlane {
             )
             .await
             .map_err(|_| Error::Timeout(CRD_TIMEOUT, format!("CRD {name} to be Established")))??;
+            self.await_served(&api, name).await?;
         }
         Ok(names)
+    }
+
+    /// Waits until the custom resources of CRD `name` can be listed: a CRD can be Established a
+    /// moment before its endpoint serves (a 404 for that moment).
+    async fn await_served(
+        &self,
+        crds: &Api<CustomResourceDefinition>,
+        name: &str,
+    ) -> Result<(), Error> {
+        let crd = crds.get(name).await?;
+        let group = crd.spec.group.clone();
+        let plural = crd.spec.names.plural.clone();
+        let kind = crd.spec.names.kind.clone();
+        let Some(version) = crd.spec.versions.iter().find(|v| v.served) else {
+            return Ok(());
+        };
+        let gvk = kube::api::GroupVersionKind::gvk(&group, &version.name, &kind);
+        let resource = kube::discovery::ApiResource::from_gvk_with_plural(&gvk, &plural);
+        let api: Api<kube::api::DynamicObject> = Api::all_with(self.client(), &resource);
+        let deadline = std::time::Instant::now() + CRD_TIMEOUT;
+        loop {
+            match api.list(&kube::api::ListParams::default().limit(1)).await {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(status))
+                    if status.code == 404 && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    return Err(Error::Timeout(
+                        CRD_TIMEOUT,
+                        format!("the resources of CRD {name} to be served"),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

@@ -2,7 +2,6 @@
 //! run): its schema, the security context, the owner reference to a stored DatabaseCutover.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use cutover_e2e::ControlPlane;
 use cutover_operator::api::DatabaseCutover;
@@ -37,18 +36,11 @@ async fn the_migration_job_is_accepted_by_the_api_server() {
     assert!(cutover.spec.migrations.is_some(), "the plan has migrations");
     cutover.metadata.namespace = Some(ns.clone());
     let cutovers: Api<DatabaseCutover> = Api::namespaced(plane.client(), &ns);
-    // Stored for real: the owner reference needs its uid. A CRD can be Established a moment
-    // before its endpoint serves (404): retry that, until a deadline.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stored = loop {
-        match cutovers.create(&PostParams::default(), &cutover).await {
-            Ok(stored) => break stored,
-            Err(kube::Error::Api(status)) if status.code == 404 && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("the example plan was not stored: {e}"),
-        }
-    };
+    // Stored for real: the owner reference needs its uid.
+    let stored = cutovers
+        .create(&PostParams::default(), &cutover)
+        .await
+        .expect("the example plan is stored");
 
     let job = build_migration_job(&MigrationJobParams {
         cutover: &stored,
