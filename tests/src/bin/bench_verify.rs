@@ -231,8 +231,7 @@ async fn main() -> Result<()> {
     println!("table size per side:      {size}");
     println!(
         "key ranges:               {chunks} (parallelism {}, shared_buffers {})",
-        args.parallelism,
-        args.shared_buffers
+        args.parallelism, args.shared_buffers
     );
     println!("(a) render floor:         {:>8.2} s", secs(a));
     println!("(b) verify (both sides):  {:>8.2} s", secs(b));

@@ -261,10 +261,16 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
     ),
     ("boolean", "hashint4extended({c}::int4, {s})"),
     ("text", "hashtextextended({c} COLLATE \"C\", {s})"),
-    ("character varying", "hashtextextended({c} COLLATE \"C\", {s})"),
+    (
+        "character varying",
+        "hashtextextended({c} COLLATE \"C\", {s})",
+    ),
     ("uuid", "uuid_hash_extended({c}, {s})"),
     ("bytea", "hash_array_extended(ARRAY[{c}], {s})"),
-    ("numeric", "hash_array_extended(ARRAY[numeric_send({c})], {s})"),
+    (
+        "numeric",
+        "hash_array_extended(ARRAY[numeric_send({c})], {s})",
+    ),
     (
         "timestamp without time zone",
         "hash_array_extended(ARRAY[timestamp_send({c})], {s})",
@@ -274,7 +280,10 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
         "hash_array_extended(ARRAY[timestamptz_send({c})], {s})",
     ),
     ("date", "hash_array_extended(ARRAY[date_send({c})], {s})"),
-    ("interval", "hash_array_extended(ARRAY[interval_send({c})], {s})"),
+    (
+        "interval",
+        "hash_array_extended(ARRAY[interval_send({c})], {s})",
+    ),
     (
         "double precision",
         "CASE WHEN {c} = 0 THEN hashtextextended({c}::text, {s}) ELSE hashfloat8extended({c}, {s}) END",
@@ -308,7 +317,8 @@ fn hash_function(ty: &str) -> Option<&'static str> {
 /// `quoted` hashed by its type's expression with the integer `seed`.
 fn fast_hash(quoted: &str, ty: &str, seed: i64) -> String {
     let f = hash_function(ty).expect("only called for types with a hash function");
-    f.replace("{c}", quoted).replace("{s}", &format!("({seed})"))
+    f.replace("{c}", quoted)
+        .replace("{s}", &format!("({seed})"))
 }
 
 /// The types whose binary send form is cheaper to render than their text and, like the text,
