@@ -25,7 +25,7 @@ use crate::postgres::replication::{self, Names, TableSelection};
 use crate::postgres::reverse;
 use crate::postgres::sync::copy_sequences;
 use crate::postgres::verify::{self, TableName, VerifyOptions};
-use crate::postgres::{ConnectOptions, Dsn, connect};
+use crate::postgres::{ConnectOptions, Dsn, connect, quote_ident};
 
 /// What differs between running in Kubernetes and running locally.
 pub trait Platform: Send + Sync {
@@ -548,23 +548,9 @@ impl<P: Platform> Engine<P> {
                 }
             }
             Milestone::TargetLoginAllowed => {
-                // Nothing of the application's access on green is changed here: what would keep
-                // it from working there stops the switch before the Secret moves.
+                let blue = self.blue().await.map_err(|e| text(&e))?;
                 let green = self.green().await.map_err(|e| text(&e))?;
-                let problems = preflight::application_access(&green, &self.spec.application_roles)
-                    .await
-                    .map_err(|e| {
-                        format!(
-                            "failed to read the application roles on green: {}",
-                            crate::postgres::replication::db_message(&e)
-                        )
-                    })?;
-                if !problems.is_empty() {
-                    return Err(format!(
-                        "the application could not work on green: {}",
-                        problems.join("; ")
-                    ));
-                }
+                allow_application(&blue, &green, &self.spec.application_roles).await?;
             }
         }
         Ok(())
@@ -674,6 +660,77 @@ impl<P: Platform> Engine<P> {
             ..crate::api::CheckpointStatus::default()
         })
     }
+}
+
+/// Lets the application roles log in on green: `LOGIN` for roles that are `NOLOGIN` there,
+/// `CONNECT` on green's database for roles without it. What it cannot fix — a role missing on
+/// green, a role held read-only there, or a role made `NOLOGIN` by the freeze of blue on the same
+/// server (letting it log in would reopen blue) — stops the switch before the Secret moves.
+/// Idempotent: a second run finds nothing to grant.
+async fn allow_application(blue: &Client, green: &Client, roles: &[String]) -> Result<(), String> {
+    let read = async || {
+        preflight::application_access(green, roles)
+            .await
+            .map_err(|e| {
+                format!(
+                    "failed to read the application roles on green: {}",
+                    crate::postgres::replication::db_message(&e)
+                )
+            })
+    };
+    let access = read().await?;
+    let mut blocking = access.blocking();
+    for role in &access.no_login {
+        if freeze::login_revoked_by_freeze(blue, role)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            blocking.push(format!(
+                "role {role} is kept from logging in by the freeze of blue, which shares green's \
+                 server (use freeze.method ReadOnly when both databases are on one server)"
+            ));
+        }
+    }
+    if !blocking.is_empty() {
+        return Err(format!(
+            "the application could not work on green: {}",
+            blocking.join("; ")
+        ));
+    }
+    let grant = |sql: String| async move {
+        green.batch_execute(&sql).await.map_err(|e| {
+            format!(
+                "failed to let the application roles log in on green: {}",
+                crate::postgres::replication::db_message(&e)
+            )
+        })
+    };
+    for role in &access.no_login {
+        grant(format!("ALTER ROLE {} LOGIN", quote_ident(role))).await?;
+    }
+    if !access.no_connect.is_empty() {
+        let database: String = green
+            .query_one("SELECT current_database()", &[])
+            .await
+            .map_err(|e| crate::postgres::replication::db_message(&e))?
+            .get(0);
+        for role in &access.no_connect {
+            grant(format!(
+                "GRANT CONNECT ON DATABASE {} TO {}",
+                quote_ident(&database),
+                quote_ident(role)
+            ))
+            .await?;
+        }
+    }
+    let after = read().await?;
+    if !after.to_grant().is_empty() || !after.blocking().is_empty() {
+        return Err(format!(
+            "the application roles still cannot work on green: {}",
+            [after.blocking(), after.to_grant()].concat().join("; ")
+        ));
+    }
+    Ok(())
 }
 
 fn parse_lsn(text: &str) -> Option<PgLsn> {

@@ -477,13 +477,19 @@ async fn the_switch_stops_before_the_secret_moves_when_green_would_refuse_the_ap
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
     let engine = engine(&bg, spec(Mode::Production), dir.path());
-    // Preflight saw the role able to log in on green; it loses that before the switch.
+    // Preflight saw the role fine on green; before the switch someone holds it read-only there
+    // (a setting the switch does not own, so it must not change it).
     let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
         s.phase == Phase::Verifying
     })
     .await;
     bg.green
-        .execute(APP, &format!("ALTER ROLE {APP_ROLE} NOLOGIN"))
+        .execute(
+            APP,
+            &format!(
+                "ALTER ROLE {APP_ROLE} IN DATABASE {APP} SET default_transaction_read_only = on"
+            ),
+        )
         .unwrap();
     let status = tokio::time::timeout(
         Duration::from_secs(120),
@@ -499,7 +505,7 @@ async fn the_switch_stops_before_the_secret_moves_when_green_would_refuse_the_ap
         status.steps.iter().any(|s| s
             .message
             .as_deref()
-            .is_some_and(|m| m.contains("cannot log in (NOLOGIN)"))),
+            .is_some_and(|m| m.contains("is held read-only here"))),
         "the reason is recorded: {message} / {:?}",
         status.steps
     );
@@ -509,7 +515,50 @@ async fn the_switch_stops_before_the_secret_moves_when_green_would_refuse_the_ap
         app_dsn(&bg.blue),
         "the application still points at blue"
     );
+    bg.green
+        .execute(
+            APP,
+            &format!("ALTER ROLE {APP_ROLE} IN DATABASE {APP} RESET default_transaction_read_only"),
+        )
+        .unwrap();
     assert_clean_and_writable(&bg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_roles_kept_out_of_green_are_let_in_at_the_switch() {
+    let bg = setup();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
+    // The platform team keeps the application off green until the switch.
+    bg.green
+        .execute(APP, &format!("ALTER ROLE {APP_ROLE} NOLOGIN"))
+        .unwrap();
+    let engine = engine(&bg, spec(Mode::Production), dir.path());
+    let (status, _) = run(&engine).await;
+    assert_eq!(status.phase, Phase::Completed, "{:?}", status.message);
+    let check = status
+        .preflight
+        .iter()
+        .find(|c| c.name == "application-roles-green")
+        .unwrap();
+    assert_eq!(
+        check.outcome,
+        cutover_operator::api::CheckOutcome::Warn,
+        "{check:?}"
+    );
+    assert!(
+        check.message.contains("cannot log in yet (NOLOGIN)"),
+        "{check:?}"
+    );
+    // After the switch the application logs in on green and writes there.
+    let app = bg
+        .green
+        .connect_as(APP_ROLE, APP_PASSWORD, APP)
+        .await
+        .expect("the application role logs in on green");
+    app.execute("UPDATE accounts SET balance = balance WHERE id = 1", &[])
+        .await
+        .expect("and writes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,6 +133,26 @@ fn method_name(m: FreezeMethod) -> &'static str {
     }
 }
 
+/// Whether a freeze on this database (of any cutover) made `role` `NOLOGIN` and has not been
+/// undone: when the target shares the source's server, the role is the same one, and letting
+/// it log in would reopen the frozen source.
+pub async fn login_revoked_by_freeze(db: &Client, role: &str) -> Result<bool, FreezeError> {
+    let found = db
+        .query_opt(
+            "SELECT 1 FROM cutover.freeze_state WHERE kind = $1 AND name = $2",
+            &[&ROLE_LOGIN, &role],
+        )
+        .await;
+    match found {
+        Ok(row) => Ok(row.is_some()),
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(false),
+        Err(source) => Err(FreezeError::Sql {
+            action: "read the recorded freeze".into(),
+            source,
+        }),
+    }
+}
+
 /// The value of `default_transaction_read_only` recorded at one level of `pg_db_role_setting`
 /// (`role` 0 = the database level), or NULL.
 const READ_ONLY_AT: &str = "(SELECT substring(c FROM '^default_transaction_read_only=(.*)$')

@@ -333,14 +333,58 @@ async fn privileges_reverse(blue: &Client) -> CheckResult {
     }
 }
 
-/// What would keep the application roles from working on this database once the application
-/// is pointed at it, one line per problem (empty when none): a role missing, `NOLOGIN`, without
-/// `CONNECT` on the database, or held read-only (`default_transaction_read_only` set for the
-/// database, the role, or the role in this database — a freeze left behind, for example).
+/// How the application roles stand on a database the application is about to be pointed at.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplicationAccess {
+    /// Roles that do not exist.
+    pub missing: Vec<String>,
+    /// Roles that exist but are `NOLOGIN`.
+    pub no_login: Vec<String>,
+    /// Roles without `CONNECT` on the database.
+    pub no_connect: Vec<String>,
+    /// Roles held read-only here (`default_transaction_read_only` set for the database, the
+    /// role, or the role in this database — a freeze left behind, for example).
+    pub read_only: Vec<String>,
+}
+
+impl ApplicationAccess {
+    /// What the switch cannot fix, one line each: it never creates roles or changes their
+    /// settings.
+    pub fn blocking(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .missing
+            .iter()
+            .map(|r| format!("role {r} does not exist"))
+            .collect();
+        out.extend(
+            self.read_only.iter().map(|r| {
+                format!("role {r} is held read-only here (default_transaction_read_only)")
+            }),
+        );
+        out
+    }
+
+    /// What the switch grants (`LOGIN`, `CONNECT`), one line each.
+    pub fn to_grant(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .no_login
+            .iter()
+            .map(|r| format!("role {r} cannot log in yet (NOLOGIN)"))
+            .collect();
+        out.extend(
+            self.no_connect
+                .iter()
+                .map(|r| format!("role {r} may not connect to the database yet")),
+        );
+        out
+    }
+}
+
+/// Reads how `roles` stand on this database (see [`ApplicationAccess`]).
 pub async fn application_access(
     client: &Client,
     roles: &[String],
-) -> Result<Vec<String>, tokio_postgres::Error> {
+) -> Result<ApplicationAccess, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT r.name, a.rolcanlogin,
@@ -357,42 +401,50 @@ pub async fn application_access(
             &[&roles],
         )
         .await?;
-    let mut problems = Vec::new();
+    let mut access = ApplicationAccess::default();
     for row in rows {
         let name: String = row.get(0);
         let login: Option<bool> = row.get(1);
         let connect: Option<bool> = row.get(2);
         let read_only: bool = row.get(3);
         match login {
-            None => problems.push(format!("role {name} does not exist")),
-            Some(false) => problems.push(format!("role {name} cannot log in (NOLOGIN)")),
+            None => {
+                access.missing.push(name);
+                continue;
+            }
+            Some(false) => access.no_login.push(name.clone()),
             Some(true) => {}
         }
         if connect == Some(false) {
-            problems.push(format!("role {name} may not connect to the database"));
+            access.no_connect.push(name.clone());
         }
-        if login.is_some() && read_only {
-            problems.push(format!(
-                "role {name} is held read-only here (default_transaction_read_only)"
-            ));
+        if read_only {
+            access.read_only.push(name);
         }
     }
-    Ok(problems)
+    Ok(access)
 }
 
 async fn roles_on_green(green: &Client, roles: &[String]) -> CheckResult {
     const NAME: &str = "application-roles-green";
     match application_access(green, roles).await {
-        Ok(problems) if problems.is_empty() => pass(
-            NAME,
-            format!("{} can log in and write on green", roles.join(", ")),
-        ),
-        Ok(problems) => fail(
+        Ok(access) if !access.blocking().is_empty() => fail(
             NAME,
             format!(
                 "the application could not work on green after the switch: {}",
-                problems.join("; ")
+                access.blocking().join("; ")
             ),
+        ),
+        Ok(access) if !access.to_grant().is_empty() => warn(
+            NAME,
+            format!(
+                "granted at the switch, when the application moves to green: {}",
+                access.to_grant().join("; ")
+            ),
+        ),
+        Ok(_) => pass(
+            NAME,
+            format!("{} can log in and write on green", roles.join(", ")),
         ),
         Err(e) => unreadable(NAME, "the application roles on green", &e),
     }
