@@ -376,9 +376,10 @@ fn switching(
     match steps.into_iter().find(|m| !done(status, *m)) {
         // The Job runs on its own; the milestone is recorded once it has finished (the action
         // confirms the outcome, and a failed Job fails the switch, which then rolls back).
+        // Writes are frozen meanwhile: look often.
         Some(Milestone::PostSwitchMigrated) => match obs.migration_job {
             None => Action::LaunchMigrations(MigrationSet::PostSwitch),
-            Some(JobState::Running) => Action::Wait(POLL),
+            Some(JobState::Running) => Action::Wait(FAST_POLL),
             Some(JobState::Succeeded | JobState::Failed(_)) => {
                 Action::Do(Milestone::PostSwitchMigrated)
             }

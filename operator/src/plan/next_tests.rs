@@ -328,7 +328,7 @@ fn post_switch_migrations_run_as_a_job_before_the_application_moves() {
     );
     assert_eq!(
         next_action(&spec, &s, &job(Some(JobState::Running)), t(1)),
-        Action::Wait(POLL)
+        Action::Wait(FAST_POLL)
     );
     // Success and failure both go to the milestone, whose action confirms the Job's outcome.
     for state in [
