@@ -254,7 +254,7 @@ async fn announce_problems(
             obj,
             Event {
                 type_: EventType::Warning,
-                reason: format!("{:?}", p.reason),
+                reason: p.reason.as_str().into(),
                 note: Some(truncate(&p.message, 1000)),
                 action: "Hypercare".into(),
                 secondary: None,

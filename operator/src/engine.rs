@@ -178,14 +178,7 @@ impl<P: Platform> Engine<P> {
         };
         match status.phase {
             Phase::Migrating => {
-                obs.migration_job = self
-                    .platform
-                    .migration_job(MigrationSet::Initial)
-                    .await
-                    .map_err(|message| EngineError::Observe {
-                        what: "the migration Job",
-                        message,
-                    })?;
+                obs.migration_job = self.observe_job(MigrationSet::Initial).await?;
             }
             Phase::Switching
                 if self.has_post_switch_migrations()
@@ -194,14 +187,7 @@ impl<P: Platform> Engine<P> {
                         .contains(&Milestone::ForwardReplicationDropped)
                     && !status.milestones.contains(&Milestone::PostSwitchMigrated) =>
             {
-                obs.migration_job = self
-                    .platform
-                    .migration_job(MigrationSet::PostSwitch)
-                    .await
-                    .map_err(|message| EngineError::Observe {
-                        what: "the post-switch migration Job",
-                        message,
-                    })?;
+                obs.migration_job = self.observe_job(MigrationSet::PostSwitch).await?;
             }
             Phase::Replicating => {
                 let green = self.green().await?;
@@ -558,6 +544,19 @@ impl<P: Platform> Engine<P> {
 }
 
 impl<P: Platform> Engine<P> {
+    async fn observe_job(&self, set: MigrationSet) -> Result<Option<JobState>, EngineError> {
+        self.platform
+            .migration_job(set)
+            .await
+            .map_err(|message| EngineError::Observe {
+                what: match set {
+                    MigrationSet::Initial => "the migration Job",
+                    MigrationSet::PostSwitch => "the post-switch migration Job",
+                },
+                message,
+            })
+    }
+
     fn has_post_switch_migrations(&self) -> bool {
         self.spec
             .migrations

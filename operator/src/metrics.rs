@@ -224,10 +224,10 @@ impl Metrics {
                 .set(i64::try_from(differing).unwrap_or(i64::MAX));
         }
         if let Some(h) = &status.hypercare {
-            for kind in PROBLEM_KINDS {
+            for kind in ProblemKind::ALL {
                 let count = h.problems.iter().filter(|p| p.reason == kind).count();
                 self.hypercare_problems
-                    .with_label_values(&[namespace, name, problem_label(kind)])
+                    .with_label_values(&[namespace, name, kind.as_str()])
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
@@ -258,12 +258,10 @@ impl Metrics {
             let _ = gauge.remove_label_values(&[namespace, name]);
         }
         let _ = self.write_freeze.remove_label_values(&[namespace, name]);
-        for kind in PROBLEM_KINDS {
-            let _ = self.hypercare_problems.remove_label_values(&[
-                namespace,
-                name,
-                problem_label(kind),
-            ]);
+        for kind in ProblemKind::ALL {
+            let _ = self
+                .hypercare_problems
+                .remove_label_values(&[namespace, name, kind.as_str()]);
         }
     }
 
@@ -274,20 +272,6 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("encoding to a Vec cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
-    }
-}
-
-const PROBLEM_KINDS: [ProblemKind; 3] = [
-    ProblemKind::ReplicationBroken,
-    ProblemKind::RolloutStuck,
-    ProblemKind::CheckpointMismatch,
-];
-
-fn problem_label(kind: ProblemKind) -> &'static str {
-    match kind {
-        ProblemKind::ReplicationBroken => "ReplicationBroken",
-        ProblemKind::RolloutStuck => "RolloutStuck",
-        ProblemKind::CheckpointMismatch => "CheckpointMismatch",
     }
 }
 

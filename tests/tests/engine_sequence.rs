@@ -133,6 +133,21 @@ fn degraded(s: &DatabaseCutoverStatus) -> (bool, String) {
     (c.status == "True", c.reason)
 }
 
+/// After completion: nothing of ours on green, and no replication object on blue (blue keeps
+/// its freeze settings and their record: it stays frozen after a completed cutover).
+fn assert_no_replication_left(bg: &BlueGreen) {
+    assert_eq!(leftovers(&bg.green), Vec::<String>::new(), "left on green");
+    let on_blue: Vec<String> = leftovers(&bg.blue)
+        .into_iter()
+        .filter(|l| !l.starts_with("setting") && !l.starts_with("schema"))
+        .collect();
+    assert_eq!(
+        on_blue,
+        Vec::<String>::new(),
+        "replication objects left on blue"
+    );
+}
+
 async fn run(engine: &Engine<LocalPlatform>) -> (DatabaseCutoverStatus, Vec<Phase>) {
     let mut phases = Vec::new();
     let status = tokio::time::timeout(
@@ -254,16 +269,7 @@ async fn production_cutover_under_load_completes_losing_nothing() {
     );
 
     // Nothing of ours is left on either server after completion.
-    assert_eq!(leftovers(&bg.green), Vec::<String>::new(), "left on green");
-    let on_blue: Vec<String> = leftovers(&bg.blue)
-        .into_iter()
-        .filter(|l| !l.starts_with("setting") && !l.starts_with("schema"))
-        .collect();
-    assert_eq!(
-        on_blue,
-        Vec::<String>::new(),
-        "replication objects left on blue"
-    );
+    assert_no_replication_left(&bg);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,12 +469,7 @@ async fn hypercare_compares_counts_and_reports_a_broken_way_back() {
         engine.perform(&Action::Complete, &healed).await,
         Outcome::Done
     );
-    assert_eq!(leftovers(&bg.green), Vec::<String>::new(), "left on green");
-    let on_blue: Vec<String> = leftovers(&bg.blue)
-        .into_iter()
-        .filter(|l| !l.starts_with("setting") && !l.starts_with("schema"))
-        .collect();
-    assert_eq!(on_blue, Vec::<String>::new(), "left on blue");
+    assert_no_replication_left(&bg);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -257,6 +257,24 @@ pub enum ProblemKind {
     CheckpointMismatch,
 }
 
+impl ProblemKind {
+    /// Every kind.
+    pub const ALL: [ProblemKind; 3] = [
+        ProblemKind::ReplicationBroken,
+        ProblemKind::RolloutStuck,
+        ProblemKind::CheckpointMismatch,
+    ];
+
+    /// The wire name (also the Event reason and the metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemKind::ReplicationBroken => "ReplicationBroken",
+            ProblemKind::RolloutStuck => "RolloutStuck",
+            ProblemKind::CheckpointMismatch => "CheckpointMismatch",
+        }
+    }
+}
+
 /// The result of one hypercare checkpoint.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -118,14 +118,18 @@ fn preflight_runs_then_gates() {
     );
 }
 
+/// Observations holding only the migration Job's state.
+fn job(state: Option<JobState>) -> Observations {
+    Observations {
+        migration_job: state,
+        ..Observations::default()
+    }
+}
+
 #[test]
 fn migrations_follow_the_job() {
     let spec = plan("manual");
     let s = in_phase(Phase::Migrating, 0);
-    let job = |j| Observations {
-        migration_job: j,
-        ..Observations::default()
-    };
     assert_eq!(
         next_action(&spec, &s, &job(None), t(1)),
         Action::LaunchMigrations(MigrationSet::Initial)
@@ -318,10 +322,6 @@ fn post_switch_migrations_run_as_a_job_before_the_application_moves() {
     let s = with(in_phase(Phase::Switching, 0), |s| {
         s.milestones.push(Milestone::ForwardReplicationDropped);
     });
-    let job = |state| Observations {
-        migration_job: state,
-        ..Observations::default()
-    };
     assert_eq!(
         next_action(&spec, &s, &job(None), t(1)),
         Action::LaunchMigrations(MigrationSet::PostSwitch)
