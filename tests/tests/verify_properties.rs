@@ -3,7 +3,7 @@
 //! found and named by key — over many seeds, with chunk sizes, bisection depth and parallelism
 //! varied per seed so ranges, sub-ranges and leaves are all exercised.
 //!
-//! `CUTOVER_VERIFY_SEEDS=N` runs N seeds (default 52: four of each change).
+//! `CUTOVER_VERIFY_SEEDS=N` runs N seeds (default four of each change).
 
 use cutover_operator::postgres::Dsn;
 use cutover_operator::postgres::verify::{
@@ -38,9 +38,11 @@ enum Change {
     BigintFoldedTwin,
     IntervalSameLength,
     ArrayLowerBound,
+    ByteaNullToEmpty,
+    CharTrailingSpace,
 }
 
-const CHANGES: [Change; 22] = [
+const CHANGES: [Change; 24] = [
     Change::TextNullToEmpty,
     Change::TextEmptyToNull,
     Change::NumericLastDigit,
@@ -63,6 +65,8 @@ const CHANGES: [Change; 22] = [
     Change::BigintFoldedTwin,
     Change::IntervalSameLength,
     Change::ArrayLowerBound,
+    Change::ByteaNullToEmpty,
+    Change::CharTrailingSpace,
 ];
 
 impl Change {
@@ -74,6 +78,8 @@ impl Change {
             Self::FloatMinusZero => g % 5 == 0,
             Self::FloatNan => g % 5 != 0 && g % 7 != 0,
             Self::ToastedOneCharLonger => g % 10 == 0,
+            Self::ByteaByte => g % 4 != 0,
+            Self::ByteaNullToEmpty => g % 4 == 0,
             // A row with a text and the row before it, whose text is '' (g ≥ 2).
             Self::ValuesSwappedBetweenRows => g % 3 == 2,
             _ => true,
@@ -120,6 +126,11 @@ impl Change {
             Self::ArrayLowerBound => {
                 set("arr = ('[0:2]={' || arr[1] || ',' || arr[2] || ',' || arr[3] || '}')::int[]")
             }
+            // A NULL among the columns hashed together as bytes becomes an empty value.
+            Self::ByteaNullToEmpty => set("b = ''::bytea"),
+            // Unbounded `bpchar` keeps what it is given: 'c5' becomes 'c5 ', equal as
+            // `bpchar`, different text.
+            Self::CharTrailingSpace => set("ch = ch::text || ' '"),
             Self::ValuesSwappedBetweenRows => format!(
                 "UPDATE props p SET t = o.t FROM props o
                   WHERE (p.id, o.id) IN (({id}, {previous}), ({previous}, {id}))",
@@ -153,7 +164,7 @@ fn fill_sql(seed: u64, rows: i64) -> String {
          CREATE TABLE props (id bigint PRIMARY KEY, t text, n numeric, f float8, ts timestamptz,
                              j jsonb, arr int[], b bytea, e mood, big text, flag boolean,
                              u uuid, lts timestamp, small smallint, counter bigint,
-                             iv interval);
+                             iv interval, ch bpchar);
          INSERT INTO props
          SELECT g * 2,
                 CASE g % 3 WHEN 0 THEN NULL WHEN 1 THEN '' ELSE 'v' || g || '-' || {seed} END,
@@ -162,7 +173,7 @@ fn fill_sql(seed: u64, rows: i64) -> String {
                 timestamptz '2024-03-01 12:00:00+00' + g * interval '1 hour 1.000001 second',
                 jsonb_build_object('a', g, 'b', 'x' || g, 'c', jsonb_build_array(g, NULL)),
                 ARRAY[g, g + 1, {seed}],
-                decode(md5(g::text || '{seed}'), 'hex'),
+                CASE WHEN g % 4 <> 0 THEN decode(md5(g::text || '{seed}'), 'hex') END,
                 (enum_range(NULL::mood))[g % 3 + 1],
                 CASE WHEN g % 10 = 0
                      THEN (SELECT string_agg(md5(i::text || g), '') FROM generate_series(1, 250) i)
@@ -172,7 +183,8 @@ fn fill_sql(seed: u64, rows: i64) -> String {
                 timestamp '2024-03-01 12:00:00' + g * interval '1.000001 second',
                 (g % 1000)::smallint,
                 g * 7 + {seed},
-                g * interval '1 day' + interval '1 hour'
+                g * interval '1 day' + interval '1 hour',
+                'c' || g
            FROM generate_series(1, {rows}) g;"
     )
 }

@@ -22,7 +22,7 @@ pub(crate) struct TableSql {
     key: Vec<String>,
     /// `format_type` of each key column (already quoted and schema-qualified by PostgreSQL).
     key_types: Vec<String>,
-    /// The per-row hash: the listed columns rendered as row text, hashed to 64 bits.
+    /// The per-row hash (64 bits), see [`row_hash`].
     row_hash: String,
 }
 
@@ -181,77 +181,85 @@ impl TableSql {
 
 /// The per-row hash expression (64 bits, `int8`).
 ///
-/// **With a key**, each column of a type in [`HASH_FUNCTIONS`] is hashed on its own by an exact
-/// 64-bit expression seeded with its position; the other columns are rendered together as row
-/// text (`ROW(c1, c2, …)::text`, see [`column_text`]) and hashed. The parts are combined with
-/// xor into `x` (a NULL column contributes 0, so NULL and `''` differ), and the row's hash is
-/// `hashtextextended(x::text, k)` with `k` a hash of the row's key alone: every part is bound
-/// to its row, so a value moved from one row to another changes both rows' hashes (a plain sum
-/// of per-column hashes would not notice), and the position in each seed tells two columns
-/// holding the same value apart.
+/// Every column becomes a part, an exact 64-bit hash seeded with its position (see
+/// [`Encoding`]): a type with a hash expression on its own; the columns whose bytes are hashed
+/// (`bytea` and the types hashed through their binary send form) together, as one array of
+/// their bytes; every other column as its text. A NULL column contributes 0 — an empty string
+/// or array hashes to something else. The parts are combined with xor into `x`.
 ///
-/// **Without a key**, the whole row is rendered as text and hashed: there is no key to bind to.
+/// **With a key**, the key columns are hashed only into `k` (negative seeds) and the row's hash
+/// is `hashtextextended(x::text, k)`: every part is bound to its row, so a value moved from one
+/// row to another changes both rows' hashes (a plain sum of per-column hashes would not
+/// notice), and the position in each seed tells two columns holding the same value apart.
+///
+/// **Without a key**, every column goes into `x` and the row's hash is
+/// `hashtextextended(x::text, 0)`.
 fn row_hash(columns: &[(&str, &str)], key: &[(&str, &str)]) -> String {
-    let text_of = |cols: &[(&str, &str)]| -> String {
-        let listed: Vec<String> = cols
-            .iter()
-            .map(|(name, ty)| column_text(&quote_ident(name), ty))
-            .collect();
-        // ROW(c1, c2, …)::text names every column explicitly — a column called like the table
-        // cannot stand in for the row — and renders NULL as nothing and '' as "", so the two
-        // differ. COLLATE "C": hash the bytes, whatever the database's collation.
-        format!("ROW({})::text COLLATE \"C\"", listed.join(", "))
-    };
-    if key.is_empty() {
-        return format!("hashtextextended({}, 0)", text_of(columns));
-    }
-    // The key's seeds are negative, the columns' positive: a key column also hashed as a
-    // column gets two unrelated hashes.
-    let k = if key.iter().all(|(_, ty)| hash_function(ty).is_some()) {
-        let parts: Vec<String> = key
-            .iter()
-            .enumerate()
-            .map(|(j, (name, ty))| fast_hash(&quote_ident(name), ty, -(j as i64) - 1))
-            .collect();
-        parts.join(" # ")
-    } else {
-        format!("hashtextextended({}, -1)", text_of(key))
-    };
     let mut parts = Vec::new();
-    let mut rendered: Vec<(&str, &str)> = Vec::new();
+    let mut bytes = Vec::new();
     for (i, (name, ty)) in columns.iter().enumerate() {
-        if hash_function(ty).is_some() {
-            let hash = fast_hash(&quote_ident(name), ty, i as i64 + 1);
-            parts.push(format!("coalesce({hash}, 0)"));
-        } else {
-            rendered.push((name, ty));
+        if key.iter().any(|(k, _)| k == name) {
+            continue;
+        }
+        let quoted = quote_ident(name);
+        match encoding(ty) {
+            Encoding::Bytes(send) => bytes.push(send_bytes(&quoted, send)),
+            _ => parts.push(format!(
+                "coalesce({}, 0)",
+                column_hash(&quoted, ty, i as i64 + 1)
+            )),
         }
     }
-    if !rendered.is_empty() {
-        parts.push(format!("hashtextextended({}, 0)", text_of(&rendered)));
+    if !bytes.is_empty() {
+        // Never NULL: a NULL element hashes as 0, an empty one as something else; the
+        // element's position in the array keeps columns apart.
+        parts.push(format!(
+            "hash_array_extended(ARRAY[{}], 0)",
+            bytes.join(", ")
+        ));
     }
-    format!("hashtextextended(({})::text, {k})", parts.join(" # "))
+    let x = if parts.is_empty() {
+        "0".to_owned()
+    } else {
+        parts.join(" # ")
+    };
+    let k = if key.is_empty() {
+        "0".to_owned()
+    } else {
+        key.iter()
+            .enumerate()
+            .map(|(j, (name, ty))| column_hash(&quote_ident(name), ty, -(j as i64) - 1))
+            .collect::<Vec<_>>()
+            .join(" # ")
+    };
+    format!("hashtextextended(({x})::text, {k})")
 }
 
-/// Types hashed column by column, each by an expression (`{c}` the column, `{s}` an integer
-/// seed) that gives every two values with different text different 64-bit hashes (but for
-/// chance), the same on every server version, and runs no output function — several times
-/// cheaper per value than rendering text:
+/// How a column of a type is hashed. Every encoding gives two values with different text
+/// different 64-bit hashes (but for chance), the same on every server version and whatever
+/// the session's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    /// An expression (`{c}` the column, `{s}` an integer seed) that runs no output function —
+    /// several times cheaper per value than rendering text.
+    Hash(&'static str),
+    /// The bytes of the value's binary send form (the function; empty for `bytea` itself).
+    Bytes(&'static str),
+    /// The value's text (`{c}::text`), hashed as bytes.
+    Text,
+}
+
+/// Types hashed by an expression:
 /// - `smallint`, `integer`, `boolean` (as an integer), `uuid`: their hash functions, exact
 ///   (PostgreSQL's `hashint8extended` folds 64 bits into 32 before hashing — `0` and
 ///   `4294967297` hash alike — so `bigint` adds a hash of its upper half);
 /// - `text` and `varchar` under `COLLATE "C"`: the bytes;
-/// - `bytea`, and through their binary send form `numeric` (its scale included: `1.5` and
-///   `1.50` differ), `timestamp`, `timestamptz`, `date` and `interval` (`1 day` and `24 hours`
-///   differ): the bytes, by the array hash of a one-element array (`bytea`'s own hash function
-///   is not callable from SQL);
 /// - `real` and `double precision`: their hash, except that a zero is hashed as its text, so
 ///   `0` and `-0` differ (every NaN renders alike anyway, and their hash agrees);
 /// - one-dimensional arrays of `smallint`, `integer`, `text` and `uuid` starting at 1: the array
 ///   hash over their elements; other arrays of those types as text.
 ///
-/// Left to the row text: `jsonb` (numbers compare by value), enums (their hash is the label's
-/// OID, which differs between databases) and every other type.
+/// These are the functions hash partitioning uses, stable across server versions.
 const HASH_FUNCTIONS: &[(&str, &str)] = &[
     ("smallint", "hashint2extended({c}, {s})"),
     ("integer", "hashint4extended({c}, {s})"),
@@ -266,24 +274,6 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
         "hashtextextended({c} COLLATE \"C\", {s})",
     ),
     ("uuid", "uuid_hash_extended({c}, {s})"),
-    ("bytea", "hash_array_extended(ARRAY[{c}], {s})"),
-    (
-        "numeric",
-        "hash_array_extended(ARRAY[numeric_send({c})], {s})",
-    ),
-    (
-        "timestamp without time zone",
-        "hash_array_extended(ARRAY[timestamp_send({c})], {s})",
-    ),
-    (
-        "timestamp with time zone",
-        "hash_array_extended(ARRAY[timestamptz_send({c})], {s})",
-    ),
-    ("date", "hash_array_extended(ARRAY[date_send({c})], {s})"),
-    (
-        "interval",
-        "hash_array_extended(ARRAY[interval_send({c})], {s})",
-    ),
     (
         "double precision",
         "CASE WHEN {c} = 0 THEN hashtextextended({c}::text, {s}) ELSE hashfloat8extended({c}, {s}) END",
@@ -307,37 +297,54 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
 const ARRAY_HASH: &str = "CASE WHEN array_ndims({c}) = 1 AND array_lower({c}, 1) = 1 \
      THEN hash_array_extended({c}, {s}) ELSE hashtextextended({c}::text, {s}) END";
 
-fn hash_function(ty: &str) -> Option<&'static str> {
-    HASH_FUNCTIONS
-        .iter()
-        .find(|(t, _)| *t == ty)
-        .map(|(_, f)| *f)
-}
-
-/// `quoted` hashed by its type's expression with the integer `seed`.
-fn fast_hash(quoted: &str, ty: &str, seed: i64) -> String {
-    let f = hash_function(ty).expect("only called for types with a hash function");
-    f.replace("{c}", quoted)
-        .replace("{s}", &format!("({seed})"))
-}
-
-/// The types whose binary send form is cheaper to render than their text and, like the text,
-/// distinguishes every value (numeric keeps its scale: `1.5` and `1.50` differ) and is the same
-/// on every server version and whatever the session settings. Record output then prints the
-/// bytes in hex.
-const SEND_FUNCTIONS: &[(&str, &str)] = &[
+/// Types hashed as bytes: `bytea`, and the types whose binary send form is cheaper to produce
+/// than their text and, like the text, tells every two values apart — `numeric` keeps its
+/// scale (`1.5` and `1.50` differ), `interval` its fields (`1 day` and `24 hours` differ),
+/// `character` its padding (its cast to `text` would drop trailing spaces). The bytes are
+/// hashed by the array hash (`bytea`'s own hash function is not callable from SQL).
+const BYTES: &[(&str, &str)] = &[
+    ("bytea", ""),
     ("numeric", "numeric_send"),
     ("timestamp with time zone", "timestamptz_send"),
     ("timestamp without time zone", "timestamp_send"),
     ("date", "date_send"),
     ("interval", "interval_send"),
+    ("character", "bpcharsend"),
 ];
 
-/// How a column enters the row text: as itself, or through its send function.
-fn column_text(quoted: &str, ty: &str) -> String {
-    match SEND_FUNCTIONS.iter().find(|(t, _)| *t == ty) {
-        Some((_, send)) => format!("{send}({quoted})"),
-        None => quoted.to_owned(),
+fn encoding(ty: &str) -> Encoding {
+    if let Some((_, f)) = HASH_FUNCTIONS.iter().find(|(t, _)| *t == ty) {
+        Encoding::Hash(f)
+    } else if let Some((_, send)) = BYTES.iter().find(|(t, _)| *t == ty) {
+        Encoding::Bytes(send)
+    } else {
+        Encoding::Text
+    }
+}
+
+/// `quoted`'s bytes: the column itself for `bytea`, else its send function applied.
+fn send_bytes(quoted: &str, send: &str) -> String {
+    if send.is_empty() {
+        quoted.to_owned()
+    } else {
+        format!("{send}({quoted})")
+    }
+}
+
+/// `quoted` (of type `ty`) hashed on its own with the integer `seed`: NULL when it is NULL, but
+/// for bytes, which hash a NULL as the array hash hashes a NULL element.
+fn column_hash(quoted: &str, ty: &str, seed: i64) -> String {
+    let seed = format!("({seed})");
+    match encoding(ty) {
+        Encoding::Hash(f) => f.replace("{c}", quoted).replace("{s}", &seed),
+        Encoding::Bytes(send) => format!(
+            "hash_array_extended(ARRAY[{}], {seed})",
+            send_bytes(quoted, send)
+        ),
+        // `::text` is the type's output function but for the few types with a cast to text of
+        // their own (`boolean`, `inet`, `name`, `"char"`: each as exact as the output;
+        // `character`, which would lose its padding, is hashed as bytes).
+        Encoding::Text => format!("hashtextextended({quoted}::text COLLATE \"C\", {seed})"),
     }
 }
 
@@ -368,7 +375,8 @@ mod tests {
         };
         let (text, params) = sql.chunk_hash(&range);
         let k = r#"hashint4extended("t", (-1)) # hashtextextended("a b" COLLATE "C", (-2))"#;
-        let x = r#"coalesce(hashint4extended("t", (1)), 0) # coalesce(hashtextextended("a b" COLLATE "C", (2)), 0)"#;
+        // Both columns are the key: nothing is left for `x`.
+        let x = "0";
         assert_eq!(
             text,
             format!(
@@ -396,26 +404,36 @@ mod tests {
                 ("n", "numeric"),
                 ("at", "timestamp with time zone"),
                 ("x", "real"),
+                ("c", "character"),
+                ("b", "bytea"),
             ],
             &[],
         );
-        // Without a key, the whole row as text.
+        // Without a key, every column goes into `x`: the bytes together, in column order.
         let (text, _) = sql.chunk_hash(&Range::default());
         assert!(
-            text.contains(r#"hashtextextended(ROW(numeric_send("n"), timestamptz_send("at"), "x")::text COLLATE "C", 0)"#),
+            text.contains(
+                r#"sum(hashtextextended((coalesce(CASE WHEN "x" = 0 THEN hashtextextended("x"::text, (3)) ELSE hashfloat4extended("x", (3)) END, 0) # hash_array_extended(ARRAY[numeric_send("n"), timestamptz_send("at"), bpcharsend("c"), "b"], 0))::text, 0))"#
+            ),
             "{text}"
         );
-        // A key of a type without a hash expression is bound through its text; a bigint hashes
-        // both halves; jsonb and enums go to the row text.
+        // A key of a type without a hash expression is bound through its text, a numeric one
+        // through its bytes; key columns are not hashed again in `x`; a bigint hashes both
+        // halves; jsonb and enums are hashed as their text.
         let sql = TableSql::new(
             &TableName::new("s", "t"),
-            &[("d", "mood"), ("id", "bigint"), ("doc", "jsonb")],
-            &[("d", "mood")],
+            &[
+                ("d", "mood"),
+                ("id", "bigint"),
+                ("doc", "jsonb"),
+                ("n", "numeric"),
+            ],
+            &[("d", "mood"), ("n", "numeric")],
         );
         let (text, _) = sql.chunk_hash(&Range::default());
         assert!(
             text.contains(
-                r#"sum(hashtextextended((coalesce((hashint8extended("id", (2)) # hashint8extended("id" >> 32, ~(2))), 0) # hashtextextended(ROW("d", "doc")::text COLLATE "C", 0))::text, hashtextextended(ROW("d")::text COLLATE "C", -1)))"#
+                r#"sum(hashtextextended((coalesce((hashint8extended("id", (2)) # hashint8extended("id" >> 32, ~(2))), 0) # coalesce(hashtextextended("doc"::text COLLATE "C", (3)), 0))::text, hashtextextended("d"::text COLLATE "C", (-1)) # hash_array_extended(ARRAY[numeric_send("n")], (-2))))"#
             ),
             "{text}"
         );
