@@ -26,6 +26,8 @@ pub(crate) struct Column {
     pub collation: String,
     /// Position in the primary key (1-based), if part of it.
     pub key_position: Option<i64>,
+    /// Whether the type is an enum (whose values are hashed by their label's bytes).
+    pub is_enum: bool,
 }
 
 /// One table as the catalog describes it.
@@ -62,7 +64,8 @@ SELECT n.nspname, c.relname, c.reltuples::float8, a.attname,
        format_type(a.atttypid, a.atttypmod), format_type(a.atttypid, NULL), a.attnotnull,
        coalesce(co.collname, ''),
        (SELECT k.ord FROM pg_constraint con, unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
-         WHERE con.conrelid = c.oid AND con.contype = 'p' AND k.attnum = a.attnum)::int8
+         WHERE con.conrelid = c.oid AND con.contype = 'p' AND k.attnum = a.attnum)::int8,
+       (SELECT t.typtype = 'e' FROM pg_type t WHERE t.oid = a.atttypid)
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -100,6 +103,7 @@ pub(crate) async fn read(client: &Client, side: Side) -> Result<Catalog, VerifyE
             not_null: row.get(6),
             collation: row.get(7),
             key_position: row.get(8),
+            is_enum: row.get(9),
         });
     }
     for row in client
@@ -194,6 +198,7 @@ mod tests {
             not_null: key.is_some(),
             collation: String::new(),
             key_position: key,
+            is_enum: false,
         }
     }
 

@@ -599,17 +599,19 @@ fn select(
 /// mismatch); chunk by the source's primary key when the target has all its columns.
 pub(crate) fn plan(name: &TableName, source: &Table, target: &Table) -> Plan {
     let on_target = |c: &str| target.columns.iter().any(|t| t.name == c);
-    // A column's type only picks how it is rendered when both sides agree on the type;
+    // A column's type only picks how it is hashed when both sides agree on the type;
     // otherwise it is compared as text (and the type difference is a schema mismatch).
     let columns: Vec<(&str, &str)> = source
         .columns
         .iter()
         .filter_map(|c| {
             let other = target.columns.iter().find(|t| t.name == c.name)?;
-            let ty = if other.type_base == c.type_base {
-                c.type_base.as_str()
-            } else {
+            let ty = if other.type_base != c.type_base {
                 ""
+            } else if c.is_enum && other.is_enum {
+                sql::ENUM
+            } else {
+                c.type_base.as_str()
             };
             Some((c.name.as_str(), ty))
         })

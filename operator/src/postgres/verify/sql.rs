@@ -226,9 +226,16 @@ fn row_hash(columns: &[(&str, &str)], key: &[(&str, &str)]) -> String {
     let k = if key.is_empty() {
         "0".to_owned()
     } else {
+        // Hashed by the type both sides agree on (as in `columns`), text otherwise.
+        let hashed_as = |name: &str| {
+            columns
+                .iter()
+                .find(|(c, _)| *c == name)
+                .map_or("", |(_, ty)| *ty)
+        };
         key.iter()
             .enumerate()
-            .map(|(j, (name, ty))| column_hash(&quote_ident(name), ty, -(j as i64) - 1))
+            .map(|(j, (name, _))| column_hash(&quote_ident(name), hashed_as(name), -(j as i64) - 1))
             .collect::<Vec<_>>()
             .join(" # ")
     };
@@ -297,10 +304,15 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
 const ARRAY_HASH: &str = "CASE WHEN array_ndims({c}) = 1 AND array_lower({c}, 1) = 1 \
      THEN hash_array_extended({c}, {s}) ELSE hashtextextended({c}::text, {s}) END";
 
+/// The type name [`TableSql::new`] takes for a column of an enum type (any enum, on both
+/// sides): hashed by its label's bytes.
+pub(crate) const ENUM: &str = "anyenum";
+
 /// Types hashed as bytes: `bytea`, and the types whose binary send form is cheaper to produce
 /// than their text and, like the text, tells every two values apart — `numeric` keeps its
 /// scale (`1.5` and `1.50` differ), `interval` its fields (`1 day` and `24 hours` differ),
-/// `character` its padding (its cast to `text` would drop trailing spaces). The bytes are
+/// `character` its padding (its cast to `text` would drop trailing spaces), an enum is its
+/// label (its own hash is of the label's OID, which differs between databases). The bytes are
 /// hashed by the array hash (`bytea`'s own hash function is not callable from SQL).
 const BYTES: &[(&str, &str)] = &[
     ("bytea", ""),
@@ -310,6 +322,7 @@ const BYTES: &[(&str, &str)] = &[
     ("date", "date_send"),
     ("interval", "interval_send"),
     ("character", "bpcharsend"),
+    (ENUM, "enum_send"),
 ];
 
 fn encoding(ty: &str) -> Encoding {
@@ -406,6 +419,7 @@ mod tests {
                 ("x", "real"),
                 ("c", "character"),
                 ("b", "bytea"),
+                ("e", ENUM),
             ],
             &[],
         );
@@ -413,13 +427,13 @@ mod tests {
         let (text, _) = sql.chunk_hash(&Range::default());
         assert!(
             text.contains(
-                r#"sum(hashtextextended((coalesce(CASE WHEN "x" = 0 THEN hashtextextended("x"::text, (3)) ELSE hashfloat4extended("x", (3)) END, 0) # hash_array_extended(ARRAY[numeric_send("n"), timestamptz_send("at"), bpcharsend("c"), "b"], 0))::text, 0))"#
+                r#"sum(hashtextextended((coalesce(CASE WHEN "x" = 0 THEN hashtextextended("x"::text, (3)) ELSE hashfloat4extended("x", (3)) END, 0) # hash_array_extended(ARRAY[numeric_send("n"), timestamptz_send("at"), bpcharsend("c"), "b", enum_send("e")], 0))::text, 0))"#
             ),
             "{text}"
         );
         // A key of a type without a hash expression is bound through its text, a numeric one
         // through its bytes; key columns are not hashed again in `x`; a bigint hashes both
-        // halves; jsonb and enums are hashed as their text.
+        // halves; jsonb, and a type not passed as an enum, are hashed as their text.
         let sql = TableSql::new(
             &TableName::new("s", "t"),
             &[
