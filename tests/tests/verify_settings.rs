@@ -1,6 +1,7 @@
 //! Two clusters with different session defaults (TimeZone, DateStyle, extra_float_digits,
-//! bytea_output, IntervalStyle) hold identical data: the verifier must call it equal, because
-//! it hashes under one canonical session on both sides — and must still see a real change.
+//! bytea_output, IntervalStyle), or databases of different encodings, hold identical data: the
+//! verifier must call it equal, because it hashes under one canonical session on both sides and
+//! text as UTF-8 when the encodings differ — and must still see a real change.
 
 use cutover_operator::postgres::Dsn;
 use cutover_operator::postgres::verify::{Difference, Key, TableName, VerifyOptions, verify};
@@ -34,8 +35,12 @@ SELECT g,
 ";
 
 fn socket_dsn(cluster: &PgCluster) -> Dsn {
+    dsn_of(cluster, "app")
+}
+
+fn dsn_of(cluster: &PgCluster, db: &str) -> Dsn {
     Dsn::new(format!(
-        "host={} port={} user=postgres dbname=app sslmode=disable",
+        "host={} port={} user=postgres dbname={db} sslmode=disable",
         cluster.socket_dir().display(),
         cluster.port()
     ))
@@ -103,4 +108,70 @@ async fn identical_data_matches_whatever_the_servers_session_defaults() {
         }]
     );
     assert_eq!(report.tables[0].table, TableName::new("public", "probe"));
+}
+
+/// Non-ASCII text in every shape the hash treats differently: a text key, `varchar`, unbounded
+/// `bpchar`, a text array, `jsonb`, an enum label, plus a column hashed by its own function.
+const ACCENTED: &str = "
+CREATE TYPE mood AS ENUM ('gelassen', 'müde', 'fröhlich');
+CREATE TABLE words (
+    w text PRIMARY KEY, v varchar(40), c bpchar, a text[], j jsonb, m mood, n int
+);
+INSERT INTO words
+SELECT w || ' ' || g, 'Straße ' || g, 'naïve ' || g, ARRAY[w, 'Ærø', g::text],
+       jsonb_build_object('wort', w, 'zahl', g), (enum_range(NULL::mood))[g % 3 + 1], g
+  FROM generate_series(1, 120) g, (VALUES ('café'), ('Größe'), ('señor')) AS s(w);
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_text_matches_between_a_latin1_and_a_utf8_database() {
+    let bg = BlueGreen::start().unwrap();
+    // Template 0 and the C locale allow any encoding.
+    let create = |encoding: &str| {
+        format!(
+            "CREATE DATABASE words ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' \
+             TEMPLATE template0"
+        )
+    };
+    bg.blue.execute("app", &create("LATIN1")).unwrap();
+    bg.green.execute("app", &create("UTF8")).unwrap();
+    bg.blue.execute("words", ACCENTED).unwrap();
+    bg.green.execute("words", ACCENTED).unwrap();
+    // The bytes really differ: `é` is one byte in LATIN1 and two in UTF-8.
+    let bytes = |cluster: &PgCluster| {
+        cluster
+            .query("words", "SELECT sum(octet_length(w))::text FROM words")
+            .unwrap()
+    };
+    assert_ne!(bytes(&bg.blue), bytes(&bg.green));
+
+    let (source, target) = (dsn_of(&bg.blue, "words"), dsn_of(&bg.green, "words"));
+    let options = VerifyOptions {
+        chunk_rows: 40,
+        leaf_rows: 4,
+        ..VerifyOptions::default()
+    };
+    let report = verify(&source, &target, &options).await.unwrap();
+    assert!(report.matched, "{}", report.render_text());
+    assert_eq!(report.tables[0].source_rows, 360);
+    assert_eq!(report.tables[0].target_rows, 360);
+
+    // One accent changed on the target is found and named.
+    bg.green
+        .execute(
+            "words",
+            "UPDATE words SET a[2] = 'Ærö' WHERE w = 'Größe 77'",
+        )
+        .unwrap();
+    let report = verify(&source, &target, &options).await.unwrap();
+    assert!(!report.matched);
+    assert_eq!(
+        report.tables[0].differences,
+        vec![Difference::Changed {
+            key: Key {
+                columns: vec!["w".into()],
+                values: vec!["Größe 77".into()]
+            }
+        }]
+    );
 }

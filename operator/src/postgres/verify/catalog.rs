@@ -57,6 +57,8 @@ pub(crate) struct Catalog {
     pub tables: BTreeMap<TableName, Table>,
     /// Sequences, with the table owning them (serial / identity), if any.
     pub sequences: BTreeMap<TableName, Option<TableName>>,
+    /// The database's encoding (`server_encoding`): the bytes its text is hashed as.
+    pub encoding: String,
 }
 
 const TABLES_SQL: &str = r"
@@ -89,7 +91,14 @@ SELECT n.nspname, c.relname, tn.nspname, t.relname
 pub(crate) async fn read(client: &Client, side: Side) -> Result<Catalog, VerifyError> {
     let err = |source| VerifyError::Catalog { side, source };
     let excluded: Vec<&str> = EXCLUDED_SCHEMAS.to_vec();
-    let mut catalog = Catalog::default();
+    let mut catalog = Catalog {
+        encoding: client
+            .query_one("SELECT current_setting('server_encoding')", &[])
+            .await
+            .map_err(err)?
+            .get(0),
+        ..Catalog::default()
+    };
     for row in client.query(TABLES_SQL, &[&excluded]).await.map_err(err)? {
         let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
         let table = catalog.tables.entry(name).or_insert_with(|| Table {

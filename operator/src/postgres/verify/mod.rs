@@ -555,7 +555,7 @@ fn select(
                     detail,
                 }),
         );
-        plans.push(plan(name, table, other));
+        plans.push(plan(name, table, other, source.encoding != target.encoding));
     }
     if !explicit && !options.target_may_add {
         for name in target.tables.keys().filter(|n| wanted(n)) {
@@ -596,8 +596,9 @@ fn select(
 }
 
 /// Hash the source's columns that the target has too (a missing column is already a schema
-/// mismatch); chunk by the source's primary key when the target has all its columns.
-pub(crate) fn plan(name: &TableName, source: &Table, target: &Table) -> Plan {
+/// mismatch); chunk by the source's primary key when the target has all its columns. With
+/// `transcode` (the two databases' encodings differ), text is hashed as its UTF-8 bytes.
+pub(crate) fn plan(name: &TableName, source: &Table, target: &Table, transcode: bool) -> Plan {
     let on_target = |c: &str| target.columns.iter().any(|t| t.name == c);
     // A column's type only picks how it is hashed when both sides agree on the type;
     // otherwise it is compared as text (and the type difference is a schema mismatch).
@@ -627,7 +628,7 @@ pub(crate) fn plan(name: &TableName, source: &Table, target: &Table) -> Plan {
     };
     Plan {
         name: name.clone(),
-        sql: TableSql::new(name, &columns, &key_spec),
+        sql: TableSql::new(name, &columns, &key_spec, transcode),
         key: usable.then(|| key.iter().map(|c| c.name.clone()).collect()),
         estimated_rows: source.estimated_rows,
     }

@@ -53,7 +53,14 @@ impl SpotTables {
             .tables
             .iter()
             .filter(|(name, _)| tables.is_empty() || tables.contains(name))
-            .filter_map(|(name, table)| Some(plan(name, table, t.tables.get(name)?)))
+            .filter_map(|(name, table)| {
+                Some(plan(
+                    name,
+                    table,
+                    t.tables.get(name)?,
+                    s.encoding != t.encoding,
+                ))
+            })
             .filter(|p| p.key.is_some())
             .collect();
         Ok(Self { plans })

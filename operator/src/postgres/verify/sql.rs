@@ -28,13 +28,20 @@ pub(crate) struct TableSql {
 
 impl TableSql {
     /// `columns` (name, type without modifier) are hashed in the given order; `key` is
-    /// `(name, type)` in key order (empty for a table without a usable key).
-    pub fn new(table: &TableName, columns: &[(&str, &str)], key: &[(&str, &str)]) -> Self {
+    /// `(name, type)` in key order (empty for a table without a usable key). With `transcode`
+    /// (the two databases' encodings differ), text is hashed as its UTF-8 bytes rather than
+    /// in the database's own encoding.
+    pub fn new(
+        table: &TableName,
+        columns: &[(&str, &str)],
+        key: &[(&str, &str)],
+        transcode: bool,
+    ) -> Self {
         Self {
             relation: quote_qualified(&table.schema, &table.name),
             key: key.iter().map(|(name, _)| quote_ident(name)).collect(),
             key_types: key.iter().map(|(_, ty)| (*ty).to_owned()).collect(),
-            row_hash: row_hash(columns, key),
+            row_hash: row_hash(columns, key, transcode),
         }
     }
     /// `SELECT count(*), sum(row hash)::text` over a range (or the whole table when keyless).
@@ -194,7 +201,7 @@ impl TableSql {
 ///
 /// **Without a key**, every column goes into `x` and the row's hash is
 /// `hashtextextended(x::text, 0)`.
-fn row_hash(columns: &[(&str, &str)], key: &[(&str, &str)]) -> String {
+fn row_hash(columns: &[(&str, &str)], key: &[(&str, &str)], transcode: bool) -> String {
     let mut parts = Vec::new();
     let mut bytes = Vec::new();
     for (i, (name, ty)) in columns.iter().enumerate() {
@@ -202,11 +209,11 @@ fn row_hash(columns: &[(&str, &str)], key: &[(&str, &str)]) -> String {
             continue;
         }
         let quoted = quote_ident(name);
-        match encoding(ty) {
-            Encoding::Bytes(send) => bytes.push(send_bytes(&quoted, send)),
+        match encoding(ty, transcode) {
+            Encoding::Bytes(bytes_of) => bytes.push(bytes_of.replace("{c}", &quoted)),
             _ => parts.push(format!(
                 "coalesce({}, 0)",
-                column_hash(&quoted, ty, i as i64 + 1)
+                column_hash(&quoted, ty, transcode, i as i64 + 1)
             )),
         }
     }
@@ -235,7 +242,14 @@ fn row_hash(columns: &[(&str, &str)], key: &[(&str, &str)]) -> String {
         };
         key.iter()
             .enumerate()
-            .map(|(j, (name, _))| column_hash(&quote_ident(name), hashed_as(name), -(j as i64) - 1))
+            .map(|(j, (name, _))| {
+                column_hash(
+                    &quote_ident(name),
+                    hashed_as(name),
+                    transcode,
+                    -(j as i64) - 1,
+                )
+            })
             .collect::<Vec<_>>()
             .join(" # ")
     };
@@ -250,7 +264,7 @@ enum Encoding {
     /// An expression (`{c}` the column, `{s}` an integer seed) that runs no output function —
     /// several times cheaper per value than rendering text.
     Hash(&'static str),
-    /// The bytes of the value's binary send form (the function; empty for `bytea` itself).
+    /// Bytes: an expression of type `bytea` (`{c}` the column), hashed as an array element.
     Bytes(&'static str),
     /// The value's text (`{c}::text`), hashed as bytes.
     Text,
@@ -314,45 +328,51 @@ pub(crate) const ENUM: &str = "anyenum";
 /// `character` its padding (its cast to `text` would drop trailing spaces), an enum is its
 /// label (its own hash is of the label's OID, which differs between databases). The bytes are
 /// hashed by the array hash (`bytea`'s own hash function is not callable from SQL).
+///
+/// Send functions that carry text (`character`, enums) convert it to the session's client
+/// encoding, UTF-8 on every verifying connection, so they agree between databases of different
+/// encodings.
 const BYTES: &[(&str, &str)] = &[
-    ("bytea", ""),
-    ("numeric", "numeric_send"),
-    ("timestamp with time zone", "timestamptz_send"),
-    ("timestamp without time zone", "timestamp_send"),
-    ("date", "date_send"),
-    ("interval", "interval_send"),
-    ("character", "bpcharsend"),
-    (ENUM, "enum_send"),
+    ("bytea", "{c}"),
+    ("numeric", "numeric_send({c})"),
+    ("timestamp with time zone", "timestamptz_send({c})"),
+    ("timestamp without time zone", "timestamp_send({c})"),
+    ("date", "date_send({c})"),
+    ("interval", "interval_send({c})"),
+    ("character", "bpcharsend({c})"),
+    (ENUM, "enum_send({c})"),
 ];
 
-fn encoding(ty: &str) -> Encoding {
-    if let Some((_, f)) = HASH_FUNCTIONS.iter().find(|(t, _)| *t == ty) {
+/// Text as UTF-8 bytes, for databases of different encodings: `hashtextextended` hashes the
+/// database's own bytes, which differ between, say, LATIN1 and UTF8 for `é`.
+const TRANSCODED: &str = "convert_to({c}::text, 'UTF8')";
+
+/// The types whose hash reads the database's bytes of text.
+const TEXT_HASHES: &[&str] = &["text", "character varying", "text[]"];
+
+fn encoding(ty: &str, transcode: bool) -> Encoding {
+    if transcode && TEXT_HASHES.contains(&ty) {
+        Encoding::Bytes(TRANSCODED)
+    } else if let Some((_, f)) = HASH_FUNCTIONS.iter().find(|(t, _)| *t == ty) {
         Encoding::Hash(f)
-    } else if let Some((_, send)) = BYTES.iter().find(|(t, _)| *t == ty) {
-        Encoding::Bytes(send)
+    } else if let Some((_, bytes_of)) = BYTES.iter().find(|(t, _)| *t == ty) {
+        Encoding::Bytes(bytes_of)
+    } else if transcode {
+        Encoding::Bytes(TRANSCODED)
     } else {
         Encoding::Text
     }
 }
 
-/// `quoted`'s bytes: the column itself for `bytea`, else its send function applied.
-fn send_bytes(quoted: &str, send: &str) -> String {
-    if send.is_empty() {
-        quoted.to_owned()
-    } else {
-        format!("{send}({quoted})")
-    }
-}
-
 /// `quoted` (of type `ty`) hashed on its own with the integer `seed`: NULL when it is NULL, but
 /// for bytes, which hash a NULL as the array hash hashes a NULL element.
-fn column_hash(quoted: &str, ty: &str, seed: i64) -> String {
+fn column_hash(quoted: &str, ty: &str, transcode: bool, seed: i64) -> String {
     let seed = format!("({seed})");
-    match encoding(ty) {
+    match encoding(ty, transcode) {
         Encoding::Hash(f) => f.replace("{c}", quoted).replace("{s}", &seed),
-        Encoding::Bytes(send) => format!(
+        Encoding::Bytes(bytes_of) => format!(
             "hash_array_extended(ARRAY[{}], {seed})",
-            send_bytes(quoted, send)
+            bytes_of.replace("{c}", quoted)
         ),
         // `::text` is the type's output function but for the few types with a cast to text of
         // their own (`boolean`, `inet`, `name`, `"char"`: each as exact as the output;
@@ -381,6 +401,7 @@ mod tests {
             &TableName::new("my schema", "Order\"s"),
             &[("t", "integer"), ("a b", "text")],
             &[("t", "integer"), ("a b", "text")],
+            false,
         );
         let range = Range {
             lower: Some(vec!["1".into(), "x".into()]),
@@ -422,6 +443,7 @@ mod tests {
                 ("e", ENUM),
             ],
             &[],
+            false,
         );
         // Without a key, every column goes into `x`: the bytes together, in column order.
         let (text, _) = sql.chunk_hash(&Range::default());
@@ -443,11 +465,37 @@ mod tests {
                 ("n", "numeric"),
             ],
             &[("d", "mood"), ("n", "numeric")],
+            false,
         );
         let (text, _) = sql.chunk_hash(&Range::default());
         assert!(
             text.contains(
                 r#"sum(hashtextextended((coalesce((hashint8extended("id", (2)) # hashint8extended("id" >> 32, ~(2))), 0) # coalesce(hashtextextended("doc"::text COLLATE "C", (3)), 0))::text, hashtextextended("d"::text COLLATE "C", (-1)) # hash_array_extended(ARRAY[numeric_send("n")], (-2))))"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn databases_of_different_encodings_hash_text_as_utf8() {
+        let columns = [
+            ("id", "text"),
+            ("v", "character varying"),
+            ("tags", "text[]"),
+            ("doc", "jsonb"),
+            ("c", "character"),
+            ("n", "integer"),
+        ];
+        let key = [("id", "text")];
+        let same = TableSql::new(&TableName::new("s", "t"), &columns, &key, false);
+        let (text, _) = same.chunk_hash(&Range::default());
+        assert!(!text.contains("convert_to"), "{text}");
+        let other = TableSql::new(&TableName::new("s", "t"), &columns, &key, true);
+        let (text, _) = other.chunk_hash(&Range::default());
+        // Integers and the send forms are the same bytes in any encoding; text is converted.
+        assert!(
+            text.contains(
+                r#"sum(hashtextextended((coalesce(hashint4extended("n", (6)), 0) # hash_array_extended(ARRAY[convert_to("v"::text, 'UTF8'), convert_to("tags"::text, 'UTF8'), convert_to("doc"::text, 'UTF8'), bpcharsend("c")], 0))::text, hash_array_extended(ARRAY[convert_to("id"::text, 'UTF8')], (-1))))"#
             ),
             "{text}"
         );
