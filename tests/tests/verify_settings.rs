@@ -34,10 +34,7 @@ SELECT g,
   FROM generate_series(1, 200) g;
 ";
 
-fn socket_dsn(cluster: &PgCluster) -> Dsn {
-    dsn_of(cluster, "app")
-}
-
+/// Database `db` of `cluster` over the Unix socket (trusted).
 fn dsn_of(cluster: &PgCluster, db: &str) -> Dsn {
     Dsn::new(format!(
         "host={} port={} user=postgres dbname={db} sslmode=disable",
@@ -78,7 +75,27 @@ async fn identical_data_matches_whatever_the_servers_session_defaults() {
     };
     assert_ne!(render(&bg.blue), render(&bg.green));
 
-    let (source, target) = (socket_dsn(&bg.blue), socket_dsn(&bg.green));
+    // The data matches, and a real difference still shows: one microsecond.
+    matches_then_finds(
+        &bg,
+        "app",
+        200,
+        "UPDATE probe SET ts = ts + interval '1 microsecond' WHERE id = 123",
+        (TableName::new("public", "probe"), "id", "123"),
+    )
+    .await;
+}
+
+/// Verifies `db` of blue against `db` of green: identical, with `rows` rows on each side; then
+/// runs `change` on green and verifies again: exactly the row `key` of `table` changed.
+async fn matches_then_finds(
+    bg: &BlueGreen,
+    db: &str,
+    rows: i64,
+    change: &str,
+    (table, column, key): (TableName, &str, &str),
+) {
+    let (source, target) = (dsn_of(&bg.blue, db), dsn_of(&bg.green, db));
     let options = VerifyOptions {
         chunk_rows: 30,
         leaf_rows: 4,
@@ -86,28 +103,22 @@ async fn identical_data_matches_whatever_the_servers_session_defaults() {
     };
     let report = verify(&source, &target, &options).await.unwrap();
     assert!(report.matched, "{}", report.render_text());
-    assert_eq!(report.tables[0].source_rows, 200);
-    assert_eq!(report.tables[0].target_rows, 200);
+    assert_eq!(report.tables[0].source_rows, rows);
+    assert_eq!(report.tables[0].target_rows, rows);
 
-    // And a real difference still shows: one microsecond.
-    bg.green
-        .execute(
-            "app",
-            "UPDATE probe SET ts = ts + interval '1 microsecond' WHERE id = 123",
-        )
-        .unwrap();
+    bg.green.execute(db, change).unwrap();
     let report = verify(&source, &target, &options).await.unwrap();
     assert!(!report.matched);
+    assert_eq!(report.tables[0].table, table);
     assert_eq!(
         report.tables[0].differences,
         vec![Difference::Changed {
             key: Key {
-                columns: vec!["id".into()],
-                values: vec!["123".into()]
+                columns: vec![column.into()],
+                values: vec![key.into()]
             }
         }]
     );
-    assert_eq!(report.tables[0].table, TableName::new("public", "probe"));
 }
 
 /// Non-ASCII text in every shape the hash treats differently: a text key, `varchar`, unbounded
@@ -145,33 +156,13 @@ async fn identical_text_matches_between_a_latin1_and_a_utf8_database() {
     };
     assert_ne!(bytes(&bg.blue), bytes(&bg.green));
 
-    let (source, target) = (dsn_of(&bg.blue, "words"), dsn_of(&bg.green, "words"));
-    let options = VerifyOptions {
-        chunk_rows: 40,
-        leaf_rows: 4,
-        ..VerifyOptions::default()
-    };
-    let report = verify(&source, &target, &options).await.unwrap();
-    assert!(report.matched, "{}", report.render_text());
-    assert_eq!(report.tables[0].source_rows, 360);
-    assert_eq!(report.tables[0].target_rows, 360);
-
-    // One accent changed on the target is found and named.
-    bg.green
-        .execute(
-            "words",
-            "UPDATE words SET a[2] = 'Ærö' WHERE w = 'Größe 77'",
-        )
-        .unwrap();
-    let report = verify(&source, &target, &options).await.unwrap();
-    assert!(!report.matched);
-    assert_eq!(
-        report.tables[0].differences,
-        vec![Difference::Changed {
-            key: Key {
-                columns: vec!["w".into()],
-                values: vec!["Größe 77".into()]
-            }
-        }]
-    );
+    // The text matches, and one accent changed on the target is found and named.
+    matches_then_finds(
+        &bg,
+        "words",
+        360,
+        "UPDATE words SET a[2] = 'Ærö' WHERE w = 'Größe 77'",
+        (TableName::new("public", "words"), "w", "Größe 77"),
+    )
+    .await;
 }
