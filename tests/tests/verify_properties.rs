@@ -1,6 +1,6 @@
 //! Property tests of the verifier against real clusters: on identical data nothing is reported;
 //! any single changed cell (for every column type), a deleted row and an inserted row are each
-//! found and named by key — over many seeds, with chunk sizes, bisection depth and parallelism
+//! found and named by key (and found in a copy of the table without a key) — over many seeds, with chunk sizes, bisection depth and parallelism
 //! varied per seed so ranges, sub-ranges and leaves are all exercised.
 //!
 //! `CUTOVER_VERIFY_SEEDS=N` runs N seeds (default four of each change).
@@ -40,9 +40,10 @@ enum Change {
     ArrayLowerBound,
     ByteaNullToEmpty,
     CharTrailingSpace,
+    NullsArrayAndNullTradePlaces,
 }
 
-const CHANGES: [Change; 24] = [
+const CHANGES: [Change; 25] = [
     Change::TextNullToEmpty,
     Change::TextEmptyToNull,
     Change::NumericLastDigit,
@@ -67,6 +68,7 @@ const CHANGES: [Change; 24] = [
     Change::ArrayLowerBound,
     Change::ByteaNullToEmpty,
     Change::CharTrailingSpace,
+    Change::NullsArrayAndNullTradePlaces,
 ];
 
 impl Change {
@@ -86,8 +88,9 @@ impl Change {
         }
     }
 
-    fn sql(self, id: i64) -> String {
-        let set = |assignment: &str| format!("UPDATE props SET {assignment} WHERE id = {id}");
+    /// The change to row `id` of `table` (`props` or its keyless copy).
+    fn sql(self, table: &str, id: i64) -> String {
+        let set = |assignment: &str| format!("UPDATE {table} SET {assignment} WHERE id = {id}");
         match self {
             Self::TextNullToEmpty => set("t = ''"),
             Self::TextEmptyToNull => set("t = NULL"),
@@ -102,9 +105,9 @@ impl Change {
                 set("e = CASE e WHEN 'sad' THEN 'ok' WHEN 'ok' THEN 'happy' ELSE 'sad' END::mood")
             }
             Self::ToastedOneCharLonger => set("big = big || 'x'"),
-            Self::DeletedRow => format!("DELETE FROM props WHERE id = {id}"),
+            Self::DeletedRow => format!("DELETE FROM {table} WHERE id = {id}"),
             Self::InsertedRow => {
-                format!("INSERT INTO props (id, t) VALUES ({}, 'new')", id + 1)
+                format!("INSERT INTO {table} (id, t) VALUES ({}, 'new')", id + 1)
             }
             // The same value, one more digit of display scale: 1.370 becomes 1.3700.
             Self::NumericScale => set("n = round(n, scale(n) + 1)"),
@@ -131,8 +134,11 @@ impl Change {
             // Unbounded `bpchar` keeps what it is given: 'c5' becomes 'c5 ', equal as
             // `bpchar`, different text.
             Self::CharTrailingSpace => set("ch = ch::text || ' '"),
+            // The array hash ignores its seed for an array of NULLs: `{NULL}` in one column and
+            // NULL in the other must not look like NULL and `{NULL}`.
+            Self::NullsArrayAndNullTradePlaces => set("e1 = e2, e2 = e1"),
             Self::ValuesSwappedBetweenRows => format!(
-                "UPDATE props p SET t = o.t FROM props o
+                "UPDATE {table} p SET t = o.t FROM {table} o
                   WHERE (p.id, o.id) IN (({id}, {previous}), ({previous}, {id}))",
                 previous = id - 2
             ),
@@ -164,7 +170,7 @@ fn fill_sql(seed: u64, rows: i64) -> String {
          CREATE TABLE props (id bigint PRIMARY KEY, t text, n numeric, f float8, ts timestamptz,
                              j jsonb, arr int[], b bytea, e mood, big text, flag boolean,
                              u uuid, lts timestamp, small smallint, counter bigint,
-                             iv interval, ch bpchar);
+                             iv interval, ch bpchar, e1 int[], e2 int[]);
          INSERT INTO props
          SELECT g * 2,
                 CASE g % 3 WHEN 0 THEN NULL WHEN 1 THEN '' ELSE 'v' || g || '-' || {seed} END,
@@ -184,8 +190,12 @@ fn fill_sql(seed: u64, rows: i64) -> String {
                 (g % 1000)::smallint,
                 g * 7 + {seed},
                 g * interval '1 day' + interval '1 hour',
-                'c' || g
-           FROM generate_series(1, {rows}) g;"
+                'c' || g,
+                '{{NULL}}',
+                NULL
+           FROM generate_series(1, {rows}) g;
+         DROP TABLE IF EXISTS props_keyless;
+         CREATE TABLE props_keyless AS SELECT * FROM props;"
     )
 }
 
@@ -213,13 +223,31 @@ async fn every_single_change_is_found_and_named_and_identical_data_matches() {
     let (source, target) = (socket_dsn(&bg.blue), socket_dsn(&bg.green));
     let blue = bg.blue.connect("app").await.unwrap();
     let green = bg.green.connect("app").await.unwrap();
+    // Green's enum gets other OIDs than blue's: an enum must be hashed by its labels.
+    green
+        .batch_execute("CREATE TYPE filler AS ENUM ('a', 'b', 'c', 'd')")
+        .await
+        .unwrap();
     for client in [&blue, &green] {
         client
             .batch_execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")
             .await
             .unwrap();
     }
+    let label_oid = "SELECT oid::int8 FROM pg_enum WHERE enumlabel = 'ok'";
+    assert_ne!(
+        blue.query_one(label_oid, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        green
+            .query_one(label_oid, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    );
     let table = TableName::new("public", "props");
+    let keyless = TableName::new("public", "props_keyless");
 
     for seed in 0..seeds() {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -259,7 +287,7 @@ async fn every_single_change_is_found_and_named_and_identical_data_matches() {
             }
         };
         let id = g * 2;
-        green.batch_execute(&change.sql(id)).await.unwrap();
+        green.batch_execute(&change.sql("props", id)).await.unwrap();
         if matches!(change, Change::ToastedOneCharLonger) {
             // The value really lives out of line in the TOAST table.
             let row = green
@@ -297,6 +325,27 @@ async fn every_single_change_is_found_and_named_and_identical_data_matches() {
             status.tables[0].differences[0]
                 .contains(&format!("id={}", change.expected(id)[0].key_id())),
             "{context}: {status:?}"
+        );
+
+        // The same data without a key: one hash of the whole table, equal until the same
+        // change is made to it.
+        let keyless_options = VerifyOptions {
+            tables: vec![keyless.clone()],
+            ..options.clone()
+        };
+        let same = verify(&source, &target, &keyless_options).await.unwrap();
+        assert!(same.matched, "keyless copy: {context}\n{same:#?}");
+        assert_eq!(same.tables[0].method, Method::FullHash, "{context}");
+        green
+            .batch_execute(&change.sql("props_keyless", id))
+            .await
+            .unwrap();
+        let report = verify(&source, &target, &keyless_options).await.unwrap();
+        assert!(!report.matched, "keyless copy, change not found: {context}");
+        assert_eq!(
+            (report.tables[0].source_rows, report.tables[0].target_rows),
+            (rows, target_rows),
+            "{context}"
         );
     }
 }

@@ -166,3 +166,42 @@ async fn identical_text_matches_between_a_latin1_and_a_utf8_database() {
     )
     .await;
 }
+
+/// Types whose own cast to text differs from their output: `xml` keeps a stored declaration
+/// that its output (and a copy made through it) drops; a domain over unbounded `bpchar` would
+/// take `bpchar`'s cast, which drops trailing spaces. And a `character(6)` key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_are_compared_by_their_output_not_their_cast_to_text() {
+    let bg = BlueGreen::start().unwrap();
+    let table = |declaration: &str| {
+        format!(
+            "CREATE DOMAIN padded AS bpchar;
+             CREATE TABLE docs (code character(6) PRIMARY KEY, x xml, d padded);
+             INSERT INTO docs
+             SELECT 'c' || lpad(g::text, 5, '0'), ('{declaration}<a n=\"' || g || '\"/>')::xml,
+                    'v' || g || ' '
+               FROM generate_series(1, 300) g;"
+        )
+    };
+    // Blue stores the declaration; green holds what a copy through the output gives.
+    bg.blue
+        .execute("app", &table(r#"<?xml version="1.0" encoding="UTF-8"?>"#))
+        .unwrap();
+    bg.green.execute("app", &table("")).unwrap();
+    let cast = |cluster: &PgCluster| {
+        cluster
+            .query("app", "SELECT x::text FROM docs WHERE code = 'c00001'")
+            .unwrap()
+    };
+    assert_ne!(cast(&bg.blue), cast(&bg.green));
+
+    // The data matches, and a dropped trailing space is found and named.
+    matches_then_finds(
+        &bg,
+        "app",
+        300,
+        "UPDATE docs SET d = rtrim(d::text)::padded WHERE code = 'c00150'",
+        (TableName::new("public", "docs"), "code", "c00150"),
+    )
+    .await;
+}

@@ -17,9 +17,11 @@ pub const EXCLUDED_TABLES: &[&str] = &["cutover_schema_history"];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Column {
     pub name: String,
-    /// `format_type` with the type modifier, for comparing (`character varying(20)`).
+    /// `format_type` with the type modifier, for comparing and for casting key values
+    /// (`character varying(20)`).
     pub type_full: String,
-    /// `format_type` without the modifier, for casting key values (`character varying`).
+    /// `format_type` without the modifier, for choosing how values are hashed
+    /// (`character varying`).
     pub type_base: String,
     pub not_null: bool,
     /// Collation name, empty when the type has none.

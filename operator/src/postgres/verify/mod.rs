@@ -619,9 +619,11 @@ pub(crate) fn plan(name: &TableName, source: &Table, target: &Table, transcode: 
         .collect();
     let key = source.key();
     let usable = !key.is_empty() && key.iter().all(|c| on_target(&c.name));
+    // Bounds are cast to the key's type with its modifier: `character` alone means
+    // `character(1)`, and a cast to it would cut every bound to one character.
     let key_spec: Vec<(&str, &str)> = if usable {
         key.iter()
-            .map(|c| (c.name.as_str(), c.type_base.as_str()))
+            .map(|c| (c.name.as_str(), c.type_full.as_str()))
             .collect()
     } else {
         Vec::new()

@@ -21,6 +21,8 @@ pub const CANONICAL_SETTINGS: &[(&str, &str)] = &[
     ("lc_monetary", "C"),
     ("lc_numeric", "C"),
     ("xmloption", "content"),
+    // Send functions carrying text (`character`, enum labels) convert it to this encoding.
+    ("client_encoding", "UTF8"),
     ("search_path", "pg_catalog"),
     ("statement_timeout", "0"),
     ("idle_in_transaction_session_timeout", "0"),

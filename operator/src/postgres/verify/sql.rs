@@ -28,7 +28,8 @@ pub(crate) struct TableSql {
 
 impl TableSql {
     /// `columns` (name, type without modifier) are hashed in the given order; `key` is
-    /// `(name, type)` in key order (empty for a table without a usable key). With `transcode`
+    /// `(name, type with its modifier, for casting bounds)` in key order (empty for a table
+    /// without a usable key). With `transcode`
     /// (the two databases' encodings differ), text is hashed as its UTF-8 bytes rather than
     /// in the database's own encoding.
     pub fn new(
@@ -266,8 +267,9 @@ enum Encoding {
     Hash(&'static str),
     /// Bytes: an expression of type `bytea` (`{c}` the column), hashed as an array element.
     Bytes(&'static str),
-    /// The value's text (`{c}::text`), hashed as bytes.
-    Text,
+    /// The value's text by its output function (an expression of type `text`, NULL when the
+    /// value is NULL), hashed as bytes.
+    Text(&'static str),
 }
 
 /// Types hashed by an expression:
@@ -295,6 +297,8 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
         "hashtextextended({c} COLLATE \"C\", {s})",
     ),
     ("uuid", "uuid_hash_extended({c}, {s})"),
+    // Its byte as a number: the text of a byte above 127 changed in PostgreSQL 15.
+    ("\"char\"", "hashint4extended({c}::int4, {s})"),
     (
         "double precision",
         "CASE WHEN {c} = 0 THEN hashtextextended({c}::text, {s}) ELSE hashfloat8extended({c}, {s}) END",
@@ -308,15 +312,16 @@ const HASH_FUNCTIONS: &[(&str, &str)] = &[
     ("uuid[]", ARRAY_HASH),
     (
         "text[]",
-        "CASE WHEN array_ndims({c}) = 1 AND array_lower({c}, 1) = 1 \
-         THEN hash_array_extended({c} COLLATE \"C\", {s}) ELSE hashtextextended({c}::text, {s}) END",
+        "(CASE WHEN array_ndims({c}) = 1 AND array_lower({c}, 1) = 1 \
+         THEN hash_array_extended({c} COLLATE \"C\", {s}) ELSE hashtextextended({c}::text, {s}) END) # {k}",
     ),
 ];
 
 /// Arrays: the element hashes for the usual one-dimensional, 1-based ones (the array hash does
-/// not see the bounds), the text for the others.
-const ARRAY_HASH: &str = "CASE WHEN array_ndims({c}) = 1 AND array_lower({c}, 1) = 1 \
-     THEN hash_array_extended({c}, {s}) ELSE hashtextextended({c}::text, {s}) END";
+/// not see the bounds), the text for the others; xored with the column's constant (`{k}`, see
+/// [`seed_constant`]).
+const ARRAY_HASH: &str = "(CASE WHEN array_ndims({c}) = 1 AND array_lower({c}, 1) = 1 \
+     THEN hash_array_extended({c}, {s}) ELSE hashtextextended({c}::text, {s}) END) # {k}";
 
 /// The type name [`TableSql::new`] takes for a column of an enum type (any enum, on both
 /// sides): hashed by its label's bytes.
@@ -345,41 +350,70 @@ const BYTES: &[(&str, &str)] = &[
 
 /// Text as UTF-8 bytes, for databases of different encodings: `hashtextextended` hashes the
 /// database's own bytes, which differ between, say, LATIN1 and UTF8 for `é`.
-const TRANSCODED: &str = "convert_to({c}::text, 'UTF8')";
+const TRANSCODED: &str = "convert_to(CASE WHEN {c} IS NOT NULL THEN format('%s', {c}) END, 'UTF8')";
+
+/// [`TRANSCODED`] for the types whose `::text` is their output (text itself, `varchar`, text
+/// arrays, [`TEXT_IS_OUTPUT`]).
+const TRANSCODED_TEXT: &str = "convert_to({c}::text, 'UTF8')";
 
 /// The types whose hash reads the database's bytes of text.
 const TEXT_HASHES: &[&str] = &["text", "character varying", "text[]"];
 
 fn encoding(ty: &str, transcode: bool) -> Encoding {
-    if transcode && TEXT_HASHES.contains(&ty) {
-        Encoding::Bytes(TRANSCODED)
+    if transcode && (TEXT_HASHES.contains(&ty) || TEXT_IS_OUTPUT.contains(&ty)) {
+        Encoding::Bytes(TRANSCODED_TEXT)
     } else if let Some((_, f)) = HASH_FUNCTIONS.iter().find(|(t, _)| *t == ty) {
         Encoding::Hash(f)
     } else if let Some((_, bytes_of)) = BYTES.iter().find(|(t, _)| *t == ty) {
         Encoding::Bytes(bytes_of)
     } else if transcode {
         Encoding::Bytes(TRANSCODED)
+    } else if TEXT_IS_OUTPUT.contains(&ty) {
+        Encoding::Text("{c}::text")
     } else {
-        Encoding::Text
+        Encoding::Text(OUTPUT)
     }
 }
 
 /// `quoted` (of type `ty`) hashed on its own with the integer `seed`: NULL when it is NULL, but
 /// for bytes, which hash a NULL as the array hash hashes a NULL element.
 fn column_hash(quoted: &str, ty: &str, transcode: bool, seed: i64) -> String {
-    let seed = format!("({seed})");
+    // The seed and the constant first: a column's name may itself contain `{s}`.
+    let fill = |template: &str| {
+        template
+            .replace("{s}", &format!("({seed})"))
+            .replace("{k}", &seed_constant(seed).to_string())
+            .replace("{c}", quoted)
+    };
     match encoding(ty, transcode) {
-        Encoding::Hash(f) => f.replace("{c}", quoted).replace("{s}", &seed),
-        Encoding::Bytes(bytes_of) => format!(
-            "hash_array_extended(ARRAY[{}], {seed})",
-            bytes_of.replace("{c}", quoted)
-        ),
-        // `::text` is the type's output function but for the few types with a cast to text of
-        // their own (`boolean`, `inet`, `name`, `"char"`: each as exact as the output;
-        // `character`, which would lose its padding, is hashed as bytes).
-        Encoding::Text => format!("hashtextextended({quoted}::text COLLATE \"C\", {seed})"),
+        Encoding::Hash(f) => fill(f),
+        Encoding::Bytes(bytes_of) => {
+            fill(&format!("hash_array_extended(ARRAY[{bytes_of}], {{s}})"))
+        }
+        Encoding::Text(text) => fill(&format!("hashtextextended({text} COLLATE \"C\", {{s}})")),
     }
 }
+
+/// A constant that differs from column to column (splitmix64 of the seed, 63 bits so it is a
+/// plain `int8` literal): xored into hashes that ignore their seed for some values — the array
+/// hash of `{NULL}` is 31 and of `{NULL,NULL}` 961 whatever the seed — so that such values in
+/// two columns do not cancel out or trade places unseen.
+fn seed_constant(seed: i64) -> i64 {
+    let mut z = (seed as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// A value's text by its type's output function, NULL when it is NULL. `::text` would take a
+/// cast to text where the type has one of its own, and some differ from the output: `xml`'s
+/// keeps the stored declaration that `xml_out` drops, `character`'s (also for a domain over it)
+/// drops trailing spaces. `format('%s', …)` always calls the output function.
+const OUTPUT: &str = "CASE WHEN {c} IS NOT NULL THEN format('%s', {c}) END";
+
+/// Types whose `::text` is their output function (no cast of their own), cheaper than
+/// [`OUTPUT`]'s `format`.
+const TEXT_IS_OUTPUT: &[&str] = &["jsonb", "json"];
 
 /// `a` for one element (a plain comparison), `(a, b)` for more (a row comparison, which a
 /// composite primary key index serves).
@@ -455,7 +489,7 @@ mod tests {
         );
         // A key of a type without a hash expression is bound through its text, a numeric one
         // through its bytes; key columns are not hashed again in `x`; a bigint hashes both
-        // halves; jsonb, and a type not passed as an enum, are hashed as their text.
+        // halves; jsonb is hashed as its `::text`, a type not passed as an enum by its output.
         let sql = TableSql::new(
             &TableName::new("s", "t"),
             &[
@@ -470,8 +504,60 @@ mod tests {
         let (text, _) = sql.chunk_hash(&Range::default());
         assert!(
             text.contains(
-                r#"sum(hashtextextended((coalesce((hashint8extended("id", (2)) # hashint8extended("id" >> 32, ~(2))), 0) # coalesce(hashtextextended("doc"::text COLLATE "C", (3)), 0))::text, hashtextextended("d"::text COLLATE "C", (-1)) # hash_array_extended(ARRAY[numeric_send("n")], (-2))))"#
+                r#"sum(hashtextextended((coalesce((hashint8extended("id", (2)) # hashint8extended("id" >> 32, ~(2))), 0) # coalesce(hashtextextended("doc"::text COLLATE "C", (3)), 0))::text, hashtextextended(CASE WHEN "d" IS NOT NULL THEN format('%s', "d") END COLLATE "C", (-1)) # hash_array_extended(ARRAY[numeric_send("n")], (-2))))"#
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn names_are_filled_in_last_arrays_get_their_own_constant_and_key_casts_keep_modifiers() {
+        let sql = TableSql::new(
+            &TableName::new("s", "t"),
+            &[
+                ("k", "character"),
+                ("x{s}{k}", "integer"),
+                ("a", "integer[]"),
+                ("b", "integer[]"),
+                ("c", "\"char\""),
+            ],
+            &[("k", "character(6)")],
+            false,
+        );
+        let (text, _) = sql.chunk_hash(&Range {
+            lower: Some(vec!["abcdef".into()]),
+            upper: None,
+        });
+        // A column called `x{s}{k}` keeps its name.
+        assert!(
+            text.contains(r#"hashint4extended("x{s}{k}", (2))"#),
+            "{text}"
+        );
+        // Two array columns: each its own constant, so `{NULL}` in one and NULL in the other do
+        // not trade places unseen.
+        let (a, b) = (seed_constant(3), seed_constant(4));
+        assert_ne!(a, b);
+        assert!(a >= 0 && b >= 0);
+        assert!(
+            text.contains(&format!(
+                "ELSE hashtextextended(\"a\"::text, (3)) END) # {a}"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "ELSE hashtextextended(\"b\"::text, (4)) END) # {b}"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"hashint4extended("c"::int4, (5))"#),
+            "{text}"
+        );
+        // The bound is cast to the key's full type: `character` alone is `character(1)`.
+        assert!(text.contains(r#"CAST($1::text AS character(6))"#), "{text}");
+        assert!(
+            text.contains(r#"hash_array_extended(ARRAY[bpcharsend("k")], (-1))"#),
             "{text}"
         );
     }
