@@ -436,6 +436,11 @@ impl Scenario {
         self.load.take().expect("the load runs").stop().await
     }
 
+    /// What the application Secret names now.
+    async fn app_secret(&self) -> String {
+        secret_value(&self.plane, &self.ns, "billing-db", "DATABASE_URL").await
+    }
+
     /// Every acknowledged write is on `side`, and money was neither made nor lost.
     fn assert_ledger(&self, side: &PgCluster, report: &workload::LoadReport) {
         assert!(report.acknowledged.len() > 20, "the load barely ran");
@@ -538,10 +543,7 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
 
     // Only the application Secret's key changed: it names green, with the application's own
     // credentials.
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.green_app
-    );
+    assert_eq!(s.app_secret().await, s.green_app);
     assert!(
         s.restart_annotation().await.is_some(),
         "no restart annotation"
@@ -625,7 +627,7 @@ async fn manual_approval_waits_for_kubectl_cutover_approve() {
         .await;
     assert!(waiting.point_of_no_return_at.is_none());
     assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
+        s.app_secret().await,
         s.blue_app,
         "nothing switched before approval"
     );
@@ -635,10 +637,7 @@ async fn manual_approval_waits_for_kubectl_cutover_approve() {
         .await;
     let report = s.stop_load().await;
     s.assert_ledger(&s.bg.green, &report);
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.green_app
-    );
+    assert_eq!(s.app_secret().await, s.green_app);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,10 +657,7 @@ async fn an_approval_deadline_passed_aborts_and_unfreezes_blue() {
     let report = s.stop_load().await;
     s.assert_ledger(&s.bg.blue, &report);
     s.assert_nothing_left();
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.blue_app
-    );
+    assert_eq!(s.app_secret().await, s.blue_app);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -748,10 +744,7 @@ async fn rollback_during_hypercare_brings_green_writes_back_to_blue() {
         20
     );
     s.assert_ledger(&s.bg.blue, &before_switch);
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.blue_app
-    );
+    assert_eq!(s.app_secret().await, s.blue_app);
     s.assert_blue_writable().await;
     s.assert_nothing_left();
 }
@@ -834,10 +827,7 @@ async fn an_operator_killed_at_every_phase_still_completes_the_cutover_once() {
     let report = s.stop_load().await;
     s.assert_ledger(&s.bg.green, &report);
     s.assert_nothing_left();
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.green_app
-    );
+    assert_eq!(s.app_secret().await, s.green_app);
     // Each one-shot step happened once, in order; the point of no return was recorded once.
     let mut unique = done.milestones.clone();
     unique.dedup();
@@ -930,10 +920,7 @@ async fn migrations_run_as_a_job_on_green_before_replication_and_the_cutover_com
     assert!(!has_table(&s.bg.blue, "billing_notes"));
     assert!(!has_table(&s.bg.blue, "cutover_schema_history"));
 
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.green_app
-    );
+    assert_eq!(s.app_secret().await, s.green_app);
     s.assert_ledger(&s.bg.green, &report);
     s.assert_nothing_left();
 }
@@ -999,10 +986,7 @@ async fn a_failing_migration_aborts_the_cutover_naming_the_file_and_blue_carries
     let report = s.stop_load().await;
     s.assert_ledger(&s.bg.blue, &report);
     s.assert_nothing_left();
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.blue_app
-    );
+    assert_eq!(s.app_secret().await, s.blue_app);
 }
 
 /// The `cutover_hypercare_problems` sample of this cutover for `reason`.
@@ -1061,10 +1045,7 @@ async fn a_rehearsal_runs_every_step_then_undoes_its_freeze_and_the_application_
 
     // The application never moved: its Secret still names blue and its pods were not
     // restarted; the rehearsal Secret got green's address with the application's credentials.
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.blue_app
-    );
+    assert_eq!(s.app_secret().await, s.blue_app);
     assert_eq!(
         secret_value(&s.plane, &s.ns, REHEARSAL_SECRET, "DATABASE_URL").await,
         s.green_app
@@ -1165,10 +1146,7 @@ async fn post_switch_migrations_run_as_their_own_job_after_the_point_of_no_retur
     assert!(has_index(&s.bg.green, "ledger_by_client"));
     assert!(!has_index(&s.bg.blue, "ledger_by_client"));
 
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.green_app
-    );
+    assert_eq!(s.app_secret().await, s.green_app);
     s.assert_ledger(&s.bg.green, &report);
     s.assert_nothing_left();
 }
@@ -1232,10 +1210,7 @@ async fn a_failing_post_switch_migration_rolls_back_before_the_secret_moves() {
     );
 
     // The application never left blue, and blue takes its writes again.
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.blue_app
-    );
+    assert_eq!(s.app_secret().await, s.blue_app);
     assert_eq!(s.restart_annotation().await, None);
     s.assert_blue_writable().await;
     let report = s.stop_load().await;
@@ -1363,9 +1338,6 @@ async fn hypercare_reports_a_stuck_rollout_and_a_broken_way_back_until_they_clea
     })
     .await;
     s.assert_nothing_left();
-    assert_eq!(
-        secret_value(&s.plane, &s.ns, "billing-db", "DATABASE_URL").await,
-        s.green_app
-    );
+    assert_eq!(s.app_secret().await, s.green_app);
     s.assert_ledger(&s.bg.green, &report);
 }

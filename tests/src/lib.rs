@@ -5,3 +5,36 @@ pub mod pg;
 
 pub use pg::{BlueGreen, PgCluster, PgClusterBuilder};
 pub mod workload;
+
+use std::time::{Duration, Instant};
+
+use cutover_operator::engine::Databases;
+use cutover_operator::postgres::{ConnectOptions, Dsn};
+
+/// The engine's connections for a blue/green pair on this host: each side reaches the other at
+/// the address the operator uses.
+pub fn databases(bg: &BlueGreen) -> Databases {
+    Databases {
+        blue: Dsn::new(bg.blue_dsn()),
+        green: Dsn::new(bg.green_dsn()),
+        blue_from_green: Dsn::new(bg.blue_dsn()),
+        green_from_blue: Dsn::new(bg.green_dsn()),
+        connect: ConnectOptions::default(),
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds, or fails naming `what` after `timeout`.
+pub async fn wait_until<F: FnMut() -> bool>(
+    what: &str,
+    timeout: Duration,
+    mut cond: F,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}

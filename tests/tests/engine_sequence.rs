@@ -16,9 +16,8 @@ use cutover_operator::api::{
     Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Mode, Phase,
 };
 use cutover_operator::api::{CheckpointStatus, ProblemKind};
-use cutover_operator::engine::{Databases, Engine, LocalPlatform, drive};
+use cutover_operator::engine::{Engine, LocalPlatform, drive};
 use cutover_operator::plan::{self, Action, Outcome};
-use cutover_operator::postgres::{ConnectOptions, Dsn};
 use cutover_tests::BlueGreen;
 use cutover_tests::workload::{self, Load, LoadConfig};
 
@@ -43,13 +42,7 @@ fn engine(
     spec: DatabaseCutoverSpec,
     dir: &std::path::Path,
 ) -> Engine<LocalPlatform> {
-    let dbs = Databases {
-        blue: Dsn::new(bg.blue_dsn()),
-        green: Dsn::new(bg.green_dsn()),
-        blue_from_green: Dsn::new(bg.blue_dsn()),
-        green_from_blue: Dsn::new(bg.green_dsn()),
-        connect: ConnectOptions::default(),
-    };
+    let dbs = cutover_tests::databases(bg);
     let platform = LocalPlatform {
         secret_file: Some(dir.join("DATABASE_URL")),
         rehearsal_secret_file: Some(dir.join("DATABASE_URL.rehearsal")),

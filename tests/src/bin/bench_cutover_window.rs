@@ -22,10 +22,9 @@ use cutover_operator::api::units::parse_timestamp;
 use cutover_operator::api::{
     Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, FreezeMethod, Phase,
 };
-use cutover_operator::engine::{Databases, Engine, LocalPlatform, drive};
-use cutover_operator::postgres::{ConnectOptions, Dsn};
+use cutover_operator::engine::{Engine, LocalPlatform, drive};
 use cutover_tests::workload::{self, Load, LoadConfig};
-use cutover_tests::{BlueGreen, PgCluster};
+use cutover_tests::{BlueGreen, PgCluster, wait_until};
 
 const ROLE: &str = "bench_app";
 const PASSWORD: &str = "bench";
@@ -39,17 +38,6 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1]
-}
-
-async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut cond: F) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        if Instant::now() >= deadline {
-            bail!("timed out waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
 }
 
 fn spec() -> Result<DatabaseCutoverSpec> {
@@ -132,13 +120,7 @@ async fn round(tps: f64, clients: usize, dir: &std::path::Path) -> Result<Round>
         );
     }
 
-    let dbs = Databases {
-        blue: Dsn::new(bg.blue_dsn()),
-        green: Dsn::new(bg.green_dsn()),
-        blue_from_green: Dsn::new(bg.blue_dsn()),
-        green_from_blue: Dsn::new(bg.green_dsn()),
-        connect: ConnectOptions::default(),
-    };
+    let dbs = cutover_tests::databases(&bg);
     let platform = LocalPlatform {
         secret_file: Some(secret.clone()),
         rehearsal_secret_file: None,

@@ -20,7 +20,7 @@ use cutover_operator::postgres::freeze::{self, FreezeConfig};
 use cutover_operator::postgres::replication::{self, Names, TableSelection};
 use cutover_operator::postgres::{ConnectOptions, Dsn, connect, sync};
 use cutover_tests::workload::{self, Load, LoadConfig};
-use cutover_tests::{BlueGreen, PgCluster};
+use cutover_tests::{BlueGreen, PgCluster, wait_until};
 
 const ROLE: &str = "bench_app";
 const PASSWORD: &str = "bench";
@@ -38,17 +38,6 @@ fn percentile(values: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
-async fn wait_until<F: FnMut() -> bool>(what: &str, timeout: Duration, mut cond: F) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        if Instant::now() >= deadline {
-            bail!("timed out waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

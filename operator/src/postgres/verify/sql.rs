@@ -429,6 +429,13 @@ fn tuple(items: &[String]) -> String {
 mod tests {
     use super::*;
 
+    /// The whole-table hash statement of a table `s.t` with these columns and key.
+    fn whole_table(columns: &[(&str, &str)], key: &[(&str, &str)], transcode: bool) -> String {
+        TableSql::new(&TableName::new("s", "t"), columns, key, transcode)
+            .chunk_hash(&Range::default())
+            .0
+    }
+
     #[test]
     fn builds_range_statements_with_quoted_names_and_bound_values() {
         let sql = TableSql::new(
@@ -466,8 +473,8 @@ mod tests {
         let (text, params) = sql.chunk_hash(&Range::default());
         assert!(!text.contains("WHERE"));
         assert!(params.is_empty());
-        let sql = TableSql::new(
-            &TableName::new("s", "t"),
+        // Without a key, every column goes into `x`: the bytes together, in column order.
+        let text = whole_table(
             &[
                 ("n", "numeric"),
                 ("at", "timestamp with time zone"),
@@ -479,8 +486,6 @@ mod tests {
             &[],
             false,
         );
-        // Without a key, every column goes into `x`: the bytes together, in column order.
-        let (text, _) = sql.chunk_hash(&Range::default());
         assert!(
             text.contains(
                 r#"sum(hashtextextended((coalesce(CASE WHEN "x" = 0 THEN hashtextextended("x"::text, (3)) ELSE hashfloat4extended("x", (3)) END, 0) # hash_array_extended(ARRAY[numeric_send("n"), timestamptz_send("at"), bpcharsend("c"), "b", enum_send("e")], 0))::text, 0))"#
@@ -490,8 +495,7 @@ mod tests {
         // A key of a type without a hash expression is bound through its text, a numeric one
         // through its bytes; key columns are not hashed again in `x`; a bigint hashes both
         // halves; jsonb is hashed as its `::text`, a type not passed as an enum by its output.
-        let sql = TableSql::new(
-            &TableName::new("s", "t"),
+        let text = whole_table(
             &[
                 ("d", "mood"),
                 ("id", "bigint"),
@@ -501,7 +505,6 @@ mod tests {
             &[("d", "mood"), ("n", "numeric")],
             false,
         );
-        let (text, _) = sql.chunk_hash(&Range::default());
         assert!(
             text.contains(
                 r#"sum(hashtextextended((coalesce((hashint8extended("id", (2)) # hashint8extended("id" >> 32, ~(2))), 0) # coalesce(hashtextextended("doc"::text COLLATE "C", (3)), 0))::text, hashtextextended(CASE WHEN "d" IS NOT NULL THEN format('%s', "d") END COLLATE "C", (-1)) # hash_array_extended(ARRAY[numeric_send("n")], (-2))))"#
@@ -573,11 +576,9 @@ mod tests {
             ("n", "integer"),
         ];
         let key = [("id", "text")];
-        let same = TableSql::new(&TableName::new("s", "t"), &columns, &key, false);
-        let (text, _) = same.chunk_hash(&Range::default());
+        let text = whole_table(&columns, &key, false);
         assert!(!text.contains("convert_to"), "{text}");
-        let other = TableSql::new(&TableName::new("s", "t"), &columns, &key, true);
-        let (text, _) = other.chunk_hash(&Range::default());
+        let text = whole_table(&columns, &key, true);
         // Integers and the send forms are the same bytes in any encoding; text is converted.
         assert!(
             text.contains(
