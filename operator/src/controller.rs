@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,10 +27,10 @@ use tracing::{debug, info, warn};
 
 use crate::api::conditions::Reason;
 use crate::api::{DatabaseCutover, DatabaseCutoverStatus, FINALIZER, Phase};
-use crate::cluster::platform::{KubePlatform, read_dsn, read_secret_key};
-use crate::engine::{Databases, Engine};
+use crate::engine::{Databases, Engine, Sink};
 use crate::metrics::{self, Health, Metrics};
 use crate::plan;
+use crate::platform::{KubePlatform, read_dsn, read_secret_key};
 use crate::postgres::ConnectOptions;
 
 /// The field manager the operator writes status with.
@@ -49,13 +50,13 @@ pub enum Error {
     NoNamespace,
     /// A connection Secret could not be read.
     #[error(transparent)]
-    Secret(#[from] crate::cluster::platform::SecretError),
-    /// A database could not be observed.
-    #[error(transparent)]
-    Engine(#[from] crate::engine::EngineError),
+    Secret(#[from] crate::platform::SecretError),
+    /// The status was written by someone else since it was read (the write was fenced).
+    #[error("failed to write the status: the object changed since it was read")]
+    Conflict,
     /// The cleanup of a deleted cutover failed; it is retried.
     #[error("failed to clean up: {0}")]
-    Cleanup(String),
+    Cleanup(#[source] crate::engine::ActionError),
 }
 
 impl Error {
@@ -71,8 +72,8 @@ impl Error {
             },
             Error::NoNamespace => "InvalidObject",
             Error::Secret(_) => "SecretUnreadable",
-            Error::Engine(e) => e.category(),
-            Error::Cleanup(_) => "CleanupFailed",
+            Error::Conflict => "Conflict",
+            Error::Cleanup(e) => e.category().as_str(),
         }
     }
 }
@@ -89,6 +90,8 @@ pub struct Context {
     pub default_image: String,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DatabaseCutover>, u32>>,
+    /// Whether this replica holds the leader Lease (always, without leader election).
+    leading: AtomicBool,
 }
 
 impl Context {
@@ -109,7 +112,17 @@ impl Context {
             metrics,
             default_image,
             failures: Mutex::default(),
+            leading: AtomicBool::new(true),
         }
+    }
+
+    /// Whether this replica may act now.
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::SeqCst);
     }
 }
 
@@ -143,68 +156,159 @@ async fn apply(
     api: &Api<DatabaseCutover>,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    let name = obj.name_any();
-    let namespace = obj.namespace().unwrap_or_default();
-    let mut obj = obj.clone();
+    let mut sink = StatusWriter {
+        api: api.clone(),
+        ctx,
+        obj: obj.clone(),
+    };
     let mut engine: Option<(Option<i64>, Engine<KubePlatform>)> = None;
     // Steps follow one another within the reconcile while each is immediate; the status is
     // written after every one of them, so a crash between two loses nothing.
     for _ in 0..MAX_STEPS_PER_RECONCILE {
-        let current = obj.status.clone().unwrap_or_default();
-        let previous_phase = obj.status.as_ref().map(|s| s.phase);
-        let previous = current.clone();
-
-        let (stepped, requeue, trouble) = if current.phase.is_terminal() {
-            (current, Duration::from_secs(300), None)
-        } else {
-            match step(&obj, api, &current, ctx, &mut engine).await {
-                Ok((s, r)) => (s, r, None),
-                Err(e) => (current, Duration::ZERO, Some(e)),
+        // Only the leader acts, and it checks between steps: a replica that lost the Lease
+        // while a step ran stops here (its writes are fenced by resourceVersion anyway).
+        if !ctx.is_leading() {
+            return Ok(Action::await_change());
+        }
+        let current = sink.obj.status.clone().unwrap_or_default();
+        if current.phase.is_terminal() {
+            sink.write(&current, &plan::Action::Idle).await?;
+            return Ok(Action::requeue(plan::IDLE));
+        }
+        let engine = match cached_engine(&sink.obj, ctx, &mut engine).await {
+            Ok(engine) => engine,
+            Err(err) => {
+                // Nothing to act with (a Secret unreadable): say so on the object and back off.
+                sink.trouble(&current, &err).await?;
+                return Err(err);
             }
         };
-        let trouble_text = trouble.as_ref().map(ToString::to_string);
-        let desired = plan::desired_status(
-            &stepped,
-            obj.metadata.generation,
-            jiff::Timestamp::now(),
-            trouble_text.as_deref().map(|t| (Reason::TransientError, t)),
-        );
+        let step = match engine.step(&current, false, &mut sink).await {
+            Ok(step) => step,
+            Err(Error::Conflict) => {
+                // Someone else wrote the object since it was read (another replica, a person
+                // editing the spec): read it again and plan from what is there now.
+                debug!(name = %obj.name_any(), "status write conflicted; re-reading");
+                sink.obj = api.get_status(&obj.name_any()).await.map_err(Error::Kube)?;
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        if step.status.phase.is_terminal() || step.pause > INLINE_WAIT {
+            return Ok(Action::requeue(step.pause));
+        }
+        tokio::time::sleep(step.pause).await;
+    }
+    Ok(Action::requeue(Duration::ZERO))
+}
 
-        if obj.status.as_ref() != Some(&desired) {
-            let before = obj.status.clone();
-            obj = patch_status(api, &name, &desired).await?;
-            ctx.metrics
+/// The engine for `obj`, reused while its spec (generation) is unchanged.
+async fn cached_engine<'a>(
+    obj: &DatabaseCutover,
+    ctx: &Context,
+    cache: &'a mut Option<(Option<i64>, Engine<KubePlatform>)>,
+) -> Result<&'a Engine<KubePlatform>, Error> {
+    if cache
+        .as_ref()
+        .is_none_or(|(generation, _)| *generation != obj.metadata.generation)
+    {
+        *cache = Some((obj.metadata.generation, engine_for(obj, ctx).await?));
+    }
+    Ok(&cache.as_ref().expect("set just above").1)
+}
+
+/// The operator's [`Sink`]: the status with its conditions, written by server-side apply with
+/// the resourceVersion it was computed from (a conflict means someone else wrote first), only
+/// when it changed; an Event for each phase change and hypercare problem; the metrics.
+struct StatusWriter<'a> {
+    api: Api<DatabaseCutover>,
+    ctx: &'a Context,
+    /// The object as last read or written.
+    obj: DatabaseCutover,
+}
+
+impl StatusWriter<'_> {
+    /// Marks the cutover Degraded with `err` and publishes a Warning Event.
+    async fn trouble(&mut self, current: &DatabaseCutoverStatus, err: &Error) -> Result<(), Error> {
+        let text = err.to_string();
+        let desired = plan::desired_status(
+            current,
+            self.obj.metadata.generation,
+            jiff::Timestamp::now(),
+            Some((Reason::TransientError, &text)),
+        );
+        self.store(desired).await?;
+        publish(
+            self.ctx,
+            &self.obj,
+            Event {
+                type_: EventType::Warning,
+                reason: err.category().into(),
+                note: Some(truncate(&text, 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn store(
+        &mut self,
+        desired: DatabaseCutoverStatus,
+    ) -> Result<DatabaseCutoverStatus, Error> {
+        let name = self.obj.name_any();
+        let namespace = self.obj.namespace().unwrap_or_default();
+        let before = self.obj.status.clone();
+        if before.as_ref() != Some(&desired) {
+            self.obj = patch_status(&self.api, &self.obj, &desired).await?;
+            self.ctx
+                .metrics
                 .record_status(&namespace, &name, before.as_ref(), &desired);
             debug!(%namespace, %name, phase = %desired.phase, "status written");
         }
-        if previous_phase != Some(desired.phase) {
-            announce_phase(ctx, &obj, &desired).await;
-            info!(%namespace, %name, phase = %desired.phase, "phase changed");
-        }
-        announce_problems(ctx, &obj, &previous, &desired).await;
-        ctx.metrics.set_phase(&namespace, &name, desired.phase);
-        if let Some(err) = trouble {
+        let previous = before.unwrap_or_default();
+        if let (None, Some(retry)) = (&previous.retry, &desired.retry) {
+            warn!(%namespace, %name, reason = %retry.reason, message = %retry.message, "retrying a step");
             publish(
-                ctx,
-                &obj,
+                self.ctx,
+                &self.obj,
                 Event {
                     type_: EventType::Warning,
-                    reason: err.category().into(),
-                    note: Some(truncate(&err.to_string(), 1000)),
-                    action: "Reconcile".into(),
+                    reason: retry.reason.clone(),
+                    note: Some(truncate(&format!("retrying: {}", retry.message), 1000)),
+                    action: "Retry".into(),
                     secondary: None,
                 },
             )
             .await;
-            // The error policy backs off exponentially.
-            return Err(err);
         }
-        if desired.phase.is_terminal() || requeue > INLINE_WAIT {
-            return Ok(Action::requeue(requeue));
+        if previous.phase != desired.phase || self.obj.status.is_none() {
+            announce_phase(self.ctx, &self.obj, &desired).await;
+            info!(%namespace, %name, phase = %desired.phase, "phase changed");
         }
-        tokio::time::sleep(requeue).await;
+        announce_problems(self.ctx, &self.obj, &previous, &desired).await;
+        self.ctx.metrics.set_phase(&namespace, &name, desired.phase);
+        Ok(desired)
     }
-    Ok(Action::requeue(Duration::ZERO))
+}
+
+impl Sink for StatusWriter<'_> {
+    type Error = Error;
+
+    async fn write(
+        &mut self,
+        status: &DatabaseCutoverStatus,
+        _action: &plan::Action,
+    ) -> Result<DatabaseCutoverStatus, Error> {
+        let desired = plan::desired_status(
+            status,
+            self.obj.metadata.generation,
+            jiff::Timestamp::now(),
+            None,
+        );
+        self.store(desired).await
+    }
 }
 
 async fn announce_phase(ctx: &Context, obj: &DatabaseCutover, status: &DatabaseCutoverStatus) {
@@ -278,71 +382,6 @@ async fn announce_problems(
     }
 }
 
-/// One action of the sequence: observe, decide, (record intent,) act, record.
-async fn step(
-    obj: &DatabaseCutover,
-    api: &Api<DatabaseCutover>,
-    status: &DatabaseCutoverStatus,
-    ctx: &Context,
-    cache: &mut Option<(Option<i64>, Engine<KubePlatform>)>,
-) -> Result<(DatabaseCutoverStatus, Duration), Error> {
-    // The engine (Secrets read, spec copied) is reused while the spec is unchanged.
-    if cache
-        .as_ref()
-        .is_none_or(|(generation, _)| *generation != obj.metadata.generation)
-    {
-        *cache = Some((obj.metadata.generation, engine_for(obj, ctx).await?));
-    }
-    let engine = &cache.as_ref().expect("set just above").1;
-    let obs = engine.observe(status, false).await?;
-    let action = plan::next_action(&obj.spec, status, &obs, jiff::Timestamp::now());
-    debug!(name = %obj.name_any(), ?action, "next action");
-    let pause = match action {
-        plan::Action::Wait(d) => d,
-        plan::Action::Idle => Duration::from_secs(300),
-        _ => Duration::from_millis(100),
-    };
-    if matches!(action, plan::Action::Wait(_) | plan::Action::Idle) {
-        let refreshed = plan::record(
-            &obj.spec,
-            status,
-            &action,
-            plan::Outcome::Done,
-            &obs,
-            jiff::Timestamp::now(),
-        );
-        return Ok((refreshed, pause));
-    }
-    let mut status = status.clone();
-    if let Some(with_intent) = plan::record_intent(&status, &action) {
-        // Intent first, guarded by the resourceVersion we acted on: a second operator (or a
-        // stale cache) cannot record it twice.
-        write_intent(api, obj, &with_intent).await?;
-        status = with_intent;
-    }
-    let outcome = engine.perform(&action, &status).await;
-    let failed = matches!(outcome, plan::Outcome::Failed(_));
-    if let plan::Outcome::Failed(why) = &outcome {
-        warn!(name = %obj.name_any(), ?action, error = %why, "action failed");
-    }
-    let recorded = plan::record(
-        &obj.spec,
-        &status,
-        &action,
-        outcome,
-        &obs,
-        jiff::Timestamp::now(),
-    );
-    // A failure that did not move the cutover on (hypercare, rollback, an unfinished abort) is
-    // retried, but not at once.
-    let pause = if failed && recorded.phase == status.phase {
-        pause.max(plan::POLL)
-    } else {
-        pause
-    };
-    Ok((recorded, pause))
-}
-
 async fn engine_for(obj: &DatabaseCutover, ctx: &Context) -> Result<Engine<KubePlatform>, Error> {
     let namespace = obj.namespace().ok_or(Error::NoNamespace)?;
     let blue = read_dsn(
@@ -409,9 +448,10 @@ async fn cleanup(obj: &DatabaseCutover, ctx: &Context) -> Result<Action, Error> 
     let cleaned_up = status.phase.is_terminal();
     if !nothing_created && !cleaned_up {
         let engine = engine_for(obj, ctx).await?;
-        if let plan::Outcome::Failed(why) = engine.perform(&plan::Action::Finalize, &status).await {
-            return Err(Error::Cleanup(why));
-        }
+        engine
+            .try_perform(&plan::Action::Finalize, &status)
+            .await
+            .map_err(Error::Cleanup)?;
     }
     publish(
         ctx,
@@ -433,15 +473,16 @@ async fn cleanup(obj: &DatabaseCutover, ctx: &Context) -> Result<Action, Error> 
     Ok(Action::await_change())
 }
 
-/// Records intent with the object's resourceVersion as precondition: server-side apply
-/// honours `metadata.resourceVersion` in the applied object and answers 409 if the object
-/// changed since it was read. Same field manager as every status write, so the next write,
-/// without the intent, removes it.
-async fn write_intent(
+/// Writes the status with server-side apply, fenced: `metadata.resourceVersion` in the applied
+/// object is a precondition, so the API server answers 409 if anyone wrote the object since
+/// `obj` was read — another replica that took over, or a person changing the spec — and this
+/// status, computed from what is now stale, is not written. The operator owns every status
+/// field under one field manager.
+async fn patch_status(
     api: &Api<DatabaseCutover>,
     obj: &DatabaseCutover,
     status: &DatabaseCutoverStatus,
-) -> Result<(), Error> {
+) -> Result<DatabaseCutover, Error> {
     let patch = serde_json::json!({
         "apiVersion": "cutover.dbops.dev/v1alpha1",
         "kind": "DatabaseCutover",
@@ -454,28 +495,10 @@ async fn write_intent(
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::Kube)?;
-    Ok(())
-}
-
-/// Writes the status with server-side apply. The operator owns every status field.
-async fn patch_status(
-    api: &Api<DatabaseCutover>,
-    name: &str,
-    status: &DatabaseCutoverStatus,
-) -> Result<DatabaseCutover, Error> {
-    let patch = serde_json::json!({
-        "apiVersion": "cutover.dbops.dev/v1alpha1",
-        "kind": "DatabaseCutover",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)
+    .map_err(|e| match e {
+        kube::Error::Api(s) if s.code == 409 => Error::Conflict,
+        e => Error::Kube(e),
+    })
 }
 
 /// Events are best effort: a failed Event never fails a reconcile.
@@ -578,6 +601,19 @@ pub async fn run(client: Client, opts: RunOptions) -> anyhow::Result<()> {
                 .await?;
             let (mut leader, lease_task) = manager.watch().await;
             health.set_ready(true);
+            // Between steps the controller checks this flag; it follows the Lease as soon as
+            // the lease task sees a change, before the controller has shut down.
+            {
+                let ctx = ctx.clone();
+                let mut leader = leader.clone();
+                ctx.set_leading(*leader.borrow_and_update());
+                tokio::spawn(async move {
+                    while leader.changed().await.is_ok() {
+                        ctx.set_leading(*leader.borrow_and_update());
+                    }
+                    ctx.set_leading(false);
+                });
+            }
             loop {
                 if *leader.borrow_and_update() {
                     info!(lease = %le.lease_name, "leading: reconciling");

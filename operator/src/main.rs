@@ -21,6 +21,11 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CUTOVER_LOG_FORMAT")]
     log_format: LogFormat,
 
+    /// Colour in text logs: `auto` only when standard error is a terminal, so logs written to
+    /// a file or a pipe carry no escape codes.
+    #[arg(long, global = true, value_enum, default_value_t = Color::Auto, env = "CUTOVER_LOG_COLOR")]
+    log_color: Color,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -29,6 +34,13 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Color {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,6 +80,16 @@ struct RunArgs {
     #[arg(long, requires = "file")]
     secrets_dir: Option<std::path::PathBuf>,
 
+    /// Local mode: where the run's status is kept, so that running the same plan again
+    /// resumes a stopped run (default: `<plan>.state.json` beside the plan).
+    #[arg(long, requires = "file")]
+    state_file: Option<std::path::PathBuf>,
+
+    /// Local mode: undo a stopped run (unfreeze the source, remove every replication object)
+    /// instead of continuing it. Refused past the point of no return.
+    #[arg(long, requires = "file")]
+    abort: bool,
+
     /// Address of the /metrics, /healthz and /readyz endpoint.
     #[arg(long, default_value = "0.0.0.0:8080", env = "CUTOVER_METRICS_ADDR")]
     metrics_addr: SocketAddr,
@@ -105,10 +127,17 @@ struct RunArgs {
     image: String,
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, color: Color) {
+    use std::io::IsTerminal as _;
     let filter = EnvFilter::try_from_env("CUTOVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = match color {
+        Color::Auto => std::io::stderr().is_terminal(),
+        Color::Always => true,
+        Color::Never => false,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -125,24 +154,26 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify(args) => {
-            init_tracing(cli.log_format);
+            init_tracing(cli.log_format, cli.log_color);
             std::process::exit(cli::verify::run(args).await)
         }
         Command::Migrate(args) => {
-            init_tracing(cli.log_format);
+            init_tracing(cli.log_format, cli.log_color);
             cli::migrate::run(args).await
         }
         Command::Wait(args) => {
-            init_tracing(cli.log_format);
+            init_tracing(cli.log_format, cli.log_color);
             cli::wait::run(args).await
         }
         Command::Lint(args) => cli::lint::run(args),
         Command::Run(args) if args.file.is_some() => {
-            init_tracing(cli.log_format);
+            init_tracing(cli.log_format, cli.log_color);
             let plan = args.file.expect("checked by the match guard");
             cli::local::run(cli::local::LocalArgs {
                 plan,
                 secrets_dir: args.secrets_dir,
+                state_file: args.state_file,
+                abort: args.abort,
             })
             .await
         }
@@ -152,7 +183,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Rollback(t) => cli::kubectl::run(cli::kubectl::Verb::Rollback, t).await,
         Command::Report(t) => cli::kubectl::run(cli::kubectl::Verb::Report, t).await,
         Command::Run(args) => {
-            init_tracing(cli.log_format);
+            init_tracing(cli.log_format, cli.log_color);
             rustls::crypto::ring::default_provider()
                 .install_default()
                 .map_err(|_| anyhow::anyhow!("failed to install the TLS crypto provider"))?;

@@ -16,8 +16,9 @@ use cutover_operator::api::{
     Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Mode, Phase,
 };
 use cutover_operator::api::{CheckpointStatus, ProblemKind};
-use cutover_operator::engine::{Engine, LocalPlatform, drive};
+use cutover_operator::engine::{Engine, NoSink, Watch, drive};
 use cutover_operator::plan::{self, Action, Outcome};
+use cutover_operator::platform::LocalPlatform;
 use cutover_tests::BlueGreen;
 use cutover_tests::workload::{self, Load, LoadConfig};
 
@@ -66,7 +67,7 @@ fn start_load(bg: &BlueGreen) -> Load {
     })
 }
 
-/// Steps the cutover one action at a time (as `drive` does) until `stop` holds for the status.
+/// Steps the cutover one step at a time (as `drive` does) until `stop` holds for the status.
 async fn step_until(
     engine: &Engine<LocalPlatform>,
     mut status: DatabaseCutoverStatus,
@@ -80,23 +81,9 @@ async fn step_until(
             status.phase,
             status.message
         );
-        let obs = engine.observe(&status, false).await.expect("observe");
-        let action = plan::next_action(&engine.spec, &status, &obs, jiff::Timestamp::now());
-        if let Action::Wait(d) = action {
-            tokio::time::sleep(d.min(Duration::from_millis(200))).await;
-        }
-        if let Some(with_intent) = plan::record_intent(&status, &action) {
-            status = with_intent;
-        }
-        let outcome = engine.perform(&action, &status).await;
-        status = plan::record(
-            &engine.spec,
-            &status,
-            &action,
-            outcome,
-            &obs,
-            jiff::Timestamp::now(),
-        );
+        let step = engine.step(&status, false, &mut NoSink).await.unwrap();
+        status = step.status;
+        tokio::time::sleep(step.pause.min(Duration::from_millis(200))).await;
     }
     status
 }
@@ -145,11 +132,15 @@ async fn run(engine: &Engine<LocalPlatform>) -> (DatabaseCutoverStatus, Vec<Phas
     let mut phases = Vec::new();
     let status = tokio::time::timeout(
         Duration::from_secs(120),
-        drive(engine, DatabaseCutoverStatus::default(), 5, |s, _| {
-            if phases.last() != Some(&s.phase) {
-                phases.push(s.phase);
-            }
-        }),
+        drive(
+            engine,
+            DatabaseCutoverStatus::default(),
+            &mut Watch(|s: &DatabaseCutoverStatus, _: &Action| {
+                if phases.last() != Some(&s.phase) {
+                    phases.push(s.phase);
+                }
+            }),
+        ),
     )
     .await
     .expect("the cutover finishes within two minutes")
@@ -487,7 +478,7 @@ async fn the_switch_stops_before_the_secret_moves_when_green_would_refuse_the_ap
         .unwrap();
     let status = tokio::time::timeout(
         Duration::from_secs(120),
-        drive(&engine, status, 5, |_, _| {}),
+        drive(&engine, status, &mut NoSink),
     )
     .await
     .unwrap()
@@ -577,13 +568,10 @@ async fn broken_forward_replication_aborts_leaving_blue_writable() {
     bg.green
         .execute(APP, &format!("ALTER SUBSCRIPTION {subscription} DISABLE"))
         .unwrap();
-    let status = tokio::time::timeout(
-        Duration::from_secs(60),
-        drive(&engine, status, 5, |_, _| {}),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), drive(&engine, status, &mut NoSink))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.phase, Phase::Aborted);
     let message = status.message.clone().unwrap_or_default();
     assert!(

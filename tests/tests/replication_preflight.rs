@@ -251,7 +251,8 @@ async fn with_migrations_green_may_be_empty_at_preflight_and_is_checked_again_af
 
     let err = schema_ready(&blue, &green, &TableSelection::All)
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("public.orders: missing on green"), "{err}");
     // What a migration would do: now green matches and replication may start.
     bg.green

@@ -220,6 +220,27 @@ pub struct DatabaseCutoverStatus {
     /// What hypercare watches: problems present now and the latest checkpoint's result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hypercare: Option<HypercareStatus>,
+
+    /// Set while the current step keeps failing in a way worth retrying (a database
+    /// restarting, a connection reset, the API server busy); cleared by the next success. The
+    /// step is retried with backoff within its budget; past it, the cutover aborts (or, during
+    /// the switch, rolls back) saying so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryStatus>,
+}
+
+/// A step being retried after transient failures.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryStatus {
+    /// Failures in a row.
+    pub attempts: i32,
+    /// When the first of them happened (RFC 3339).
+    pub since: String,
+    /// The kind of failure (`DatabaseUnreachable`, `KubeApi`, …).
+    pub reason: String,
+    /// The latest failure, for people.
+    pub message: String,
 }
 
 /// What hypercare found.

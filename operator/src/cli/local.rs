@@ -5,6 +5,13 @@
 //! upper-cased, every other character `_`). The switch writes the application's connection
 //! string into `DIR/<secret>/<key>` when a directory is given. Progress goes to stdout; the run
 //! ends with the timing report, and exits non-zero unless the cutover completed.
+//!
+//! The status is saved after every step to a state file (beside the plan unless
+//! `--state-file` says otherwise), as the operator saves it to the API server. Running the same
+//! plan again after the process was killed resumes where it stopped; `--abort` undoes a stopped
+//! run. A file rather than a table in the source database: the status must be readable when a
+//! database is not — an abort with blue unreachable still has to know what was done — and it
+//! holds no secret (connection strings live only in the Secrets).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,8 +19,10 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use cutover_operator::api::units::human_bytes;
 use cutover_operator::api::{self, DatabaseCutover, DatabaseCutoverStatus, Phase, SecretKeyRef};
-use cutover_operator::engine::{Databases, Engine, LocalPlatform, drive};
+use cutover_operator::engine::{Databases, Engine, Sink, drive};
 use cutover_operator::plan::{self, Action};
+use cutover_operator::platform::LocalPlatform;
+use cutover_operator::platform::local::write_private;
 use cutover_operator::postgres::{ConnectOptions, Dsn};
 
 /// Settings of local mode.
@@ -23,6 +32,10 @@ pub struct LocalArgs {
     pub plan: PathBuf,
     /// Where Secrets live as files.
     pub secrets_dir: Option<PathBuf>,
+    /// Where the run's status is kept between invocations (default: beside the plan).
+    pub state_file: Option<PathBuf>,
+    /// Undo a stopped run instead of continuing it.
+    pub abort: bool,
 }
 
 fn env_name(r: &SecretKeyRef) -> String {
@@ -65,7 +78,193 @@ fn resolve(r: &SecretKeyRef, dir: Option<&Path>) -> anyhow::Result<String> {
     }
 }
 
-/// Runs the plan to its end.
+/// What is kept of a local run between invocations: enough to resume it.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct SavedRun {
+    /// The cutover's id (`local/<metadata.name>`): a state file of another plan is refused.
+    cutover: String,
+    /// The status as of the last step.
+    status: DatabaseCutoverStatus,
+}
+
+/// The default state file of a plan: beside it, `<plan>.state.json`.
+pub fn default_state_file(plan: &Path) -> PathBuf {
+    let mut name = plan.file_name().unwrap_or_default().to_os_string();
+    name.push(".state.json");
+    plan.with_file_name(name)
+}
+
+fn load_state(path: &Path, id: &str) -> anyhow::Result<Option<DatabaseCutoverStatus>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("failed to read {}", path.display())),
+    };
+    let saved: SavedRun = serde_json::from_str(&text)
+        .with_context(|| format!("failed to parse the state file {}", path.display()))?;
+    if saved.cutover != id {
+        bail!(
+            "the state file {} belongs to cutover {}, not {id}: pass --state-file for this plan",
+            path.display(),
+            saved.cutover
+        );
+    }
+    Ok(Some(saved.status))
+}
+
+/// Local mode's [`Sink`]: each status is saved to the state file (atomically, before the step's
+/// action runs when it is an intent) and shown as progress.
+struct LocalSink {
+    state_file: PathBuf,
+    cutover: String,
+    last: Option<DatabaseCutoverStatus>,
+    printer: Printer,
+}
+
+impl Sink for LocalSink {
+    type Error = anyhow::Error;
+
+    async fn write(
+        &mut self,
+        status: &DatabaseCutoverStatus,
+        action: &Action,
+    ) -> anyhow::Result<DatabaseCutoverStatus> {
+        if self.last.as_ref() != Some(status) {
+            let saved = SavedRun {
+                cutover: self.cutover.clone(),
+                status: status.clone(),
+            };
+            let text = serde_json::to_string_pretty(&saved)?;
+            write_private(&self.state_file, &text).with_context(|| {
+                format!(
+                    "failed to save the state file {}",
+                    self.state_file.display()
+                )
+            })?;
+            self.printer.show(status, action);
+            self.last = Some(status.clone());
+        }
+        Ok(status.clone())
+    }
+}
+
+/// Prints progress as the status changes.
+struct Printer {
+    started: Instant,
+    last_phase: Option<Phase>,
+    last_progress: Instant,
+    last_problems: Vec<String>,
+    last_retry: Option<i32>,
+}
+
+impl Printer {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_phase: None,
+            last_progress: Instant::now(),
+            last_problems: Vec::new(),
+            last_retry: None,
+        }
+    }
+
+    fn show(&mut self, s: &DatabaseCutoverStatus, action: &Action) {
+        if self.last_phase != Some(s.phase) {
+            self.last_phase = Some(s.phase);
+            let detail = match (&s.message, s.phase) {
+                (
+                    Some(m),
+                    Phase::Aborting | Phase::Aborted | Phase::RollingBack | Phase::RolledBack,
+                ) => m.clone(),
+                _ => plan::summary(s.phase).message.to_owned(),
+            };
+            println!(
+                "[{:>7.1}s] {:<16} {detail}",
+                self.started.elapsed().as_secs_f64(),
+                s.phase.as_str()
+            );
+        }
+        let attempts = s.retry.as_ref().map(|r| r.attempts);
+        if attempts != self.last_retry {
+            if let Some(r) = &s.retry {
+                println!(
+                    "           retrying ({} {}): {}",
+                    r.attempts,
+                    if r.attempts == 1 {
+                        "failure"
+                    } else {
+                        "failures"
+                    },
+                    r.message
+                );
+            }
+            self.last_retry = attempts;
+        }
+        if self.last_progress.elapsed().as_secs() >= 2
+            && matches!(action, Action::Wait(_))
+            && let Some(r) = &s.replication
+        {
+            self.last_progress = Instant::now();
+            println!(
+                "           tables {}/{} ready, lag {}",
+                r.tables_ready,
+                r.tables_total,
+                r.lag_bytes.map_or_else(
+                    || "?".into(),
+                    |b| human_bytes(u64::try_from(b).unwrap_or(0))
+                )
+            );
+        }
+        let problems: Vec<String> = s
+            .hypercare
+            .iter()
+            .flat_map(|h| {
+                h.problems
+                    .iter()
+                    .map(|p| format!("{:?}: {}", p.reason, p.message))
+            })
+            .collect();
+        if problems != self.last_problems {
+            for p in problems.iter().filter(|p| !self.last_problems.contains(p)) {
+                println!("           PROBLEM {p}");
+            }
+            self.last_problems = problems;
+        }
+        if let (Action::Checkpoint(_), Some(c)) = (
+            action,
+            s.hypercare
+                .as_ref()
+                .and_then(|h| h.last_checkpoint.as_ref()),
+        ) {
+            println!(
+                "           checkpoint {}: {} tables, {} rows on the target, {}",
+                c.number,
+                c.tables,
+                c.target_rows,
+                match (c.compared_with_source, c.matched) {
+                    (false, _) => "counted on the target only".to_owned(),
+                    (true, true) if c.unsettled.is_empty() => "same counts on the source".into(),
+                    (true, true) => format!("no stable count for {}", c.unsettled.join(", ")),
+                    (true, false) => format!("DIFFERENT: {}", c.mismatches.join("; ")),
+                }
+            );
+        }
+        if let (Action::Verify, Some(v)) = (action, &s.verification) {
+            println!(
+                "           verification: {} rows compared, {}",
+                v.rows_compared,
+                if v.matched {
+                    "everything matches"
+                } else {
+                    "DIFFERENCES FOUND"
+                }
+            );
+        }
+    }
+}
+
+/// Runs the plan to its end, resuming a run that was stopped (its state file says where), or
+/// with `abort`, undoing a stopped run before the point of no return.
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.plan)
         .with_context(|| format!("failed to read {}", args.plan.display()))?;
@@ -79,7 +278,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             problems.join("\n  - ")
         );
     }
-    let spec = cutover.spec.clone();
+    let mut spec = cutover.spec.clone();
     let dir = args.secrets_dir.as_deref();
     let blue = Dsn::new(resolve(&spec.source.connection_secret_ref, dir)?);
     let green = Dsn::new(resolve(&spec.target.connection_secret_ref, dir)?);
@@ -97,6 +296,64 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .name
         .clone()
         .unwrap_or_else(|| "plan".into());
+    let id = format!("local/{name}");
+    let state_file = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| default_state_file(&args.plan));
+
+    let mut status = match load_state(&state_file, &id)? {
+        Some(saved) if saved.phase == Phase::Completed && !args.abort => {
+            println!(
+                "cutover {name} already completed (state file {}); its report:",
+                state_file.display()
+            );
+            println!(
+                "\n{}",
+                plan::timing_report(&saved, jiff::Timestamp::now()).render()
+            );
+            return Ok(());
+        }
+        Some(saved) if saved.phase.is_terminal() && !args.abort => {
+            // A run that aborted or rolled back is over; this is a new attempt.
+            let previous = state_file.with_extension("previous.json");
+            std::fs::rename(&state_file, &previous)
+                .with_context(|| format!("failed to move {} aside", state_file.display()))?;
+            println!(
+                "the previous attempt ended {} (its state is kept in {}); starting again",
+                saved.phase,
+                previous.display()
+            );
+            DatabaseCutoverStatus::default()
+        }
+        Some(saved) => {
+            if !saved.phase.is_terminal() {
+                println!(
+                    "resuming cutover {name} in phase {} (state file {})",
+                    saved.phase,
+                    state_file.display()
+                );
+            }
+            saved
+        }
+        None => DatabaseCutoverStatus::default(),
+    };
+    if args.abort {
+        if status.phase.is_past_point_of_no_return() {
+            bail!(
+                "cutover {name} is past its point of no return ({}): it cannot be aborted; \
+                 request a rollback in the plan (spec.rollback.requested) instead",
+                status.phase
+            );
+        }
+        if status.phase.is_terminal() {
+            println!("cutover {name} has already ended {}", status.phase);
+            return Ok(());
+        }
+        // Whatever a stopped run left — a frozen source, replication objects — is undone by
+        // the abort, which finds it in the databases' own catalogs.
+        spec.abort = true;
+    }
     println!(
         "cutover {name}: {} → {} ({:?})",
         blue.redacted(),
@@ -114,96 +371,18 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             ..ConnectOptions::default()
         },
     };
-    let engine = Engine::new(format!("local/{name}"), spec, dbs, platform);
-
-    let started = Instant::now();
-    let mut last_phase = None;
-    let mut last_progress = Instant::now();
-    let mut last_problems: Vec<String> = Vec::new();
-    let status = drive(
-        &engine,
-        DatabaseCutoverStatus::default(),
-        10,
-        |s, action| {
-            if last_phase != Some(s.phase) {
-                last_phase = Some(s.phase);
-                let detail = match (&s.message, s.phase) {
-                    (
-                        Some(m),
-                        Phase::Aborting | Phase::Aborted | Phase::RollingBack | Phase::RolledBack,
-                    ) => m.clone(),
-                    _ => plan::summary(s.phase).message.to_owned(),
-                };
-                println!(
-                    "[{:>7.1}s] {:<16} {detail}",
-                    started.elapsed().as_secs_f64(),
-                    s.phase.as_str()
-                );
-            }
-            if last_progress.elapsed().as_secs() >= 2
-                && matches!(action, Action::Wait(_))
-                && let Some(r) = &s.replication
-            {
-                last_progress = Instant::now();
-                println!(
-                    "           tables {}/{} ready, lag {}",
-                    r.tables_ready,
-                    r.tables_total,
-                    r.lag_bytes.map_or_else(
-                        || "?".into(),
-                        |b| human_bytes(u64::try_from(b).unwrap_or(0))
-                    )
-                );
-            }
-            let problems: Vec<String> = s
-                .hypercare
-                .iter()
-                .flat_map(|h| {
-                    h.problems
-                        .iter()
-                        .map(|p| format!("{:?}: {}", p.reason, p.message))
-                })
-                .collect();
-            if problems != last_problems {
-                for p in problems.iter().filter(|p| !last_problems.contains(p)) {
-                    println!("           PROBLEM {p}");
-                }
-                last_problems = problems;
-            }
-            if let (Action::Checkpoint(_), Some(c)) = (
-                action,
-                s.hypercare
-                    .as_ref()
-                    .and_then(|h| h.last_checkpoint.as_ref()),
-            ) {
-                println!(
-                    "           checkpoint {}: {} tables, {} rows on the target, {}",
-                    c.number,
-                    c.tables,
-                    c.target_rows,
-                    match (c.compared_with_source, c.matched) {
-                        (false, _) => "counted on the target only".to_owned(),
-                        (true, true) if c.unsettled.is_empty() =>
-                            "same counts on the source".into(),
-                        (true, true) => format!("no stable count for {}", c.unsettled.join(", ")),
-                        (true, false) => format!("DIFFERENT: {}", c.mismatches.join("; ")),
-                    }
-                );
-            }
-            if let (Action::Verify, Some(v)) = (action, &s.verification) {
-                println!(
-                    "           verification: {} rows compared, {}",
-                    v.rows_compared,
-                    if v.matched {
-                        "everything matches"
-                    } else {
-                        "DIFFERENCES FOUND"
-                    }
-                );
-            }
-        },
-    )
-    .await?;
+    let engine = Engine::new(id.clone(), spec, dbs, platform);
+    let mut sink = LocalSink {
+        state_file,
+        cutover: id,
+        last: Some(status.clone()),
+        printer: Printer::new(),
+    };
+    if status == DatabaseCutoverStatus::default() {
+        sink.last = None;
+        status = sink.write(&status, &Action::Idle).await?;
+    }
+    let status = drive(&engine, status, &mut sink).await?;
 
     println!(
         "\n{}",
@@ -211,6 +390,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     );
     match status.phase {
         Phase::Completed => Ok(()),
+        Phase::Aborted if args.abort => Ok(()),
         other => bail!(
             "the cutover ended {other}: {}",
             status.message.unwrap_or_default()

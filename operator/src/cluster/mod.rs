@@ -1,5 +1,4 @@
-//! Everything that talks to Kubernetes besides the controller loop: reading connection strings
-//! from Secrets (and keeping them out of logs), Jobs, the Secret switch, workload restarts.
+//! Everything that talks to Kubernetes besides the controller loop and the platform: the
+//! migration Job as an object (built, its outcome read).
 
 pub mod migration_job;
-pub mod platform;

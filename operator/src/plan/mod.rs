@@ -11,8 +11,9 @@ mod next_tests;
 pub mod report;
 
 pub use next::{
-    Action, FAST_POLL, JobState, MigrationSet, Observations, Outcome, POLL, ReplicationObservation,
-    checkpoint_offsets, next_action, record, record_intent,
+    Action, CHECKPOINT_CATCH_UP, FAST_POLL, FROZEN_RETRY_MAX, FROZEN_RETRY_MIN, Failure, IDLE,
+    JobState, MigrationSet, Observations, Outcome, POLL, REVERSE_CATCH_UP, ReplicationObservation,
+    SYNC_WAIT, checkpoint_offsets, next_action, record, record_intent,
 };
 pub use report::{TimingReport, format_duration, timing_report};
 
@@ -199,6 +200,14 @@ pub fn desired_status(
 ) -> DatabaseCutoverStatus {
     let mut status = current.clone();
     status.observed_generation = generation;
+    // A step being retried after transient failures is Degraded until it succeeds.
+    let retrying = current
+        .retry
+        .as_ref()
+        .map(|r| format!("retrying after {} failures: {}", r.attempts, r.message));
+    let trouble = trouble.or(retrying
+        .as_deref()
+        .map(|message| (Reason::TransientError, message)));
     let s = summary(status.phase);
     // Hypercare problems stay until they go away; an error of this pass outranks them.
     let problems = hypercare_problems(&status);
@@ -265,6 +274,33 @@ pub fn retry_delay(attempt: u32) -> Duration {
         // Past 2^9 s the cap holds anyway; bounding the walk keeps huge counts cheap.
         .nth(attempt.saturating_sub(1).min(16) as usize)
         .unwrap_or(max)
+}
+
+/// How long to pause after a step that left `status`, having taken `action`: the wait the
+/// plan asked for, a backoff while a transient failure repeats (short while writes are
+/// frozen), or nothing when the next step can follow at once.
+pub fn pause_after(status: &DatabaseCutoverStatus, action: &next::Action) -> Duration {
+    if let Some(retry) = &status.retry {
+        let attempt = u32::try_from(retry.attempts.max(1)).unwrap_or(1);
+        return if status.phase.source_may_be_frozen() {
+            frozen_retry_delay(attempt)
+        } else {
+            retry_delay(attempt)
+        };
+    }
+    match action {
+        next::Action::Wait(d) => *d,
+        next::Action::Idle => IDLE,
+        _ if status.phase.is_terminal() => IDLE,
+        _ => Duration::ZERO,
+    }
+}
+
+/// Retry delays while writes are frozen: from [`FROZEN_RETRY_MIN`], doubling, capped at
+/// [`FROZEN_RETRY_MAX`].
+pub fn frozen_retry_delay(attempt: u32) -> Duration {
+    let doubled = FROZEN_RETRY_MIN.saturating_mul(1 << attempt.saturating_sub(1).min(16));
+    doubled.min(FROZEN_RETRY_MAX)
 }
 
 #[cfg(test)]
@@ -387,6 +423,14 @@ mod tests {
         assert_eq!(retry_delay(4), Duration::from_secs(8));
         assert_eq!(retry_delay(30), Duration::from_secs(300));
         assert_eq!(retry_delay(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn frozen_retries_start_short_and_cap() {
+        assert_eq!(frozen_retry_delay(1), Duration::from_millis(200));
+        assert_eq!(frozen_retry_delay(2), Duration::from_millis(400));
+        assert_eq!(frozen_retry_delay(6), Duration::from_secs(5));
+        assert_eq!(frozen_retry_delay(u32::MAX), Duration::from_secs(5));
     }
 
     #[test]

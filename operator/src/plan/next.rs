@@ -12,13 +12,27 @@ use crate::api::units::{parse_duration, parse_size, parse_timestamp};
 use crate::api::{
     Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverSpec,
     DatabaseCutoverStatus, Milestone, Mode, Phase, Problem, ProblemKind, ReplicationStatus,
-    StepOutcome, StepRecord, VerificationStatus,
+    RetryStatus, StepOutcome, StepRecord, VerificationStatus,
 };
 
 /// How often a waiting step looks again.
 pub const POLL: Duration = Duration::from_secs(5);
 /// How often the final sync looks again: the write freeze is running.
 pub const FAST_POLL: Duration = Duration::from_millis(200);
+/// How long to look again when nothing is left to do (a finished cutover).
+pub const IDLE: Duration = Duration::from_secs(300);
+/// How long the final sync's observation waits in place for green to pass the sync point
+/// (writes are frozen: a round trip through a new step would only lengthen the freeze).
+pub const SYNC_WAIT: Duration = Duration::from_secs(1);
+/// How long a hypercare checkpoint waits for reverse replication to bring blue up to date.
+pub const CHECKPOINT_CATCH_UP: Duration = Duration::from_secs(30);
+/// How long a rollback waits in one step for blue to apply what green wrote.
+pub const REVERSE_CATCH_UP: Duration = Duration::from_secs(60);
+/// The first retry after a transient failure while writes are frozen, doubling up to
+/// [`FROZEN_RETRY_MAX`]: a database back after a restart should cost the freeze little.
+pub const FROZEN_RETRY_MIN: Duration = Duration::from_millis(200);
+/// The longest pause between retries while writes are frozen.
+pub const FROZEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What the IO layer saw just now (cheap reads only; never the result of an action).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -227,8 +241,9 @@ fn over_budget(
         && elapsed(started, now) > budget
     {
         return Some(format!(
-            "step {} exceeded its budget (schedule.budgets.{name}: {text})",
-            status.phase
+            "step {} exceeded its budget (schedule.budgets.{name}: {text}){}",
+            status.phase,
+            still_failing(status)
         ));
     }
     if status.phase.source_may_be_frozen()
@@ -240,11 +255,27 @@ fn over_budget(
         && elapsed(frozen, now) > limit
     {
         return Some(format!(
-            "writes have been frozen longer than schedule.maxWriteDowntime ({})",
-            spec.schedule.max_write_downtime
+            "writes have been frozen longer than schedule.maxWriteDowntime ({}){}",
+            spec.schedule.max_write_downtime,
+            still_failing(status)
         ));
     }
     None
+}
+
+/// What kept the step from finishing, when it was being retried: a budget that ran out while a
+/// transient failure repeated is not the same story as a slow step.
+fn still_failing(status: &DatabaseCutoverStatus) -> String {
+    status
+        .retry
+        .as_ref()
+        .map(|r| {
+            format!(
+                "; it kept failing ({} attempts since {}): {}",
+                r.attempts, r.since, r.message
+            )
+        })
+        .unwrap_or_default()
 }
 
 fn elapsed(since: jiff::Timestamp, now: jiff::Timestamp) -> Duration {
@@ -493,9 +524,41 @@ pub enum Outcome {
     Verified(VerificationStatus),
     /// A hypercare checkpoint ran (its number and time are filled in by [`record`]).
     Checked(CheckpointStatus),
-    /// The action failed; before the point of no return the cutover aborts, after it a failed
-    /// switch rolls back.
-    Failed(String),
+    /// The action (or the observation before it) failed. A transient failure is retried
+    /// within the step's budget; a permanent one aborts before the point of no return, and
+    /// rolls a switch back after it.
+    Failed(Failure),
+}
+
+/// A failed action, as the plan needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// For people: what failed and why (never a connection string).
+    pub message: String,
+    /// The kind of failure (Event reason, metric label).
+    pub reason: &'static str,
+    /// Whether retrying the step may succeed.
+    pub transient: bool,
+}
+
+impl Failure {
+    /// A failure that retrying will not mend.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            reason: "Failed",
+            transient: false,
+        }
+    }
+
+    /// A failure worth retrying (a server restarting, a connection reset).
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            reason: "Failed",
+            transient: true,
+        }
+    }
 }
 
 /// The status after `action` ended with `outcome`, at `now`. Observations refresh the
@@ -521,41 +584,35 @@ pub fn record(
         });
     }
     refresh_problems(&mut s, obs);
-    if let Outcome::Failed(why) = &outcome {
-        let why = why.clone();
-        if s.phase.is_past_point_of_no_return() {
-            // A failed switch goes back to the source at once — unless the application may
-            // already have written to the target with nothing carrying those writes back:
-            // then going back would lose them, so the step is retried instead.
-            let writes_stranded = done(&s, Milestone::SecretSwitched)
-                && !done(&s, Milestone::ReverseReplicationStarted);
-            if s.phase == Phase::Switching && !writes_stranded {
-                s.intent = None;
-                enter(
-                    &mut s,
-                    Phase::RollingBack,
-                    StepOutcome::Failed,
-                    Some(why.clone()),
-                    &stamp,
-                );
-                s.message = Some(format!("the switch failed, rolling back: {why}"));
-            } else {
-                // Hypercare and rollback steps retry; the controller marks Degraded.
-                s.message = Some(why);
+    if let Outcome::Failed(failure) = &outcome {
+        if failure.transient {
+            match retry_allowed(spec, &s, now) {
+                Ok(()) => {
+                    let retry = s.retry.get_or_insert_with(|| RetryStatus {
+                        since: stamp.clone(),
+                        ..RetryStatus::default()
+                    });
+                    retry.attempts = retry.attempts.saturating_add(1);
+                    retry.reason = failure.reason.to_owned();
+                    retry.message = failure.message.clone();
+                    return s;
+                }
+                Err(limit) => {
+                    let attempts = s.retry.as_ref().map_or(1, |r| r.attempts + 1);
+                    s.retry = None;
+                    let why = format!(
+                        "{} (still failing after {attempts} attempts, past {limit})",
+                        failure.message
+                    );
+                    return fail(s, why, &stamp);
+                }
             }
-        } else if s.phase == Phase::Aborting {
-            s.message = Some(format!("abort not finished, retrying: {why}"));
-        } else {
-            enter(
-                &mut s,
-                Phase::Aborting,
-                StepOutcome::Failed,
-                Some(why.clone()),
-                &stamp,
-            );
-            s.message = Some(why);
         }
-        return s;
+        s.retry = None;
+        return fail(s, failure.message.clone(), &stamp);
+    }
+    if !matches!(action, Action::Idle) {
+        s.retry = None;
     }
     match action {
         Action::Idle | Action::Wait(_) => {}
@@ -662,6 +719,67 @@ pub fn record(
     }
     refresh_problems(&mut s, obs);
     s
+}
+
+/// The status after a failure that retrying will not mend (or that was retried long enough):
+/// before the point of no return the cutover aborts; a failed switch rolls back unless writes
+/// would be stranded; hypercare and rollback steps keep retrying with the reason shown.
+fn fail(mut s: DatabaseCutoverStatus, why: String, stamp: &str) -> DatabaseCutoverStatus {
+    if s.phase.is_past_point_of_no_return() {
+        // A failed switch goes back to the source at once — unless the application may
+        // already have written to the target with nothing carrying those writes back:
+        // then going back would lose them, so the step is retried instead.
+        let writes_stranded =
+            done(&s, Milestone::SecretSwitched) && !done(&s, Milestone::ReverseReplicationStarted);
+        if s.phase == Phase::Switching && !writes_stranded {
+            s.intent = None;
+            enter(
+                &mut s,
+                Phase::RollingBack,
+                StepOutcome::Failed,
+                Some(why.clone()),
+                stamp,
+            );
+            s.message = Some(format!("the switch failed, rolling back: {why}"));
+        } else {
+            // Hypercare and rollback steps retry; the controller marks Degraded.
+            s.message = Some(why);
+        }
+    } else if s.phase == Phase::Aborting {
+        s.message = Some(format!("abort not finished, retrying: {why}"));
+    } else {
+        enter(
+            &mut s,
+            Phase::Aborting,
+            StepOutcome::Failed,
+            Some(why.clone()),
+            stamp,
+        );
+        s.message = Some(why);
+    }
+    s
+}
+
+/// Whether a transient failure in the current phase may be retried now; `Err` names the limit
+/// that is exhausted.
+fn retry_allowed(
+    spec: &DatabaseCutoverSpec,
+    s: &DatabaseCutoverStatus,
+    now: jiff::Timestamp,
+) -> Result<(), String> {
+    // Before the point of no return each step's budget bounds the retries (`over_budget`); the
+    // switch is bounded by the write downtime it may still take.
+    if s.phase == Phase::Switching
+        && let Some(frozen) = s.frozen_at.as_deref().and_then(|t| parse_timestamp(t).ok())
+        && let Ok(limit) = parse_duration(&spec.schedule.max_write_downtime)
+        && elapsed(frozen, now) > limit
+    {
+        return Err(format!(
+            "schedule.maxWriteDowntime ({})",
+            spec.schedule.max_write_downtime
+        ));
+    }
+    Ok(())
 }
 
 /// Hypercare's problems, from this pass's observations and the latest checkpoint: a problem

@@ -345,7 +345,9 @@ fn post_switch_migrations_run_as_a_job_before_the_application_moves() {
         &spec,
         &s,
         &Action::Do(Milestone::PostSwitchMigrated),
-        Outcome::Failed("post-switch migrations failed: BackoffLimitExceeded".into()),
+        Outcome::Failed(Failure::permanent(
+            "post-switch migrations failed: BackoffLimitExceeded",
+        )),
         &Observations::default(),
         t(2),
     );
@@ -611,7 +613,7 @@ fn a_failed_switch_rolls_back_unless_writes_would_be_stranded() {
         &spec,
         &s,
         &Action::Do(Milestone::TargetLoginAllowed),
-        Outcome::Failed("boom".into()),
+        Outcome::Failed(Failure::permanent("boom")),
         &none,
         t(1),
     );
@@ -622,7 +624,7 @@ fn a_failed_switch_rolls_back_unless_writes_would_be_stranded() {
         &spec,
         &failed,
         &Action::Do(Milestone::SourceUnfrozen),
-        Outcome::Failed("blue unreachable".into()),
+        Outcome::Failed(Failure::permanent("blue unreachable")),
         &none,
         t(2),
     );
@@ -650,7 +652,7 @@ fn a_failed_switch_rolls_back_unless_writes_would_be_stranded() {
         &spec,
         &stranded,
         &Action::Do(Milestone::WorkloadsRestarted),
-        Outcome::Failed("boom".into()),
+        Outcome::Failed(Failure::permanent("boom")),
         &none,
         t(1),
     );
@@ -825,7 +827,7 @@ fn invariants_hold_over_random_runs() {
                     action,
                     Action::Idle | Action::Wait(_) | Action::Advance(_) | Action::Abort(_)
                 ) {
-                Outcome::Failed("injected failure".into())
+                Outcome::Failed(Failure::permanent("injected failure"))
             } else {
                 match &action {
                     Action::RunPreflight => Outcome::Preflight(vec![check(
@@ -957,4 +959,121 @@ fn wait_durations_are_bounded() {
         Action::Wait(d) => assert!(d <= Duration::from_secs(30), "{d:?}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_transient_failure_is_retried_within_the_step_budget_and_then_aborts_saying_why() {
+    let spec = plan("rollback"); // finalSync budget 3m
+    let none = Observations::default();
+    let s = with(in_phase(Phase::FinalSync, 0), |s| {
+        s.frozen_at = Some(t(0).to_string())
+    });
+    let blip = || Outcome::Failed(Failure::transient("failed to reach the green database"));
+    let once = record(&spec, &s, &Action::CopySequences, blip(), &none, t(1));
+    assert_eq!(
+        once.phase,
+        Phase::FinalSync,
+        "a transient failure does not abort"
+    );
+    let retry = once.retry.clone().expect("the retry is recorded");
+    assert_eq!(retry.attempts, 1);
+    assert_eq!(retry.since, t(1).to_string());
+    assert!(!once.milestones.contains(&Milestone::SequencesCopied));
+    let twice = record(&spec, &once, &Action::CopySequences, blip(), &none, t(2));
+    assert_eq!(twice.retry.as_ref().map(|r| r.attempts), Some(2));
+    assert_eq!(
+        twice.retry.as_ref().map(|r| r.since.clone()),
+        Some(t(1).to_string())
+    );
+
+    // While it lasts the cutover is Degraded, and the pause is short: writes are frozen.
+    let degraded = crate::plan::desired_status(&twice, Some(1), t(2), None);
+    let d = degraded
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", "TransientError")
+    );
+    assert_eq!(
+        crate::plan::pause_after(&twice, &Action::CopySequences),
+        Duration::from_millis(400)
+    );
+
+    // The next success clears it.
+    let healed = record(
+        &spec,
+        &twice,
+        &Action::CopySequences,
+        Outcome::Done,
+        &none,
+        t(3),
+    );
+    assert_eq!(healed.retry, None);
+    assert!(healed.milestones.contains(&Milestone::SequencesCopied));
+
+    // A budget that runs out while the failure repeats says so.
+    let why = abort_reason(next_action(&spec, &twice, &none, t(10_000)));
+    assert!(why.contains("schedule.budgets.finalSync"), "{why}");
+    assert!(why.contains("it kept failing (2 attempts"), "{why}");
+    assert!(why.contains("failed to reach the green database"), "{why}");
+
+    // A permanent failure aborts at once.
+    let refused = record(
+        &spec,
+        &once,
+        &Action::CopySequences,
+        Outcome::Failed(Failure::permanent("password authentication failed")),
+        &none,
+        t(2),
+    );
+    assert_eq!(refused.phase, Phase::Aborting);
+    assert_eq!(refused.retry, None);
+}
+
+#[test]
+fn a_transient_failure_in_the_switch_is_retried_until_the_write_downtime_runs_out() {
+    let spec = plan("rollback"); // maxWriteDowntime 5m
+    let none = Observations::default();
+    let s = with(in_phase(Phase::Switching, 0), |s| {
+        s.frozen_at = Some(t(0).to_string())
+    });
+    let blip = || Outcome::Failed(Failure::transient("connection reset"));
+    let action = Action::Do(Milestone::ReverseReplicationStarted);
+    let retried = record(&spec, &s, &action, blip(), &none, t(10));
+    assert_eq!(retried.phase, Phase::Switching);
+    assert_eq!(retried.retry.as_ref().map(|r| r.attempts), Some(1));
+    let late = record(&spec, &retried, &action, blip(), &none, t(301));
+    assert_eq!(late.phase, Phase::RollingBack);
+    let why = late.message.clone().unwrap_or_default();
+    assert!(why.contains("connection reset"), "{why}");
+    assert!(
+        why.contains("still failing after 2 attempts, past schedule.maxWriteDowntime"),
+        "{why}"
+    );
+}
+
+#[test]
+fn pauses_come_from_the_plan() {
+    let s = in_phase(Phase::Replicating, 0);
+    assert_eq!(crate::plan::pause_after(&s, &Action::Wait(POLL)), POLL);
+    assert_eq!(
+        crate::plan::pause_after(&s, &Action::StartReplication),
+        Duration::ZERO
+    );
+    let retrying = with(s, |s| {
+        s.retry = Some(crate::api::RetryStatus {
+            attempts: 3,
+            ..Default::default()
+        })
+    });
+    // Not frozen: the ordinary backoff.
+    assert_eq!(
+        crate::plan::pause_after(&retrying, &Action::StartReplication),
+        Duration::from_secs(4)
+    );
+    let done = in_phase(Phase::Completed, 0);
+    assert_eq!(crate::plan::pause_after(&done, &Action::Idle), IDLE);
 }

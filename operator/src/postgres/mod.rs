@@ -17,4 +17,5 @@ pub mod freeze;
 pub mod preflight;
 pub mod replication;
 pub mod reverse;
+pub mod roles;
 pub mod sync;

@@ -626,18 +626,24 @@ pub async fn schema_ready(
     blue: &Client,
     green: &Client,
     selection: &TableSelection,
-) -> Result<(), String> {
-    let tables = resolve_tables(blue, selection)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(), SchemaError> {
+    let tables = resolve_tables(blue, selection).await?;
     let check = schema_match(blue, green, &tables).await;
     match check.outcome {
-        CheckOutcome::Fail => Err(format!(
-            "after the migrations green's tables still differ from blue's: {}",
-            check.message
-        )),
+        CheckOutcome::Fail => Err(SchemaError::Differs(check.message)),
         CheckOutcome::Pass | CheckOutcome::Warn => Ok(()),
     }
+}
+
+/// Why green's schema is not ready for replication.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The replicated tables could not be read.
+    #[error(transparent)]
+    Read(#[from] super::replication::ReplicationError),
+    /// Green's tables differ from blue's.
+    #[error("after the migrations green's tables still differ from blue's: {0}")]
+    Differs(String),
 }
 
 async fn schema_match(blue: &Client, green: &Client, tables: &[TableRef]) -> CheckResult {

@@ -513,6 +513,15 @@ pub async fn progress_named(green: &Client, name: &str) -> Result<Progress, Repl
     Ok(progress)
 }
 
+/// Whether the subscription `name` exists on the target.
+pub async fn subscription_exists(green: &Client, name: &str) -> Result<bool, ReplicationError> {
+    Ok(green
+        .query_opt("SELECT 1 FROM pg_subscription WHERE subname = $1", &[&name])
+        .await
+        .map_err(sql("look for the subscription"))?
+        .is_some())
+}
+
 /// Initial-copy progress of the cutover's subscription on green.
 pub async fn progress(green: &Client, names: &Names) -> Result<Progress, ReplicationError> {
     progress_named(green, &names.subscription).await

@@ -22,7 +22,8 @@ use cutover_operator::api::units::parse_timestamp;
 use cutover_operator::api::{
     Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, FreezeMethod, Phase,
 };
-use cutover_operator::engine::{Engine, LocalPlatform, drive};
+use cutover_operator::engine::{Engine, Watch, drive};
+use cutover_operator::platform::LocalPlatform;
 use cutover_tests::workload::{self, Load, LoadConfig};
 use cutover_tests::{BlueGreen, PgCluster, wait_until};
 
@@ -128,13 +129,14 @@ async fn round(tps: f64, clients: usize, dir: &std::path::Path) -> Result<Round>
     let engine = Engine::new("bench/cutover-window", spec()?, dbs, platform);
     let started = Instant::now();
     let mut frozen_at: Option<Instant> = None;
-    let status = drive(&engine, DatabaseCutoverStatus::default(), 5, |s, _| {
+    let mut watch = Watch(|s: &DatabaseCutoverStatus, _: &_| {
         if s.frozen_at.is_some() && frozen_at.is_none() {
             frozen_at = Some(Instant::now());
         }
-    })
-    .await
-    .context("drive the cutover")?;
+    });
+    let status = drive(&engine, DatabaseCutoverStatus::default(), &mut watch)
+        .await
+        .context("drive the cutover")?;
     if status.phase != Phase::Completed {
         bail!("the cutover ended {}: {:?}", status.phase, status.message);
     }

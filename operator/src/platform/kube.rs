@@ -15,12 +15,12 @@ use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use thiserror::Error;
 
-use super::migration_job::{
-    JobOutcome, JobSettings, MigrationJobParams, MigrationSetKind, build_migration_job,
-    config_map_digest, job_outcome,
-};
+use super::{Platform, PlatformError};
 use crate::api::{DatabaseCutover, SecretKeyRef, WorkloadKind};
-use crate::engine::Platform;
+use crate::cluster::migration_job::{
+    JobBuildError, JobOutcome, JobSettings, MigrationJobParams, MigrationSetKind,
+    build_migration_job, config_map_digest, job_outcome,
+};
 use crate::plan::{JobState, MigrationSet};
 use crate::postgres::{Dsn, retarget};
 
@@ -133,13 +133,13 @@ impl KubePlatform {
     }
 
     /// The Job that applies `set`, named after the content of its ConfigMap.
-    async fn job_for(&self, set: MigrationSet) -> Result<Job, String> {
+    async fn job_for(&self, set: MigrationSet) -> Result<Job, PlatformError> {
         let migrations = self
             .cutover
             .spec
             .migrations
             .as_ref()
-            .ok_or("spec.migrations is not set")?;
+            .ok_or(JobBuildError::NoMigrations)?;
         let (kind, config_map) = match set {
             MigrationSet::Initial => (MigrationSetKind::Initial, &migrations.config_map_ref),
             MigrationSet::PostSwitch => (
@@ -147,23 +147,25 @@ impl KubePlatform {
                 migrations
                     .post_switch_config_map_ref
                     .as_ref()
-                    .ok_or("spec.migrations.postSwitchConfigMapRef is not set")?,
+                    .ok_or(JobBuildError::NoPostSwitchSet)?,
             ),
         };
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace());
         let cm = cms
             .get(&config_map.name)
             .await
-            .map_err(|e| format!("failed to read ConfigMap {}: {e}", config_map.name))?;
+            .map_err(PlatformError::kube(format!(
+                "read ConfigMap {}",
+                config_map.name
+            )))?;
         let digest = config_map_digest(&cm.data.unwrap_or_default());
-        build_migration_job(&MigrationJobParams {
+        Ok(build_migration_job(&MigrationJobParams {
             cutover: &self.cutover,
             set: kind,
             content_digest: &digest,
             default_image: &self.default_image,
             settings: JobSettings::default(),
-        })
-        .map_err(|e| e.to_string())
+        })?)
     }
 }
 
@@ -201,14 +203,14 @@ impl KubePlatform {
 }
 
 impl Platform for KubePlatform {
-    async fn migration_job(&self, set: MigrationSet) -> Result<Option<JobState>, String> {
+    async fn migration_job(&self, set: MigrationSet) -> Result<Option<JobState>, PlatformError> {
         let wanted = self.job_for(set).await?;
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace());
         let name = wanted.name_any();
         let job = jobs
             .get_opt(&name)
             .await
-            .map_err(|e| format!("failed to read Job {name}: {e}"))?;
+            .map_err(PlatformError::kube(format!("read Job {name}")))?;
         let Some(job) = job else {
             return Ok(None);
         };
@@ -222,17 +224,20 @@ impl Platform for KubePlatform {
         }))
     }
 
-    async fn launch_migrations(&self, set: MigrationSet) -> Result<(), String> {
+    async fn launch_migrations(&self, set: MigrationSet) -> Result<(), PlatformError> {
         let job = self.job_for(set).await?;
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace());
         match jobs.create(&PostParams::default(), &job).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-            Err(e) => Err(format!("failed to create Job {}: {e}", job.name_any())),
+            Err(e) => Err(PlatformError::kube(format!(
+                "create Job {}",
+                job.name_any()
+            ))(e)),
         }
     }
 
-    async fn switch_secret(&self, target: &Dsn, rehearsal: bool) -> Result<(), String> {
+    async fn switch_secret(&self, target: &Dsn, rehearsal: bool) -> Result<(), PlatformError> {
         let switch = &self.cutover.spec.switch;
         let r = if rehearsal {
             match &switch.rehearsal_secret_ref {
@@ -243,10 +248,8 @@ impl Platform for KubePlatform {
             &switch.secret_ref
         };
         // The application keeps its own credentials and parameters; only the server changes.
-        let current = read_dsn(&self.client, &self.namespace(), &switch.secret_ref)
-            .await
-            .map_err(|e| e.to_string())?;
-        let value = retarget(&current, target).map_err(|e| e.to_string())?;
+        let current = read_dsn(&self.client, &self.namespace(), &switch.secret_ref).await?;
+        let value = retarget(&current, target).map_err(PlatformError::Retarget)?;
         // Server-side apply of the one key: the other keys of the Secret stay as they are, and
         // a rehearsal Secret that does not exist yet is created.
         let secret = Secret {
@@ -268,11 +271,14 @@ impl Platform for KubePlatform {
             &Patch::Apply(&secret),
         )
         .await
-        .map_err(|e| format!("failed to write key {:?} of Secret {}: {e}", r.key, r.name))?;
+        .map_err(PlatformError::kube(format!(
+            "write key {:?} of Secret {}",
+            r.key, r.name
+        )))?;
         Ok(())
     }
 
-    async fn restart_workloads(&self, generation: &str) -> Result<(), String> {
+    async fn restart_workloads(&self, generation: &str) -> Result<(), PlatformError> {
         let patch = serde_json::json!({
             "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: generation}}}}
         });
@@ -292,12 +298,15 @@ impl Platform for KubePlatform {
                         .map(|_| ())
                 }
             };
-            result.map_err(|e| format!("failed to restart {:?} {}: {e}", w.kind, w.name))?;
+            result.map_err(PlatformError::kube(format!(
+                "restart {:?} {}",
+                w.kind, w.name
+            )))?;
         }
         Ok(())
     }
 
-    async fn rollout_problems(&self) -> Result<Vec<String>, String> {
+    async fn rollout_problems(&self) -> Result<Vec<String>, PlatformError> {
         let mut problems = Vec::new();
         for w in &self.cutover.spec.switch.restart {
             match w.kind {
@@ -306,7 +315,7 @@ impl Platform for KubePlatform {
                     let found = api
                         .get_opt(&w.name)
                         .await
-                        .map_err(|e| format!("failed to read Deployment {}: {e}", w.name))?;
+                        .map_err(PlatformError::kube(format!("read Deployment {}", w.name)))?;
                     match found {
                         None => problems.push(format!("Deployment {} no longer exists", w.name)),
                         Some(d) => problems.extend(deployment_stuck(&d)),
@@ -318,7 +327,7 @@ impl Platform for KubePlatform {
                     let found = api
                         .get_opt(&w.name)
                         .await
-                        .map_err(|e| format!("failed to read StatefulSet {}: {e}", w.name))?;
+                        .map_err(PlatformError::kube(format!("read StatefulSet {}", w.name)))?;
                     if found.is_none() {
                         problems.push(format!("StatefulSet {} no longer exists", w.name));
                     }

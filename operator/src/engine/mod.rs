@@ -1,0 +1,557 @@
+//! The executor shared by the controller, local mode and the tests: it observes the databases,
+//! performs the one action `plan::next_action` chose, and reports the outcome for
+//! `plan::record`. [`Engine::step`] is the one loop body all of them run.
+//!
+//! Everything that differs between Kubernetes and a laptop — migration Jobs, the application
+//! Secret, workload restarts — sits behind [`Platform`]; everything that talks SQL is the
+//! `postgres` engines. Every action is idempotent: the databases' own catalogs say what is done.
+
+mod error;
+mod step;
+
+pub use error::{ActionError, Category, Side, sqlstate_transient, transient_cause};
+pub use step::{NoSink, Sink, Step, Watch, drive};
+
+use std::time::Instant;
+
+use tokio_postgres::Client;
+use tokio_postgres::types::PgLsn;
+
+use crate::api::units::parse_duration;
+use crate::api::{
+    DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Phase, VerificationStatus,
+};
+use crate::plan::{
+    Action, Failure, JobState, MigrationSet, Observations, Outcome, ReplicationObservation,
+};
+use crate::platform::Platform;
+use crate::postgres::checkpoint::{self, CountState, ReverseLink};
+use crate::postgres::cleanup;
+use crate::postgres::freeze::{self, FreezeConfig};
+use crate::postgres::preflight::{self, PreflightOptions, preflight};
+use crate::postgres::replication::{self, Names, TableSelection};
+use crate::postgres::reverse;
+use crate::postgres::sync::copy_sequences;
+use crate::postgres::verify::{self, TableName, VerifyOptions};
+use crate::postgres::{ConnectOptions, Dsn, connect};
+
+/// The two databases, as the operator reaches them and as each reaches the other.
+#[derive(Clone, Debug)]
+pub struct Databases {
+    /// The source.
+    pub blue: Dsn,
+    /// The target.
+    pub green: Dsn,
+    /// The source as the target's subscription reaches it (usually the same as `blue`).
+    pub blue_from_green: Dsn,
+    /// The target as the source's reverse subscription reaches it.
+    pub green_from_blue: Dsn,
+    /// How to connect (CA bundle, application name).
+    pub connect: ConnectOptions,
+}
+
+/// Runs the actions of one cutover.
+#[derive(Debug)]
+pub struct Engine<P> {
+    /// The cutover id (names of replication objects, the freeze record).
+    pub id: String,
+    /// What the cutover should do.
+    pub spec: DatabaseCutoverSpec,
+    /// Where the databases are.
+    pub dbs: Databases,
+    /// Kubernetes or local.
+    pub platform: P,
+    names: Names,
+}
+
+impl<P: Platform> Engine<P> {
+    /// An engine for the cutover `id`.
+    pub fn new(
+        id: impl Into<String>,
+        spec: DatabaseCutoverSpec,
+        dbs: Databases,
+        platform: P,
+    ) -> Self {
+        let id = id.into();
+        Self {
+            names: Names::for_cutover(&id),
+            id,
+            spec,
+            dbs,
+            platform,
+        }
+    }
+
+    /// The names of this cutover's replication objects.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    async fn blue(&self) -> Result<Client, ActionError> {
+        connect(&self.dbs.blue, &self.dbs.connect)
+            .await
+            .map_err(ActionError::connect(Side::Blue))
+    }
+
+    async fn green(&self) -> Result<Client, ActionError> {
+        connect(&self.dbs.green, &self.dbs.connect)
+            .await
+            .map_err(ActionError::connect(Side::Green))
+    }
+
+    /// Cheap reads that the next decision needs.
+    pub async fn observe(
+        &self,
+        status: &DatabaseCutoverStatus,
+        deleting: bool,
+    ) -> Result<Observations, ActionError> {
+        let mut obs = Observations {
+            deleting,
+            ..Observations::default()
+        };
+        if deleting || status.phase.is_terminal() {
+            return Ok(obs);
+        }
+        match status.phase {
+            Phase::Migrating => {
+                obs.migration_job = self.observe_job(MigrationSet::Initial).await?;
+            }
+            Phase::Switching
+                if self.has_post_switch_migrations()
+                    && status
+                        .milestones
+                        .contains(&Milestone::ForwardReplicationDropped)
+                    && !status.milestones.contains(&Milestone::PostSwitchMigrated) =>
+            {
+                obs.migration_job = self.observe_job(MigrationSet::PostSwitch).await?;
+            }
+            Phase::Replicating => {
+                let green = self.green().await?;
+                if replication::subscription_exists(&green, &self.names.subscription).await? {
+                    let progress = replication::progress(&green, &self.names).await?;
+                    let blue = self.blue().await?;
+                    let lag = replication::lag(&blue, &self.names).await?;
+                    let broken = replication::health(
+                        &green,
+                        &blue,
+                        &self.names.subscription,
+                        &self.names.slot,
+                    )
+                    .await?;
+                    obs.replication = Some(ReplicationObservation {
+                        tables_ready: u32::try_from(progress.tables_ready).unwrap_or(0),
+                        tables_total: u32::try_from(progress.tables_total).unwrap_or(0),
+                        lag_bytes: lag.bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or(0),
+                        broken,
+                    });
+                }
+            }
+            Phase::FinalSync => {
+                if let Some(lsn) = status.freeze_lsn.as_deref().and_then(parse_lsn) {
+                    // Writes are frozen: wait here a moment rather than come back later; the
+                    // subscriber's received position passes the sync point within a keepalive.
+                    let blue = self.blue().await?;
+                    let green = self.green().await?;
+                    let deadline = Instant::now() + crate::plan::SYNC_WAIT;
+                    obs.applied_past_freeze =
+                        replication::wait_applied_by(&blue, &green, &self.names, lsn, deadline)
+                            .await
+                            .is_ok();
+                }
+            }
+            Phase::Hypercare | Phase::RollingBack => {
+                let green = self.green().await?;
+                let lag = reverse::reverse_lag(&green, &self.names).await?;
+                obs.reverse_lag_bytes = lag.bytes.and_then(|b| u64::try_from(b).ok());
+                obs.reverse_caught_up = lag.bytes.is_some_and(|b| b <= 0);
+                if status.phase == Phase::Hypercare {
+                    if status
+                        .milestones
+                        .contains(&Milestone::ReverseReplicationStarted)
+                    {
+                        // Blue unreachable is itself a broken way back.
+                        obs.reverse_broken = match self.blue().await {
+                            Ok(blue) => {
+                                replication::health(
+                                    &blue,
+                                    &green,
+                                    &self.names.reverse_subscription,
+                                    &self.names.reverse_slot,
+                                )
+                                .await?
+                            }
+                            Err(e) => Some(e.to_string()),
+                        };
+                    }
+                    if status.milestones.contains(&Milestone::WorkloadsRestarted) {
+                        obs.rollout_problems = self.platform.rollout_problems().await?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(obs)
+    }
+
+    /// Performs one action. Failures come back as [`Outcome::Failed`] with a message for people
+    /// (never a connection string) and whether retrying may help.
+    pub async fn perform(&self, action: &Action, status: &DatabaseCutoverStatus) -> Outcome {
+        match self.try_perform(action, status).await {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::Failed(failure(&e)),
+        }
+    }
+
+    /// Performs one action, with its error as it is.
+    pub async fn try_perform(
+        &self,
+        action: &Action,
+        status: &DatabaseCutoverStatus,
+    ) -> Result<Outcome, ActionError> {
+        Ok(match action {
+            Action::Idle | Action::Wait(_) | Action::Advance(_) | Action::Abort(_) => Outcome::Done,
+            Action::RunPreflight => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                let opts = PreflightOptions {
+                    tables: TableSelection::from_spec(&self.spec.replication.tables),
+                    reverse: self.spec.replication.reverse_for_rollback,
+                    application_roles: self.spec.application_roles.clone(),
+                    migrations_first: self.spec.migrations.is_some(),
+                    ..PreflightOptions::default()
+                };
+                Outcome::Preflight(preflight(&blue, &green, &opts).await)
+            }
+            Action::LaunchMigrations(set) => {
+                self.platform.launch_migrations(*set).await?;
+                Outcome::Done
+            }
+            Action::StartReplication => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                let selection = TableSelection::from_spec(&self.spec.replication.tables);
+                if self.spec.migrations.is_some() {
+                    preflight::schema_ready(&blue, &green, &selection).await?;
+                }
+                replication::ensure_publication(&blue, &self.names, &selection).await?;
+                replication::ensure_subscription(
+                    &blue,
+                    &green,
+                    &self.names,
+                    &self.dbs.blue_from_green,
+                )
+                .await?;
+                Outcome::Done
+            }
+            Action::Freeze => {
+                let blue = self.blue().await?;
+                let cfg = FreezeConfig {
+                    cutover_id: self.id.clone(),
+                    method: self.spec.freeze.method,
+                    roles: self.spec.application_roles.clone(),
+                    drain_timeout: parse_duration(&self.spec.freeze.drain_timeout)?,
+                };
+                freeze::freeze(&blue, &cfg).await?;
+                // A position every write before the freeze ends strictly before, which green
+                // confirms as soon as it has received it.
+                let lsn = replication::sync_point(&blue).await?;
+                Outcome::Frozen {
+                    lsn: lsn.to_string(),
+                }
+            }
+            Action::CopySequences => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                copy_sequences(&blue, &green).await?;
+                Outcome::Done
+            }
+            Action::Verify => {
+                let opts = VerifyOptions {
+                    tables: self
+                        .spec
+                        .replication
+                        .tables
+                        .iter()
+                        .filter_map(|t| TableName::parse(t).ok())
+                        .collect(),
+                    parallelism: usize::try_from(self.spec.verification.parallelism.max(1))
+                        .unwrap_or(1),
+                    connect: self.dbs.connect.clone(),
+                    // What the migrations added to green is not a difference.
+                    target_may_add: self.spec.migrations.is_some(),
+                    ..VerifyOptions::default()
+                };
+                let report = verify::verify(&self.dbs.blue, &self.dbs.green, &opts).await?;
+                Outcome::Verified(VerificationStatus::from(&report))
+            }
+            Action::PassPointOfNoReturn => Outcome::Done,
+            Action::Do(m) => {
+                self.milestone(*m, status).await?;
+                Outcome::Done
+            }
+            Action::Checkpoint(_) => Outcome::Checked(self.checkpoint(status).await?),
+            Action::EndRehearsal | Action::FinishAbort => {
+                let blue = self.blue().await?;
+                let green = self.green().await.ok();
+                cleanup::abort(&blue, green.as_ref(), &self.names, &self.id).await?;
+                Outcome::Done
+            }
+            Action::Complete => {
+                let blue = self.blue().await.ok();
+                let green = self.green().await?;
+                cleanup::cleanup(blue.as_ref(), Some(&green), &self.names).await?;
+                Outcome::Done
+            }
+            Action::Finalize => {
+                if status.phase.is_past_point_of_no_return() {
+                    // The application may be on green: leave green writable and the Secret as it
+                    // stands; remove only the replication objects.
+                    let blue = self.blue().await.ok();
+                    let green = self.green().await.ok();
+                    cleanup::cleanup(blue.as_ref(), green.as_ref(), &self.names).await?;
+                } else {
+                    let blue = self.blue().await?;
+                    let green = self.green().await.ok();
+                    cleanup::abort(&blue, green.as_ref(), &self.names, &self.id).await?;
+                }
+                Outcome::Done
+            }
+        })
+    }
+
+    async fn milestone(
+        &self,
+        m: Milestone,
+        status: &DatabaseCutoverStatus,
+    ) -> Result<(), ActionError> {
+        let rehearsal = self.spec.mode == crate::api::Mode::Rehearsal;
+        match m {
+            Milestone::ForwardReplicationDropped => {
+                let blue = self.blue().await.ok();
+                let green = self.green().await?;
+                let mut report = cleanup::CleanupReport::default();
+                cleanup::drop_subscription(
+                    Some(&green),
+                    blue.as_ref(),
+                    &self.names.subscription,
+                    &self.names.slot,
+                    &mut report,
+                    ("green", "blue"),
+                )
+                .await?;
+            }
+            Milestone::ReverseReplicationStarted => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                let tables =
+                    replication::publication_tables(&blue, &self.names.publication).await?;
+                reverse::start_reverse(
+                    &blue,
+                    &green,
+                    &self.names,
+                    &tables,
+                    &self.dbs.green_from_blue,
+                )
+                .await?;
+            }
+            Milestone::SecretSwitched => {
+                self.platform
+                    .switch_secret(&self.dbs.green, rehearsal)
+                    .await?;
+            }
+            Milestone::SecretSwitchedBack => {
+                self.platform.switch_secret(&self.dbs.blue, false).await?;
+            }
+            Milestone::WorkloadsRestarted | Milestone::WorkloadsRestartedBack => {
+                let generation = format!(
+                    "{m:?}-{}",
+                    status.point_of_no_return_at.as_deref().unwrap_or("")
+                );
+                self.platform.restart_workloads(&generation).await?;
+            }
+            Milestone::SequencesCopied => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                copy_sequences(&blue, &green).await?;
+            }
+            Milestone::SequencesCopiedBack => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                copy_sequences(&green, &blue).await?;
+            }
+            Milestone::TargetFrozen => {
+                let green = self.green().await?;
+                let cfg = FreezeConfig {
+                    cutover_id: format!("{}-rollback", self.id),
+                    method: self.spec.freeze.method,
+                    roles: self.spec.application_roles.clone(),
+                    drain_timeout: parse_duration(&self.spec.freeze.drain_timeout)?,
+                };
+                freeze::freeze(&green, &cfg).await?;
+            }
+            Milestone::ReverseCaughtUp => {
+                let green = self.green().await?;
+                let lsn = replication::current_lsn(&green).await?;
+                replication::wait_applied_slot(
+                    &green,
+                    &self.names.reverse_slot,
+                    lsn,
+                    Instant::now() + crate::plan::REVERSE_CATCH_UP,
+                )
+                .await?;
+            }
+            Milestone::SourceUnfrozen => {
+                let blue = self.blue().await?;
+                freeze::unfreeze(&blue, &self.id).await?;
+            }
+            Milestone::ReplicationCleanedUp => {
+                let blue = self.blue().await?;
+                let green = self.green().await.ok();
+                cleanup::cleanup(Some(&blue), green.as_ref(), &self.names).await?;
+            }
+            Milestone::PostSwitchMigrated => {
+                match self
+                    .platform
+                    .migration_job(MigrationSet::PostSwitch)
+                    .await?
+                {
+                    Some(JobState::Succeeded) => {}
+                    Some(JobState::Failed(why)) => {
+                        return Err(ActionError::MigrationsFailed(why));
+                    }
+                    Some(JobState::Running) | None => {
+                        return Err(ActionError::MigrationsRunning);
+                    }
+                }
+            }
+            Milestone::TargetLoginAllowed => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                crate::postgres::roles::allow_application(
+                    &blue,
+                    &green,
+                    &self.spec.application_roles,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<P: Platform> Engine<P> {
+    async fn observe_job(&self, set: MigrationSet) -> Result<Option<JobState>, ActionError> {
+        Ok(self.platform.migration_job(set).await?)
+    }
+
+    fn has_post_switch_migrations(&self) -> bool {
+        self.spec
+            .migrations
+            .as_ref()
+            .is_some_and(|m| m.post_switch_config_map_ref.is_some())
+    }
+
+    /// A hypercare checkpoint: the replicated tables' row counts on green, compared with blue
+    /// while reverse replication keeps blue current (see `postgres::checkpoint`).
+    async fn checkpoint(
+        &self,
+        status: &DatabaseCutoverStatus,
+    ) -> Result<crate::api::CheckpointStatus, ActionError> {
+        let green = self.green().await?;
+        let reverse_started = status
+            .milestones
+            .contains(&Milestone::ReverseReplicationStarted);
+        let blue = if reverse_started {
+            Some(self.blue().await?)
+        } else {
+            None
+        };
+        // Blue is compared only while reverse replication works (a broken one is reported by
+        // observation; waiting for it here would only time out).
+        let blue = match blue {
+            Some(blue) => replication::health(
+                &blue,
+                &green,
+                &self.names.reverse_subscription,
+                &self.names.reverse_slot,
+            )
+            .await?
+            .is_none()
+            .then_some(blue),
+            None => None,
+        };
+        let reverse = blue.is_some();
+        let tables = if reverse_started {
+            replication::publication_tables(&green, &self.names.reverse_publication).await
+        } else {
+            replication::resolve_tables(
+                &green,
+                &TableSelection::from_spec(&self.spec.replication.tables),
+            )
+            .await
+        }?;
+        let link = blue.as_ref().map(|source| ReverseLink {
+            source,
+            subscription: &self.names.reverse_subscription,
+            slot: &self.names.reverse_slot,
+            catch_up: crate::plan::CHECKPOINT_CATCH_UP,
+        });
+        let report = checkpoint::run(&green, link.as_ref(), &tables).await?;
+        let mut mismatches: Vec<String> = report
+            .counts
+            .iter()
+            .filter(|c| c.state == CountState::Differs)
+            .map(|c| {
+                format!(
+                    "{}: {} rows on green, {} on blue",
+                    c.table,
+                    c.target_rows,
+                    c.source_rows.unwrap_or_default()
+                )
+            })
+            .collect();
+        mismatches.extend(
+            report
+                .spots
+                .iter()
+                .filter(|s| s.state == CountState::Differs)
+                .map(|s| format!("{} ({} rows): the rows differ on blue", s.spot, s.rows)),
+        );
+        let mut unsettled: Vec<String> = report
+            .counts
+            .iter()
+            .filter(|c| c.state == CountState::Unsettled)
+            .map(|c| c.table.to_string())
+            .collect();
+        unsettled.extend(
+            report
+                .spots
+                .iter()
+                .filter(|s| s.state == CountState::Unsettled)
+                .map(|s| s.spot.clone()),
+        );
+        Ok(crate::api::CheckpointStatus {
+            tables: i32::try_from(report.counts.len()).unwrap_or(i32::MAX),
+            target_rows: report.counts.iter().map(|c| c.target_rows).sum(),
+            compared_with_source: reverse,
+            spots: i32::try_from(report.spots.len()).unwrap_or(i32::MAX),
+            matched: mismatches.is_empty(),
+            mismatches,
+            unsettled,
+            ..crate::api::CheckpointStatus::default()
+        })
+    }
+}
+
+fn parse_lsn(text: &str) -> Option<PgLsn> {
+    text.parse().ok()
+}
+
+/// What the plan needs to know of an error: its message, kind and transience.
+pub fn failure(e: &ActionError) -> Failure {
+    Failure {
+        message: e.to_string(),
+        reason: e.category().as_str(),
+        transient: e.is_transient(),
+    }
+}
