@@ -755,8 +755,11 @@ async fn deleting_mid_replication_leaves_nothing_behind() {
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
     let mut plan = s.plan();
     // Hold the cutover in Replicating: the freeze is scheduled an hour from now.
-    plan.spec.schedule.freeze_at =
-        Some((jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string());
+    plan.spec.schedule.freeze_at = Some(
+        (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1))
+            .to_string()
+            .into(),
+    );
     s.apply(&plan).await;
     s.wait_phase(Phase::Replicating, Duration::from_secs(60))
         .await;

@@ -26,7 +26,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::api::conditions::Reason;
-use crate::api::{DatabaseCutover, DatabaseCutoverStatus, FINALIZER, Phase};
+use crate::api::{DatabaseCutover, DatabaseCutoverStatus, FINALIZER, Phase, ValidSpec};
 use crate::engine::{Databases, Engine, Sink};
 use crate::metrics::{self, Health, Metrics};
 use crate::plan;
@@ -51,6 +51,10 @@ pub enum Error {
     /// A connection Secret could not be read.
     #[error(transparent)]
     Secret(#[from] crate::platform::SecretError),
+    /// The spec does not pass the admission rules (stored before a stricter schema, or
+    /// admission bypassed): nothing is done until it changes.
+    #[error(transparent)]
+    InvalidSpec(#[from] crate::api::InvalidSpec),
     /// The status was written by someone else since it was read (the write was fenced).
     #[error("failed to write the status: the object changed since it was read")]
     Conflict,
@@ -73,6 +77,7 @@ impl Error {
             Error::NoNamespace => "InvalidObject",
             Error::Secret(_) => "SecretUnreadable",
             Error::Conflict => "Conflict",
+            Error::InvalidSpec(_) => "InvalidSpec",
             Error::Cleanup(e) => e.category().as_str(),
         }
     }
@@ -177,9 +182,15 @@ async fn apply(
         }
         let engine = match cached_engine(&sink.obj, ctx, &mut engine).await {
             Ok(engine) => engine,
+            Err(Error::InvalidSpec(invalid)) => {
+                // A permanent problem: say so and wait for the spec to change, no retries.
+                let err = Error::InvalidSpec(invalid);
+                sink.trouble(&current, &err, Reason::InvalidSpec).await?;
+                return Ok(Action::await_change());
+            }
             Err(err) => {
                 // Nothing to act with (a Secret unreadable): say so on the object and back off.
-                sink.trouble(&current, &err).await?;
+                sink.trouble(&current, &err, Reason::TransientError).await?;
                 return Err(err);
             }
         };
@@ -229,13 +240,18 @@ struct StatusWriter<'a> {
 
 impl StatusWriter<'_> {
     /// Marks the cutover Degraded with `err` and publishes a Warning Event.
-    async fn trouble(&mut self, current: &DatabaseCutoverStatus, err: &Error) -> Result<(), Error> {
+    async fn trouble(
+        &mut self,
+        current: &DatabaseCutoverStatus,
+        err: &Error,
+        reason: Reason,
+    ) -> Result<(), Error> {
         let text = err.to_string();
         let desired = plan::desired_status(
             current,
             self.obj.metadata.generation,
             jiff::Timestamp::now(),
-            Some((Reason::TransientError, &text)),
+            Some((reason, &text)),
         );
         self.store(desired).await?;
         publish(
@@ -384,6 +400,8 @@ async fn announce_problems(
 
 async fn engine_for(obj: &DatabaseCutover, ctx: &Context) -> Result<Engine<KubePlatform>, Error> {
     let namespace = obj.namespace().ok_or(Error::NoNamespace)?;
+    // Parsed once, here: the plan works from typed values only.
+    let spec = ValidSpec::new(obj.spec.clone())?;
     let blue = read_dsn(
         &ctx.client,
         &namespace,
@@ -418,7 +436,7 @@ async fn engine_for(obj: &DatabaseCutover, ctx: &Context) -> Result<Engine<KubeP
     let platform = KubePlatform::new(ctx.client.clone(), obj.clone(), ctx.default_image.clone());
     Ok(Engine::new(
         format!("{namespace}/{}", obj.name_any()),
-        obj.spec.clone(),
+        spec,
         dbs,
         platform,
     ))

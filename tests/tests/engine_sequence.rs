@@ -14,6 +14,7 @@ use common::*;
 use cutover_operator::api::conditions::ConditionType;
 use cutover_operator::api::{
     Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Mode, Phase,
+    ValidSpec,
 };
 use cutover_operator::api::{CheckpointStatus, ProblemKind};
 use cutover_operator::engine::{Engine, NoSink, Watch, drive};
@@ -48,7 +49,7 @@ fn engine(
         secret_file: Some(dir.join("DATABASE_URL")),
         rehearsal_secret_file: Some(dir.join("DATABASE_URL.rehearsal")),
     };
-    Engine::new("shop/orders", spec, dbs, platform)
+    Engine::new("shop/orders", ValidSpec::new(spec).unwrap(), dbs, platform)
 }
 
 fn setup() -> BlueGreen {
@@ -552,8 +553,11 @@ async fn broken_forward_replication_aborts_leaving_blue_writable() {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = spec(Mode::Production);
     // Wait in Replicating: the freeze is an hour away.
-    spec.schedule.freeze_at =
-        Some((jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string());
+    spec.schedule.freeze_at = Some(
+        (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1))
+            .to_string()
+            .into(),
+    );
     let engine = engine(&bg, spec, dir.path());
     let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
         s.replication

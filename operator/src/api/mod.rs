@@ -11,7 +11,11 @@ pub mod units;
 pub use spec::*;
 pub use status::*;
 
+use std::time::Duration;
+
 use kube::CustomResourceExt;
+
+use units::{HumanDuration, Rfc3339};
 
 /// The finalizer the operator puts on every `DatabaseCutover`, so replication objects are
 /// removed from both servers before the resource goes away.
@@ -27,94 +31,227 @@ pub fn crd_yaml() -> String {
     )
 }
 
+/// The spec's durations, sizes and timestamps as typed values, parsed once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// The time budget of each step before the point of no return.
+    pub budgets: StepBudgets,
+    /// `schedule.maxWriteDowntime`.
+    pub max_write_downtime: Duration,
+    /// `schedule.hypercare`.
+    pub hypercare: Duration,
+    /// `schedule.checkpoints`, earliest first.
+    pub checkpoints: Vec<Duration>,
+    /// `replication.maxLagBeforeFreeze` in bytes.
+    pub max_lag_before_freeze: u64,
+    /// `schedule.freezeAt`.
+    pub freeze_at: Option<jiff::Timestamp>,
+    /// `pointOfNoReturn.deadline`.
+    pub approval_deadline: Duration,
+    /// `freeze.drainTimeout`.
+    pub drain_timeout: Duration,
+}
+
+/// The budgets of `schedule.budgets`, typed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepBudgets {
+    /// Preflight checks.
+    pub preflight: Duration,
+    /// Migration Jobs.
+    pub migrations: Duration,
+    /// Copy and catch-up.
+    pub replication: Duration,
+    /// Stopping writes.
+    pub freeze: Duration,
+    /// Applying the last writes and copying sequences.
+    pub final_sync: Duration,
+    /// Comparing source and target.
+    pub verification: Duration,
+}
+
+impl StepBudgets {
+    /// The budget of `phase` and its field name, for the steps that have one.
+    pub fn of(&self, phase: Phase) -> Option<(&'static str, Duration)> {
+        Some(match phase {
+            Phase::Preflight => ("preflight", self.preflight),
+            Phase::Migrating => ("migrations", self.migrations),
+            Phase::Replicating => ("replication", self.replication),
+            Phase::Freezing => ("freeze", self.freeze),
+            Phase::FinalSync => ("finalSync", self.final_sync),
+            Phase::Verifying => ("verification", self.verification),
+            _ => return None,
+        })
+    }
+}
+
+impl Budgets {
+    /// The budget of `phase` as written, for messages.
+    pub fn text_of(&self, phase: Phase) -> Option<&HumanDuration> {
+        Some(match phase {
+            Phase::Preflight => &self.preflight,
+            Phase::Migrating => &self.migrations,
+            Phase::Replicating => &self.replication,
+            Phase::Freezing => &self.freeze,
+            Phase::FinalSync => &self.final_sync,
+            Phase::Verifying => &self.verification,
+            _ => return None,
+        })
+    }
+}
+
+/// A spec that passed every admission rule, with its values parsed: what the plan and the
+/// engine work from, so neither ever parses a string nor falls back to a default silently.
+/// It reads as the spec it wraps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidSpec {
+    spec: DatabaseCutoverSpec,
+    settings: Settings,
+}
+
+/// Why a spec is not valid: one message per problem, each naming its field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid spec: {}", .0.join("; "))]
+pub struct InvalidSpec(pub Vec<String>);
+
+impl ValidSpec {
+    /// Checks `spec` against the admission rules (the CRD's CEL rules and patterns, mirrored
+    /// here for plans read from files and for objects stored before a stricter schema) and
+    /// parses its values.
+    pub fn new(spec: DatabaseCutoverSpec) -> Result<Self, InvalidSpec> {
+        let mut problems = Vec::new();
+        let mut duration = |field: &str, value: &HumanDuration| match value.parse() {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("{field}: {e}"));
+                Duration::ZERO
+            }
+        };
+        let b = &spec.schedule.budgets;
+        let budgets = StepBudgets {
+            preflight: duration("spec.schedule.budgets.preflight", &b.preflight),
+            migrations: duration("spec.schedule.budgets.migrations", &b.migrations),
+            replication: duration("spec.schedule.budgets.replication", &b.replication),
+            freeze: duration("spec.schedule.budgets.freeze", &b.freeze),
+            final_sync: duration("spec.schedule.budgets.finalSync", &b.final_sync),
+            verification: duration("spec.schedule.budgets.verification", &b.verification),
+        };
+        let drain_timeout = duration("spec.freeze.drainTimeout", &spec.freeze.drain_timeout);
+        let approval_deadline = duration(
+            "spec.pointOfNoReturn.deadline",
+            &spec.point_of_no_return.deadline,
+        );
+        let max_write_downtime = duration(
+            "spec.schedule.maxWriteDowntime",
+            &spec.schedule.max_write_downtime,
+        );
+        let hypercare = duration("spec.schedule.hypercare", &spec.schedule.hypercare);
+        let mut checkpoints: Vec<Duration> = spec
+            .schedule
+            .checkpoints
+            .iter()
+            .enumerate()
+            .map(|(i, c)| duration(&format!("spec.schedule.checkpoints[{i}]"), c))
+            .collect();
+        checkpoints.sort();
+        if let Some(m) = &spec.migrations {
+            duration("spec.migrations.lockTimeout", &m.lock_timeout);
+        }
+        let max_lag_before_freeze = match spec.replication.max_lag_before_freeze.parse() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                problems.push(format!("spec.replication.maxLagBeforeFreeze: {e}"));
+                0
+            }
+        };
+        let freeze_at = match spec.schedule.freeze_at.as_ref().map(Rfc3339::parse) {
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                problems.push(format!("spec.schedule.freezeAt: {e}"));
+                None
+            }
+            None => None,
+        };
+        if spec.source.connection_secret_ref == spec.target.connection_secret_ref {
+            problems.push(
+                "source and target must be different databases, but both name the same Secret key"
+                    .into(),
+            );
+        }
+        let rollback = spec.rollback.clone().unwrap_or_default();
+        if rollback.readiness && !spec.replication.reverse_for_rollback {
+            problems.push("rollback.readiness needs replication.reverseForRollback: true".into());
+        }
+        if rollback.requested && !rollback.readiness {
+            problems.push("rollback.requested needs rollback.readiness: true".into());
+        }
+        if spec.freeze.method == FreezeMethod::RevokeLogin && spec.application_roles.is_empty() {
+            problems.push(
+                "freeze.method RevokeLogin needs at least one entry in applicationRoles".into(),
+            );
+        }
+        if !(1..=64).contains(&spec.verification.parallelism) {
+            problems.push("spec.verification.parallelism must be between 1 and 64".into());
+        }
+        for t in &spec.replication.tables {
+            if t.split('.').count() != 2 || t.starts_with('.') || t.ends_with('.') {
+                problems.push(format!(
+                    "spec.replication.tables: {t:?} must be written as schema.table"
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(InvalidSpec(problems));
+        }
+        Ok(Self {
+            settings: Settings {
+                budgets,
+                max_write_downtime,
+                hypercare,
+                checkpoints,
+                max_lag_before_freeze,
+                freeze_at,
+                approval_deadline,
+                drain_timeout,
+            },
+            spec,
+        })
+    }
+
+    /// The typed values.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The spec as written.
+    pub fn spec(&self) -> &DatabaseCutoverSpec {
+        &self.spec
+    }
+}
+
+impl std::ops::Deref for ValidSpec {
+    type Target = DatabaseCutoverSpec;
+
+    fn deref(&self) -> &DatabaseCutoverSpec {
+        &self.spec
+    }
+}
+
+impl TryFrom<DatabaseCutoverSpec> for ValidSpec {
+    type Error = InvalidSpec;
+
+    fn try_from(spec: DatabaseCutoverSpec) -> Result<Self, InvalidSpec> {
+        Self::new(spec)
+    }
+}
+
 /// The admission rules, checked without an API server (local mode reads plans from files).
 /// Mirrors the CEL rules of the CRD; returns one message per problem, empty when the spec is
 /// valid.
 pub fn validate(spec: &DatabaseCutoverSpec) -> Vec<String> {
-    use units::{parse_duration, parse_size, parse_timestamp};
-    let mut problems = Vec::new();
-    let durations = [
-        ("spec.freeze.drainTimeout", &spec.freeze.drain_timeout),
-        (
-            "spec.pointOfNoReturn.deadline",
-            &spec.point_of_no_return.deadline,
-        ),
-        (
-            "spec.schedule.maxWriteDowntime",
-            &spec.schedule.max_write_downtime,
-        ),
-        ("spec.schedule.hypercare", &spec.schedule.hypercare),
-        (
-            "spec.schedule.budgets.preflight",
-            &spec.schedule.budgets.preflight,
-        ),
-        (
-            "spec.schedule.budgets.migrations",
-            &spec.schedule.budgets.migrations,
-        ),
-        (
-            "spec.schedule.budgets.replication",
-            &spec.schedule.budgets.replication,
-        ),
-        (
-            "spec.schedule.budgets.freeze",
-            &spec.schedule.budgets.freeze,
-        ),
-        (
-            "spec.schedule.budgets.finalSync",
-            &spec.schedule.budgets.final_sync,
-        ),
-        (
-            "spec.schedule.budgets.verification",
-            &spec.schedule.budgets.verification,
-        ),
-    ];
-    for (field, value) in durations {
-        if let Err(e) = parse_duration(value) {
-            problems.push(format!("{field}: {e}"));
-        }
-    }
-    for (i, c) in spec.schedule.checkpoints.iter().enumerate() {
-        if let Err(e) = parse_duration(c) {
-            problems.push(format!("spec.schedule.checkpoints[{i}]: {e}"));
-        }
-    }
-    if let Err(e) = parse_size(&spec.replication.max_lag_before_freeze) {
-        problems.push(format!("spec.replication.maxLagBeforeFreeze: {e}"));
-    }
-    if let Some(at) = &spec.schedule.freeze_at
-        && let Err(e) = parse_timestamp(at)
-    {
-        problems.push(format!("spec.schedule.freezeAt: {e}"));
-    }
-    if spec.source.connection_secret_ref == spec.target.connection_secret_ref {
-        problems.push(
-            "source and target must be different databases, but both name the same Secret key"
-                .into(),
-        );
-    }
-    let rollback = spec.rollback.clone().unwrap_or_default();
-    if rollback.readiness && !spec.replication.reverse_for_rollback {
-        problems.push("rollback.readiness needs replication.reverseForRollback: true".into());
-    }
-    if rollback.requested && !rollback.readiness {
-        problems.push("rollback.requested needs rollback.readiness: true".into());
-    }
-    if spec.freeze.method == FreezeMethod::RevokeLogin && spec.application_roles.is_empty() {
-        problems
-            .push("freeze.method RevokeLogin needs at least one entry in applicationRoles".into());
-    }
-    if !(1..=64).contains(&spec.verification.parallelism) {
-        problems.push("spec.verification.parallelism must be between 1 and 64".into());
-    }
-    for t in &spec.replication.tables {
-        if t.split('.').count() != 2 || t.starts_with('.') || t.ends_with('.') {
-            problems.push(format!(
-                "spec.replication.tables: {t:?} must be written as schema.table"
-            ));
-        }
-    }
-    problems
+    ValidSpec::new(spec.clone())
+        .err()
+        .map(|e| e.0)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::status::DatabaseCutoverStatus;
 use super::units::{
-    DURATION_LIST_RULE, DURATION_MESSAGE, DURATION_RULE, SIZE_MESSAGE, SIZE_RULE,
-    TIMESTAMP_MESSAGE, TIMESTAMP_RULE,
+    ByteSize, DURATION_LIST_RULE, DURATION_MESSAGE, DURATION_RULE, HumanDuration, Rfc3339,
+    SIZE_MESSAGE, SIZE_RULE, TIMESTAMP_MESSAGE, TIMESTAMP_RULE,
 };
 
 /// Moves an application from one PostgreSQL database (the source, "blue") to another (the
@@ -181,7 +181,7 @@ pub struct ReplicationSpec {
     #[serde(default = "default_max_lag")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(SIZE_RULE).message(SIZE_MESSAGE))]
-    pub max_lag_before_freeze: String,
+    pub max_lag_before_freeze: ByteSize,
 
     /// Replicate the target back to the source after the switch (publication on the target,
     /// subscription on the source without copy), so the source stays current and a rollback
@@ -190,7 +190,7 @@ pub struct ReplicationSpec {
     pub reverse_for_rollback: bool,
 }
 
-fn default_max_lag() -> String {
+fn default_max_lag() -> ByteSize {
     "16MiB".into()
 }
 
@@ -231,14 +231,14 @@ pub struct MigrationsSpec {
     #[serde(default = "default_lock_timeout")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub lock_timeout: String,
+    pub lock_timeout: HumanDuration,
 }
 
 fn default_lock_key() -> i64 {
     742_189
 }
 
-fn default_lock_timeout() -> String {
+fn default_lock_timeout() -> HumanDuration {
     "5s".into()
 }
 
@@ -256,10 +256,10 @@ pub struct FreezeSpec {
     #[serde(default = "default_drain_timeout")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub drain_timeout: String,
+    pub drain_timeout: HumanDuration,
 }
 
-fn default_drain_timeout() -> String {
+fn default_drain_timeout() -> HumanDuration {
     "30s".into()
 }
 
@@ -334,14 +334,14 @@ pub struct PointOfNoReturnSpec {
     #[serde(default = "default_deadline")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub deadline: String,
+    pub deadline: HumanDuration,
 
     /// Set by `kubectl cutover approve`: the switch may go ahead.
     #[serde(default)]
     pub approved: bool,
 }
 
-fn default_deadline() -> String {
+fn default_deadline() -> HumanDuration {
     "30m".into()
 }
 
@@ -414,7 +414,7 @@ pub struct ScheduleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(TIMESTAMP_RULE).message(TIMESTAMP_MESSAGE))]
-    pub freeze_at: Option<String>,
+    pub freeze_at: Option<Rfc3339>,
 
     /// Time budget of each step; a step that exceeds its budget before the point of no return
     /// aborts the cutover and unfreezes the source.
@@ -425,27 +425,27 @@ pub struct ScheduleSpec {
     #[serde(default = "default_max_write_downtime")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub max_write_downtime: String,
+    pub max_write_downtime: HumanDuration,
 
     /// How long the source is kept in sync and ready for rollback after the switch.
     #[serde(default = "default_hypercare")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub hypercare: String,
+    pub hypercare: HumanDuration,
 
     /// Offsets after the switch (for example `15m`, `1h`) at which row counts and spot checks
     /// are re-run during hypercare.
     #[serde(default)]
     #[schemars(length(max = 32), inner(length(max = 32)))]
     #[x_kube(validation = Rule::new(DURATION_LIST_RULE).message("each checkpoint must be a duration such as 15m or 1h"))]
-    pub checkpoints: Vec<String>,
+    pub checkpoints: Vec<HumanDuration>,
 }
 
-fn default_max_write_downtime() -> String {
+fn default_max_write_downtime() -> HumanDuration {
     "10m".into()
 }
 
-fn default_hypercare() -> String {
+fn default_hypercare() -> HumanDuration {
     "24h".into()
 }
 
@@ -469,50 +469,50 @@ pub struct Budgets {
     #[serde(default = "budget_preflight")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub preflight: String,
+    pub preflight: HumanDuration,
     /// Migrations on the target (default 30m).
     #[serde(default = "budget_migrations")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub migrations: String,
+    pub migrations: HumanDuration,
     /// Initial copy and catch-up until the freeze may start (default 24h).
     #[serde(default = "budget_replication")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub replication: String,
+    pub replication: HumanDuration,
     /// Stopping writes, including the drain (default 1m).
     #[serde(default = "budget_freeze")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub freeze: String,
+    pub freeze: HumanDuration,
     /// Waiting for the target to apply everything written before the freeze (default 5m).
     #[serde(default = "budget_final_sync")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub final_sync: String,
+    pub final_sync: HumanDuration,
     /// Comparing source and target (default 15m).
     #[serde(default = "budget_verification")]
     #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    pub verification: String,
+    pub verification: HumanDuration,
 }
 
-fn budget_preflight() -> String {
+fn budget_preflight() -> HumanDuration {
     "5m".into()
 }
-fn budget_migrations() -> String {
+fn budget_migrations() -> HumanDuration {
     "30m".into()
 }
-fn budget_replication() -> String {
+fn budget_replication() -> HumanDuration {
     "24h".into()
 }
-fn budget_freeze() -> String {
+fn budget_freeze() -> HumanDuration {
     "1m".into()
 }
-fn budget_final_sync() -> String {
+fn budget_final_sync() -> HumanDuration {
     "5m".into()
 }
-fn budget_verification() -> String {
+fn budget_verification() -> HumanDuration {
     "15m".into()
 }
 

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// CEL rule for one duration: one or more `<number><unit>` groups, units `ms`, `s`, `m`, `h`.
@@ -74,7 +76,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, UnitError> {
         total += value * seconds;
         rest = &tail[unit_len..];
     }
-    Ok(Duration::from_secs_f64(total))
+    // A value too large for a Duration is refused, never a panic.
+    Duration::try_from_secs_f64(total).map_err(|_| err())
 }
 
 /// Parses `16MiB`, `512kB`, `1048576`.
@@ -109,6 +112,92 @@ pub fn parse_timestamp(text: &str) -> Result<jiff::Timestamp, UnitError> {
         .ok_or_else(|| UnitError::Timestamp(text.to_owned()))
 }
 
+/// The regular expression of a duration (the schema's `pattern`; the CEL rule says the same).
+pub const DURATION_PATTERN: &str = "^([0-9]+([.][0-9]+)?(ms|s|m|h))+$";
+/// The regular expression of a byte size.
+pub const SIZE_PATTERN: &str = "^[0-9]+(B|kB|KiB|MB|MiB|GB|GiB)?$";
+/// The regular expression of an RFC 3339 timestamp.
+pub const TIMESTAMP_PATTERN: &str =
+    "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}([.][0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$";
+
+/// Declares a spec value kept as the text people wrote (so an object is always readable, even
+/// one stored before a stricter schema) whose schema carries the pattern, and which is parsed
+/// once into its typed value when the spec is validated.
+macro_rules! text_value {
+    ($(#[$doc:meta])* $name:ident, $pattern:expr, $parsed:ty, $parse:path) => {
+        $(#[$doc])*
+        #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// The value as written.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// The typed value, or what is wrong with the text.
+            pub fn parse(&self) -> Result<$parsed, UnitError> {
+                $parse(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(text: &str) -> Self {
+                Self(text.to_owned())
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(text: String) -> Self {
+                Self(text)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn inline_schema() -> bool {
+                true
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({"type": "string", "pattern": $pattern})
+            }
+        }
+    };
+}
+
+text_value!(
+    /// A duration as people write it: `30s`, `5m`, `1h30m`, `250ms`.
+    HumanDuration,
+    DURATION_PATTERN,
+    Duration,
+    parse_duration
+);
+text_value!(
+    /// A byte size as people write it: `16MiB`, `512kB`, `1048576`.
+    ByteSize,
+    SIZE_PATTERN,
+    u64,
+    parse_size
+);
+text_value!(
+    /// An RFC 3339 timestamp: `2026-12-01T02:00:00Z`.
+    Rfc3339,
+    TIMESTAMP_PATTERN,
+    jiff::Timestamp,
+    parse_timestamp
+);
+
 /// Renders a byte count for people: `0 B`, `512 kB`, `16.0 MiB`.
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
@@ -136,6 +225,26 @@ mod tests {
         assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn durations_too_large_are_refused_not_a_panic() {
+        let huge = "99999999999999999999999h";
+        assert_eq!(
+            parse_duration(huge),
+            Err(UnitError::Duration(huge.to_owned()))
+        );
+    }
+
+    #[test]
+    fn patterns_and_rules_say_the_same() {
+        for (pattern, rule) in [
+            (DURATION_PATTERN, DURATION_RULE),
+            (SIZE_PATTERN, SIZE_RULE),
+            (TIMESTAMP_PATTERN, TIMESTAMP_RULE),
+        ] {
+            assert!(rule.contains(pattern), "{rule} / {pattern}");
+        }
     }
 
     #[test]

@@ -18,7 +18,9 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use cutover_operator::api::units::human_bytes;
-use cutover_operator::api::{self, DatabaseCutover, DatabaseCutoverStatus, Phase, SecretKeyRef};
+use cutover_operator::api::{
+    DatabaseCutover, DatabaseCutoverStatus, Phase, SecretKeyRef, ValidSpec,
+};
 use cutover_operator::engine::{Databases, Engine, Sink, drive};
 use cutover_operator::plan::{self, Action};
 use cutover_operator::platform::LocalPlatform;
@@ -270,15 +272,17 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .with_context(|| format!("failed to read {}", args.plan.display()))?;
     let cutover: DatabaseCutover = serde_saphyr::from_str(&text)
         .map_err(|e| anyhow::anyhow!("failed to parse {}: {e}", args.plan.display()))?;
-    let problems = api::validate(&cutover.spec);
-    if !problems.is_empty() {
-        bail!(
+    let invalid = |invalid: cutover_operator::api::InvalidSpec| {
+        anyhow::anyhow!(
             "{} is not a valid plan:\n  - {}",
             args.plan.display(),
-            problems.join("\n  - ")
-        );
-    }
-    let mut spec = cutover.spec.clone();
+            invalid.0.join("\n  - ")
+        )
+    };
+    let mut spec = ValidSpec::new(cutover.spec.clone())
+        .map_err(invalid)?
+        .spec()
+        .clone();
     let dir = args.secrets_dir.as_deref();
     let blue = Dsn::new(resolve(&spec.source.connection_secret_ref, dir)?);
     let green = Dsn::new(resolve(&spec.target.connection_secret_ref, dir)?);
@@ -371,6 +375,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             ..ConnectOptions::default()
         },
     };
+    let spec = ValidSpec::new(spec).map_err(invalid)?;
     let engine = Engine::new(id.clone(), spec, dbs, platform);
     let mut sink = LocalSink {
         state_file,

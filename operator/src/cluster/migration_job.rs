@@ -18,7 +18,6 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::api::DatabaseCutover;
-use crate::api::units::parse_duration;
 
 /// Environment variable the Job passes the connection string in (from the Secret).
 pub const DATABASE_URL_ENV: &str = "CUTOVER_DATABASE_URL";
@@ -184,7 +183,9 @@ pub fn build_migration_job(p: &MigrationJobParams<'_>) -> Result<Job, JobBuildEr
         .controller_owner_ref(&())
         .filter(|o| !o.uid.is_empty())
         .ok_or(JobBuildError::Unpersisted("uid"))?;
-    parse_duration(&migrations.lock_timeout)
+    migrations
+        .lock_timeout
+        .parse()
         .map_err(|e| JobBuildError::LockTimeout(e.to_string()))?;
 
     let name = migration_job_name(cutover_name, p.set, p.content_digest);
@@ -212,7 +213,7 @@ pub fn build_migration_job(p: &MigrationJobParams<'_>) -> Result<Job, JobBuildEr
         "--lock-key".to_owned(),
         migrations.lock_key.to_string(),
         "--lock-timeout".to_owned(),
-        migrations.lock_timeout.clone(),
+        migrations.lock_timeout.to_string(),
         "--log-format".to_owned(),
         "json".to_owned(),
     ];

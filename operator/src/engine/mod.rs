@@ -17,10 +17,7 @@ use std::time::Instant;
 use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
-use crate::api::units::parse_duration;
-use crate::api::{
-    DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Phase, VerificationStatus,
-};
+use crate::api::{DatabaseCutoverStatus, Milestone, Phase, ValidSpec, VerificationStatus};
 use crate::plan::{
     Action, Failure, JobState, MigrationSet, Observations, Outcome, ReplicationObservation,
 };
@@ -55,8 +52,8 @@ pub struct Databases {
 pub struct Engine<P> {
     /// The cutover id (names of replication objects, the freeze record).
     pub id: String,
-    /// What the cutover should do.
-    pub spec: DatabaseCutoverSpec,
+    /// What the cutover should do, validated.
+    pub spec: ValidSpec,
     /// Where the databases are.
     pub dbs: Databases,
     /// Kubernetes or local.
@@ -66,12 +63,7 @@ pub struct Engine<P> {
 
 impl<P: Platform> Engine<P> {
     /// An engine for the cutover `id`.
-    pub fn new(
-        id: impl Into<String>,
-        spec: DatabaseCutoverSpec,
-        dbs: Databases,
-        platform: P,
-    ) -> Self {
+    pub fn new(id: impl Into<String>, spec: ValidSpec, dbs: Databases, platform: P) -> Self {
         let id = id.into();
         Self {
             names: Names::for_cutover(&id),
@@ -249,7 +241,7 @@ impl<P: Platform> Engine<P> {
                     cutover_id: self.id.clone(),
                     method: self.spec.freeze.method,
                     roles: self.spec.application_roles.clone(),
-                    drain_timeout: parse_duration(&self.spec.freeze.drain_timeout)?,
+                    drain_timeout: self.spec.settings().drain_timeout,
                 };
                 freeze::freeze(&blue, &cfg).await?;
                 // A position every write before the freeze ends strictly before, which green
@@ -385,7 +377,7 @@ impl<P: Platform> Engine<P> {
                     cutover_id: format!("{}-rollback", self.id),
                     method: self.spec.freeze.method,
                     roles: self.spec.application_roles.clone(),
-                    drain_timeout: parse_duration(&self.spec.freeze.drain_timeout)?,
+                    drain_timeout: self.spec.settings().drain_timeout,
                 };
                 freeze::freeze(&green, &cfg).await?;
             }

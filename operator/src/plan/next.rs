@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
-use crate::api::units::{parse_duration, parse_size, parse_timestamp};
+use crate::api::units::parse_timestamp;
 use crate::api::{
-    Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverSpec,
-    DatabaseCutoverStatus, Milestone, Mode, Phase, Problem, ProblemKind, ReplicationStatus,
-    RetryStatus, StepOutcome, StepRecord, VerificationStatus,
+    Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverStatus, Milestone, Mode,
+    Phase, Problem, ProblemKind, ReplicationStatus, RetryStatus, StepOutcome, StepRecord,
+    ValidSpec, VerificationStatus,
 };
 
 /// How often a waiting step looks again.
@@ -141,7 +141,7 @@ impl Action {
 
 /// Decides the next action.
 pub fn next_action(
-    spec: &DatabaseCutoverSpec,
+    spec: &ValidSpec,
     status: &DatabaseCutoverStatus,
     obs: &Observations,
     now: jiff::Timestamp,
@@ -217,32 +217,24 @@ fn step_started(status: &DatabaseCutoverStatus) -> Option<jiff::Timestamp> {
         .and_then(|s| parse_timestamp(&s.started_at).ok())
 }
 
-fn budget_of(spec: &DatabaseCutoverSpec, phase: Phase) -> Option<(&'static str, &str)> {
-    let b = &spec.schedule.budgets;
-    Some(match phase {
-        Phase::Preflight => ("preflight", &b.preflight),
-        Phase::Migrating => ("migrations", &b.migrations),
-        Phase::Replicating => ("replication", &b.replication),
-        Phase::Freezing => ("freeze", &b.freeze),
-        Phase::FinalSync => ("finalSync", &b.final_sync),
-        Phase::Verifying => ("verification", &b.verification),
-        _ => return None,
-    })
-}
-
 fn over_budget(
-    spec: &DatabaseCutoverSpec,
+    spec: &ValidSpec,
     status: &DatabaseCutoverStatus,
     now: jiff::Timestamp,
 ) -> Option<String> {
-    if let (Some((name, text)), Some(started)) =
-        (budget_of(spec, status.phase), step_started(status))
-        && let Ok(budget) = parse_duration(text)
-        && elapsed(started, now) > budget
+    if let (Some((name, budget)), Some(started)) = (
+        spec.settings().budgets.of(status.phase),
+        step_started(status),
+    ) && elapsed(started, now) > budget
     {
         return Some(format!(
-            "step {} exceeded its budget (schedule.budgets.{name}: {text}){}",
+            "step {} exceeded its budget (schedule.budgets.{name}: {}){}",
             status.phase,
+            spec.schedule
+                .budgets
+                .text_of(status.phase)
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             still_failing(status)
         ));
     }
@@ -251,8 +243,7 @@ fn over_budget(
             .frozen_at
             .as_deref()
             .and_then(|t| parse_timestamp(t).ok())
-        && let Ok(limit) = parse_duration(&spec.schedule.max_write_downtime)
-        && elapsed(frozen, now) > limit
+        && elapsed(frozen, now) > spec.settings().max_write_downtime
     {
         return Some(format!(
             "writes have been frozen longer than schedule.maxWriteDowntime ({}){}",
@@ -282,7 +273,7 @@ fn elapsed(since: jiff::Timestamp, now: jiff::Timestamp) -> Duration {
     Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
 }
 
-fn preflight(spec: &DatabaseCutoverSpec, status: &DatabaseCutoverStatus) -> Action {
+fn preflight(spec: &ValidSpec, status: &DatabaseCutoverStatus) -> Action {
     if status.preflight.is_empty() {
         return Action::RunPreflight;
     }
@@ -305,7 +296,7 @@ fn preflight(spec: &DatabaseCutoverSpec, status: &DatabaseCutoverStatus) -> Acti
     })
 }
 
-fn replicating(spec: &DatabaseCutoverSpec, obs: &Observations, now: jiff::Timestamp) -> Action {
+fn replicating(spec: &ValidSpec, obs: &Observations, now: jiff::Timestamp) -> Action {
     let Some(r) = &obs.replication else {
         return Action::StartReplication;
     };
@@ -315,15 +306,10 @@ fn replicating(spec: &DatabaseCutoverSpec, obs: &Observations, now: jiff::Timest
     if r.tables_total == 0 || r.tables_ready < r.tables_total {
         return Action::Wait(POLL);
     }
-    let max_lag = parse_size(&spec.replication.max_lag_before_freeze).unwrap_or(16 << 20);
-    if r.lag_bytes > max_lag {
+    if r.lag_bytes > spec.settings().max_lag_before_freeze {
         return Action::Wait(POLL);
     }
-    if let Some(at) = spec
-        .schedule
-        .freeze_at
-        .as_deref()
-        .and_then(|t| parse_timestamp(t).ok())
+    if let Some(at) = spec.settings().freeze_at
         && now < at
     {
         return Action::Wait(elapsed(now, at).min(POLL * 12));
@@ -355,16 +341,12 @@ fn describe_mismatch(v: &VerificationStatus) -> String {
     format!("verification failed: {}", parts.join("; "))
 }
 
-fn approval(
-    spec: &DatabaseCutoverSpec,
-    status: &DatabaseCutoverStatus,
-    now: jiff::Timestamp,
-) -> Action {
+fn approval(spec: &ValidSpec, status: &DatabaseCutoverStatus, now: jiff::Timestamp) -> Action {
     let gate = &spec.point_of_no_return;
     if gate.approval == Approval::Automatic || gate.approved {
         return Action::PassPointOfNoReturn;
     }
-    let deadline = parse_duration(&gate.deadline).unwrap_or(Duration::from_secs(1800));
+    let deadline = spec.settings().approval_deadline;
     match step_started(status) {
         Some(started) if elapsed(started, now) > deadline => Action::Abort(format!(
             "no approval within pointOfNoReturn.deadline ({})",
@@ -378,11 +360,7 @@ fn approval(
 /// The switch, in order. The forward subscription goes first: once the target takes writes,
 /// nothing may flow into it from the source, and on PostgreSQL before 16 a reverse subscription
 /// next to a forward one would loop changes back.
-fn switching(
-    spec: &DatabaseCutoverSpec,
-    status: &DatabaseCutoverStatus,
-    obs: &Observations,
-) -> Action {
+fn switching(spec: &ValidSpec, status: &DatabaseCutoverStatus, obs: &Observations) -> Action {
     let rehearsal = spec.mode == Mode::Rehearsal;
     let mut steps = vec![Milestone::ForwardReplicationDropped];
     if !rehearsal {
@@ -422,22 +400,11 @@ fn switching(
 }
 
 /// Checkpoint offsets, earliest first.
-pub fn checkpoint_offsets(spec: &DatabaseCutoverSpec) -> Vec<Duration> {
-    let mut offsets: Vec<Duration> = spec
-        .schedule
-        .checkpoints
-        .iter()
-        .filter_map(|c| parse_duration(c).ok())
-        .collect();
-    offsets.sort();
-    offsets
+pub fn checkpoint_offsets(spec: &ValidSpec) -> Vec<Duration> {
+    spec.settings().checkpoints.clone()
 }
 
-fn hypercare(
-    spec: &DatabaseCutoverSpec,
-    status: &DatabaseCutoverStatus,
-    now: jiff::Timestamp,
-) -> Action {
+fn hypercare(spec: &ValidSpec, status: &DatabaseCutoverStatus, now: jiff::Timestamp) -> Action {
     if spec
         .rollback
         .as_ref()
@@ -461,7 +428,7 @@ fn hypercare(
     {
         return Action::Checkpoint(done_count);
     }
-    let length = parse_duration(&spec.schedule.hypercare).unwrap_or(Duration::from_secs(86_400));
+    let length = spec.settings().hypercare;
     if since >= length {
         return Action::Complete;
     }
@@ -564,7 +531,7 @@ impl Failure {
 /// The status after `action` ended with `outcome`, at `now`. Observations refresh the
 /// replication numbers shown by `kubectl get`.
 pub fn record(
-    spec: &DatabaseCutoverSpec,
+    spec: &ValidSpec,
     status: &DatabaseCutoverStatus,
     action: &Action,
     outcome: Outcome,
@@ -763,7 +730,7 @@ fn fail(mut s: DatabaseCutoverStatus, why: String, stamp: &str) -> DatabaseCutov
 /// Whether a transient failure in the current phase may be retried now; `Err` names the limit
 /// that is exhausted.
 fn retry_allowed(
-    spec: &DatabaseCutoverSpec,
+    spec: &ValidSpec,
     s: &DatabaseCutoverStatus,
     now: jiff::Timestamp,
 ) -> Result<(), String> {
@@ -771,8 +738,7 @@ fn retry_allowed(
     // switch is bounded by the write downtime it may still take.
     if s.phase == Phase::Switching
         && let Some(frozen) = s.frozen_at.as_deref().and_then(|t| parse_timestamp(t).ok())
-        && let Ok(limit) = parse_duration(&spec.schedule.max_write_downtime)
-        && elapsed(frozen, now) > limit
+        && elapsed(frozen, now) > spec.settings().max_write_downtime
     {
         return Err(format!(
             "schedule.maxWriteDowntime ({})",
@@ -834,10 +800,9 @@ fn rolled_back_message(s: &DatabaseCutoverStatus) -> String {
 }
 
 /// When hypercare ends: `schedule.hypercare` after the switch.
-fn hypercare_end(spec: &DatabaseCutoverSpec, s: &DatabaseCutoverStatus) -> Option<String> {
+fn hypercare_end(spec: &ValidSpec, s: &DatabaseCutoverStatus) -> Option<String> {
     let switched = parse_timestamp(s.switched_at.as_deref()?).ok()?;
-    let length = parse_duration(&spec.schedule.hypercare).ok()?;
-    let length = jiff::SignedDuration::try_from(length).ok()?;
+    let length = jiff::SignedDuration::try_from(spec.settings().hypercare).ok()?;
     switched.checked_add(length).ok().map(|t| t.to_string())
 }
 

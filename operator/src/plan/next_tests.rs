@@ -7,7 +7,7 @@ use super::next::*;
 use crate::api::{
     Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutover, DatabaseCutoverSpec,
     DatabaseCutoverStatus, Milestone, Mode, Phase, StepOutcome, StepRecord, TableVerification,
-    VerificationStatus,
+    ValidSpec, VerificationStatus,
 };
 
 fn plan(file: &str) -> DatabaseCutoverSpec {
@@ -20,6 +20,32 @@ fn plan(file: &str) -> DatabaseCutoverSpec {
     serde_saphyr::from_str::<DatabaseCutover>(text)
         .unwrap()
         .spec
+}
+
+/// The plan works from validated specs; the tests change a spec, then hand it over as the
+/// controller does, validated (every spec here is valid).
+fn valid(spec: &DatabaseCutoverSpec) -> ValidSpec {
+    ValidSpec::new(spec.clone()).expect("the test's spec is valid")
+}
+
+fn next_action(
+    spec: &DatabaseCutoverSpec,
+    status: &DatabaseCutoverStatus,
+    obs: &Observations,
+    now: jiff::Timestamp,
+) -> Action {
+    super::next::next_action(&valid(spec), status, obs, now)
+}
+
+fn record(
+    spec: &DatabaseCutoverSpec,
+    status: &DatabaseCutoverStatus,
+    action: &Action,
+    outcome: Outcome,
+    obs: &Observations,
+    now: jiff::Timestamp,
+) -> DatabaseCutoverStatus {
+    super::next::record(&valid(spec), status, action, outcome, obs, now)
 }
 
 fn t(secs: i64) -> jiff::Timestamp {
@@ -177,7 +203,7 @@ fn replication_waits_for_copy_lag_and_schedule() {
         Action::Advance(Phase::Freezing)
     );
 
-    spec.schedule.freeze_at = Some(t(600).to_string());
+    spec.schedule.freeze_at = Some(t(600).to_string().into());
     assert!(matches!(
         next_action(&spec, &s, &caught_up(), t(1)),
         Action::Wait(_)

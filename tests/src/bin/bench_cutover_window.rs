@@ -126,7 +126,8 @@ async fn round(tps: f64, clients: usize, dir: &std::path::Path) -> Result<Round>
         secret_file: Some(secret.clone()),
         rehearsal_secret_file: None,
     };
-    let engine = Engine::new("bench/cutover-window", spec()?, dbs, platform);
+    let spec = cutover_operator::api::ValidSpec::new(spec()?)?;
+    let engine = Engine::new("bench/cutover-window", spec, dbs, platform);
     let started = Instant::now();
     let mut frozen_at: Option<Instant> = None;
     let mut watch = Watch(|s: &DatabaseCutoverStatus, _: &_| {
