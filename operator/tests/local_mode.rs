@@ -50,6 +50,8 @@ fn the_staging_rehearsal_plan_runs_in_local_mode() {
         .arg(repo().join("cutover-plans/staging-rehearsal.yaml"))
         .arg("--secrets-dir")
         .arg(secrets.path())
+        .arg("--state-file")
+        .arg(secrets.path().join("state.json"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use cutover_operator::api::FreezeMethod;
 use cutover_operator::postgres::freeze::{self, FreezeConfig, FreezeError};
-use cutover_operator::postgres::replication::TableRef;
+use cutover_operator::postgres::replication::TableName;
 use cutover_operator::postgres::{Dsn, cleanup};
 use cutover_tests::workload;
 use tokio_postgres::error::SqlState;
@@ -139,7 +139,7 @@ async fn read_only_freeze_drains_proves_and_restores_exactly() {
     assert_eq!(err.code(), Some(&SqlState::READ_ONLY_SQL_TRANSACTION));
     let refusal = freeze::probe_write(
         &Dsn::new(app_dsn(&bg.blue)),
-        &TableRef::new("public", "accounts"),
+        &TableName::new("public", "accounts"),
     )
     .await
     .unwrap();
@@ -183,7 +183,7 @@ async fn read_only_freeze_drains_proves_and_restores_exactly() {
         .unwrap();
     let err = freeze::probe_write(
         &Dsn::new(app_dsn(&bg.blue)),
-        &TableRef::new("public", "accounts"),
+        &TableName::new("public", "accounts"),
     )
     .await
     .unwrap_err();
@@ -242,7 +242,7 @@ async fn revoke_login_freeze_refuses_logins_and_restores_grants() {
     );
     let refusal = freeze::probe_write(
         &Dsn::new(app_dsn(&bg.blue)),
-        &TableRef::new("public", "accounts"),
+        &TableName::new("public", "accounts"),
     )
     .await
     .unwrap();

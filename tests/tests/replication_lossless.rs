@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use cutover_operator::api::FreezeMethod;
 use cutover_operator::postgres::freeze::{self, FreezeConfig};
-use cutover_operator::postgres::replication::{self, TableRef, TableSelection};
+use cutover_operator::postgres::replication::{self, TableName, TableSelection};
 use cutover_operator::postgres::{cleanup, sync};
 use cutover_tests::workload::{self, Load, LoadConfig};
 
@@ -49,8 +49,8 @@ async fn lossless_under_load_through_freeze_and_final_sync() {
     assert_eq!(
         tables,
         vec![
-            TableRef::new("public", "accounts"),
-            TableRef::new("public", "ledger")
+            TableName::new("public", "accounts"),
+            TableName::new("public", "ledger")
         ]
     );
     replication::ensure_subscription(&blue, &green, &names, &blue_dsn(&bg))
@@ -93,7 +93,7 @@ async fn lossless_under_load_through_freeze_and_final_sync() {
     assert_eq!(proof.method, "ReadOnly");
     let refusal = freeze::probe_write(
         &cutover_operator::postgres::Dsn::new(app_dsn(&bg.blue)),
-        &TableRef::new("public", "accounts"),
+        &TableName::new("public", "accounts"),
     )
     .await
     .unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use cutover_operator::api::FreezeMethod;
 use cutover_operator::postgres::freeze::{self, FreezeConfig};
-use cutover_operator::postgres::replication::{self, TableRef, TableSelection};
+use cutover_operator::postgres::replication::{self, TableName, TableSelection};
 use cutover_operator::postgres::{Dsn, cleanup, reverse, sync};
 use cutover_tests::workload;
 
@@ -134,9 +134,9 @@ async fn every_step_can_run_twice() {
     assert_eq!(one(&bg.blue, seq), one(&bg.green, seq));
 
     let tables = vec![
-        TableRef::new("public", "accounts"),
-        TableRef::new("public", "extra"),
-        TableRef::new("public", "ledger"),
+        TableName::new("public", "accounts"),
+        TableName::new("public", "extra"),
+        TableName::new("public", "ledger"),
     ];
     for _ in 0..2 {
         reverse::start_reverse(&blue, &green, &names, &tables, &Dsn::new(bg.green_dsn()))
@@ -174,7 +174,7 @@ async fn two_cutovers_on_the_same_servers_do_not_collide() {
         replication::ensure_publication(
             &blue,
             n,
-            &TableSelection::List(vec![TableRef::new("public", t)]),
+            &TableSelection::List(vec![TableName::new("public", t)]),
         )
         .await
         .unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use cutover_operator::api::CheckOutcome;
 use cutover_operator::postgres::preflight::{PreflightOptions, preflight};
-use cutover_operator::postgres::replication::{self, TableRef, TableSelection};
+use cutover_operator::postgres::replication::{self, TableName, TableSelection};
 use cutover_operator::postgres::{cleanup, sync};
 
 const TYPES: &str = r#"
@@ -109,8 +109,8 @@ async fn awkward_types_and_names_replicate_exactly() {
     let tables = replication::ensure_publication(&blue, &names, &TableSelection::All)
         .await
         .unwrap();
-    assert!(tables.contains(&TableRef::new("Sales Dept", "Order \"Lines\"; x")));
-    assert!(tables.contains(&TableRef::new("public", "events")));
+    assert!(tables.contains(&TableName::new("Sales Dept", "Order \"Lines\"; x")));
+    assert!(tables.contains(&TableName::new("public", "events")));
     assert!(!tables.iter().any(|t| t.name.starts_with("events_")));
     replication::ensure_subscription(&blue, &green, &names, &blue_dsn(&bg))
         .await

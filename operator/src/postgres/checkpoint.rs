@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use super::replication::{ReplicationError, TableRef, sync_point, wait_applied_named};
+use super::replication::{ReplicationError, sync_point, wait_applied_named};
 use super::verify::spot::{Spot, SpotTables};
 use super::verify::{Side, TableName, VerifyError};
 
@@ -86,7 +86,7 @@ pub enum CountState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableCount {
     /// The table.
-    pub table: TableRef,
+    pub table: TableName,
     /// Rows on the target (the latest count).
     pub target_rows: i64,
     /// Rows on the source at the latest comparison, when compared.
@@ -120,7 +120,7 @@ pub struct CheckpointReport {
 pub async fn run(
     target: &Client,
     reverse: Option<&ReverseLink<'_>>,
-    tables: &[TableRef],
+    tables: &[TableName],
 ) -> Result<CheckpointReport, CheckpointError> {
     let mut report = CheckpointReport::default();
     let Some(link) = reverse else {
@@ -167,7 +167,7 @@ pub async fn run(
 /// What is looked at on both sides.
 enum Look<'a> {
     /// A table's row count.
-    Count(&'a TableRef),
+    Count(&'a TableName),
     /// A spot's row count and hash sum.
     Spot(&'a SpotTables, &'a Spot),
 }
@@ -253,7 +253,7 @@ async fn bracketed(
     Ok(Verdict::Unsettled(after, source))
 }
 
-async fn count(client: &Client, table: &TableRef) -> Result<i64, ReplicationError> {
+async fn count(client: &Client, table: &TableName) -> Result<i64, ReplicationError> {
     client
         .query_one(&format!("SELECT count(*) FROM {}", table.quoted()), &[])
         .await

@@ -6,13 +6,15 @@
 //! Idempotent: each object is looked up in the catalogs and dropped only if it is there, so
 //! cleanup can run after an abort at any step, after a crash halfway through itself, and again.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio_postgres::Client;
 
 use super::ident::quote_ident;
-use super::replication::{Names, POLL, STATE_SCHEMA, db_message, writable_session};
+use super::replication::Names;
+use super::shared::{STATE_SCHEMA, db_message, writable_session};
+use super::slots::{SlotError, drop_slot};
 
 /// Why cleanup failed.
 #[derive(Debug, Error)]
@@ -26,14 +28,9 @@ pub enum CleanupError {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// A slot stayed in use.
-    #[error("failed to drop replication slot {slot}: still in use after {waited:?}")]
-    SlotBusy {
-        /// The slot.
-        slot: String,
-        /// How long it was awaited.
-        waited: Duration,
-    },
+    /// A slot could not be dropped.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
 }
 
 fn sql(action: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CleanupError {
@@ -48,59 +45,6 @@ pub struct CleanupReport {
     pub dropped: Vec<String>,
     /// Objects that could not be reached (their server was unavailable).
     pub skipped: Vec<String>,
-}
-
-/// Drops the replication slot `slot` if it exists. An active slot (a walsender still streams
-/// from it) is waited for, and after `patience` its walsender is terminated.
-pub async fn drop_slot(
-    client: &Client,
-    slot: &str,
-    patience: Duration,
-) -> Result<bool, CleanupError> {
-    let started = Instant::now();
-    loop {
-        let row = client
-            .query_opt(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(sql("look up the replication slot"))?;
-        let Some(row) = row else { return Ok(false) };
-        let active_pid: Option<i32> = row.get(0);
-        match active_pid {
-            None => {
-                match client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                    .await
-                {
-                    Ok(_) => return Ok(true),
-                    // Gone meanwhile, or became active meanwhile: look again.
-                    Err(e)
-                        if matches!(
-                            e.code(),
-                            Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT)
-                                | Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
-                        ) => {}
-                    Err(e) => return Err(sql(format!("drop replication slot {slot}"))(e)),
-                }
-            }
-            Some(pid) if started.elapsed() >= patience => {
-                client
-                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
-                    .await
-                    .map_err(sql("stop the walsender of the replication slot"))?;
-                if started.elapsed() >= patience * 3 {
-                    return Err(CleanupError::SlotBusy {
-                        slot: slot.to_owned(),
-                        waited: started.elapsed(),
-                    });
-                }
-            }
-            Some(_) => {}
-        }
-        tokio::time::sleep(POLL).await;
-    }
 }
 
 /// Drops subscription `name` on `subscriber`, and on `publisher` (when reachable) its slot

@@ -32,7 +32,8 @@ use tokio_postgres::error::SqlState;
 
 use super::connect::{ConnectOptions, Dsn, connect};
 use super::ident::{quote_ident, quote_literal};
-use super::replication::{STATE_SCHEMA, TableRef, db_message, writable_session};
+use super::replication::TableName;
+use super::shared::{STATE_SCHEMA, db_message, writable_session};
 use crate::api::FreezeMethod;
 
 /// What to freeze and how.
@@ -649,7 +650,7 @@ pub async fn assert_frozen(db: &Client, cutover_id: &str) -> Result<FrozenProof,
 /// nothing but is refused in a read-only transaction; the role needs UPDATE on `table`). Returns the refusal when the freeze holds —
 /// login refused, or the write refused as read-only — and an error when the write went through
 /// or failed for another reason.
-pub async fn probe_write(dsn: &Dsn, table: &TableRef) -> Result<String, FreezeError> {
+pub async fn probe_write(dsn: &Dsn, table: &TableName) -> Result<String, FreezeError> {
     let who = dsn.redacted();
     let opts = ConnectOptions {
         application_name: "cutover-freeze-probe".into(),

@@ -18,4 +18,6 @@ pub mod preflight;
 pub mod replication;
 pub mod reverse;
 pub mod roles;
+pub mod shared;
+pub mod slots;
 pub mod sync;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::replication::{TableRef, TableSelection, db_message, resolve_tables};
+use super::replication::{TableName, TableSelection, resolve_tables};
+use super::shared::db_message;
 use crate::api::{CheckOutcome, CheckResult};
 
 /// What preflight checks against.
@@ -477,7 +478,7 @@ async fn roles(blue: &Client, roles: &[String]) -> CheckResult {
     }
 }
 
-fn names(tables: &[TableRef]) -> (Vec<String>, Vec<String>) {
+fn names(tables: &[TableName]) -> (Vec<String>, Vec<String>) {
     tables
         .iter()
         .map(|t| (t.schema.clone(), t.name.clone()))
@@ -489,7 +490,7 @@ const TABLES: &str = "(SELECT c.oid, n.nspname, c.relname, c.relkind, c.relrepli
        JOIN pg_namespace n ON n.nspname = t.s
        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.r)";
 
-async fn ownership(blue: &Client, tables: &[TableRef]) -> CheckResult {
+async fn ownership(blue: &Client, tables: &[TableName]) -> CheckResult {
     const NAME: &str = "table-ownership";
     let (s, r) = names(tables);
     let q = format!(
@@ -525,7 +526,7 @@ fn list(items: impl Iterator<Item = String>) -> String {
 
 /// Every replicated table (and every partition of a partitioned one: changes are decoded per
 /// partition) needs a primary key or a usable replica identity.
-async fn replica_identity(blue: &Client, tables: &[TableRef]) -> CheckResult {
+async fn replica_identity(blue: &Client, tables: &[TableName]) -> CheckResult {
     const NAME: &str = "replica-identity";
     let (s, r) = names(tables);
     let q = format!(
@@ -584,8 +585,8 @@ type TableShape = (BTreeMap<String, (String, bool, bool)>, Vec<String>);
 
 async fn shapes(
     client: &Client,
-    tables: &[TableRef],
-) -> Result<BTreeMap<TableRef, TableShape>, tokio_postgres::Error> {
+    tables: &[TableName],
+) -> Result<BTreeMap<TableName, TableShape>, tokio_postgres::Error> {
     let (s, r) = names(tables);
     let rows = client
         .query(
@@ -600,9 +601,9 @@ async fn shapes(
             &[&s, &r],
         )
         .await?;
-    let mut out: BTreeMap<TableRef, TableShape> = BTreeMap::new();
+    let mut out: BTreeMap<TableName, TableShape> = BTreeMap::new();
     for row in rows {
-        let t = TableRef::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let t = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
         let entry = out.entry(t).or_default();
         let col: String = row.get(2);
         let pk_pos: i32 = row.get(6);
@@ -646,7 +647,7 @@ pub enum SchemaError {
     Differs(String),
 }
 
-async fn schema_match(blue: &Client, green: &Client, tables: &[TableRef]) -> CheckResult {
+async fn schema_match(blue: &Client, green: &Client, tables: &[TableName]) -> CheckResult {
     const NAME: &str = "schema-match";
     let (b, g) = match (shapes(blue, tables).await, shapes(green, tables).await) {
         (Ok(b), Ok(g)) => (b, g),
@@ -731,7 +732,7 @@ async fn schema_match(blue: &Client, green: &Client, tables: &[TableRef]) -> Che
     }
 }
 
-async fn special_objects(blue: &Client, tables: &[TableRef]) -> Vec<CheckResult> {
+async fn special_objects(blue: &Client, tables: &[TableName]) -> Vec<CheckResult> {
     let mut out = Vec::new();
     let (s, r) = names(tables);
     let q = format!(

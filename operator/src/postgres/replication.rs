@@ -6,7 +6,6 @@
 //! `pg_subscription`, `pg_replication_slots`) instead of remembering what it did. Every `ensure_*`
 //! function checks the catalogs first and is harmless to repeat.
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -14,18 +13,10 @@ use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
 use super::connect::Dsn;
-use super::ident::{quote_ident, quote_literal, quote_qualified};
-
-/// Schemas never replicated: PostgreSQL's own and the operator's bookkeeping schema (see
-/// [`super::freeze`]).
-pub const EXCLUDED_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", STATE_SCHEMA];
-/// The schema the operator keeps its own state in on a frozen database.
-pub const STATE_SCHEMA: &str = "cutover";
-/// Tables never replicated in "all tables" mode: the migration history each side keeps itself.
-pub const EXCLUDED_TABLES: &[&str] = &["cutover_schema_history"];
-
-/// How often catalog conditions are polled while waiting.
-pub(crate) const POLL: Duration = Duration::from_millis(20);
+pub use super::ident::TableName;
+use super::ident::{quote_ident, quote_literal};
+use super::shared::{EXCLUDED_SCHEMAS, EXCLUDED_TABLES, POLL, db_message, writable_session};
+use super::slots::{SlotError, drop_slot};
 
 /// The names of every replication object of one cutover.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,42 +76,6 @@ fn fnv1a32(bytes: &[u8]) -> u32 {
     hash
 }
 
-/// A table, by schema and name (unquoted).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TableRef {
-    /// Schema name.
-    pub schema: String,
-    /// Table name.
-    pub name: String,
-}
-
-impl TableRef {
-    /// A table reference.
-    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            schema: schema.into(),
-            name: name.into(),
-        }
-    }
-
-    /// Parses `schema.table` as written in the spec (no quoting; the first dot separates).
-    pub fn parse(text: &str) -> Option<Self> {
-        let (schema, name) = text.split_once('.')?;
-        (!schema.is_empty() && !name.is_empty()).then(|| Self::new(schema, name))
-    }
-
-    /// The quoted, qualified name for SQL text.
-    pub fn quoted(&self) -> String {
-        quote_qualified(&self.schema, &self.name)
-    }
-}
-
-impl std::fmt::Display for TableRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
-
 /// Which tables are replicated.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum TableSelection {
@@ -130,7 +85,7 @@ pub enum TableSelection {
     #[default]
     All,
     /// Exactly these tables.
-    List(Vec<TableRef>),
+    List(Vec<TableName>),
 }
 
 impl TableSelection {
@@ -139,7 +94,12 @@ impl TableSelection {
         if tables.is_empty() {
             Self::All
         } else {
-            Self::List(tables.iter().filter_map(|t| TableRef::parse(t)).collect())
+            Self::List(
+                tables
+                    .iter()
+                    .filter_map(|t| TableName::parse(t).ok())
+                    .collect(),
+            )
         }
     }
 }
@@ -175,20 +135,9 @@ pub enum ReplicationError {
     /// The subscription reported an error or was disabled.
     #[error("failed to replicate: {0}")]
     Broken(String),
-}
-
-/// The server's message (and detail) of a driver error, or the driver's own text.
-pub(crate) fn db_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut s = format!("{}: {}", db.severity(), db.message());
-            if let Some(detail) = db.detail() {
-                let _ = write!(s, " ({detail})");
-            }
-            s
-        }
-        None => e.to_string(),
-    }
+    /// A leftover slot could not be dropped.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
 }
 
 pub(crate) fn sql(
@@ -198,21 +147,12 @@ pub(crate) fn sql(
     move |source| ReplicationError::Sql { action, source }
 }
 
-/// Makes this session writable even when the database or role is frozen
-/// (`default_transaction_read_only = on` applies to new sessions of every role, the operator's
-/// own included), so the operator can always undo what it did.
-pub(crate) async fn writable_session(client: &Client) -> Result<(), tokio_postgres::Error> {
-    client
-        .batch_execute("SET SESSION default_transaction_read_only = off")
-        .await
-}
-
 /// The tables a selection means on this database, sorted. For [`TableSelection::List`], every
 /// listed table must exist.
 pub async fn resolve_tables(
     client: &Client,
     selection: &TableSelection,
-) -> Result<Vec<TableRef>, ReplicationError> {
+) -> Result<Vec<TableName>, ReplicationError> {
     let rows = client
         .query(
             "SELECT n.nspname, c.relname
@@ -229,9 +169,9 @@ pub async fn resolve_tables(
         )
         .await
         .map_err(sql("list the tables to replicate"))?;
-    let all: Vec<TableRef> = rows
+    let all: Vec<TableName> = rows
         .iter()
-        .map(|r| TableRef::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
     match selection {
         TableSelection::All => Ok(all),
@@ -257,7 +197,7 @@ pub async fn resolve_tables(
 pub async fn publication_tables(
     client: &Client,
     publication: &str,
-) -> Result<Vec<TableRef>, ReplicationError> {
+) -> Result<Vec<TableName>, ReplicationError> {
     let rows = client
         .query(
             "SELECT n.nspname, c.relname
@@ -272,7 +212,7 @@ pub async fn publication_tables(
         .map_err(sql("read the publication's tables"))?;
     Ok(rows
         .iter()
-        .map(|r| TableRef::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect())
 }
 
@@ -281,7 +221,7 @@ pub async fn publication_tables(
 pub async fn ensure_publication_named(
     client: &Client,
     name: &str,
-    tables: &[TableRef],
+    tables: &[TableName],
 ) -> Result<bool, ReplicationError> {
     writable_session(client)
         .await
@@ -293,7 +233,7 @@ pub async fn ensure_publication_named(
         .is_some();
     let list = tables
         .iter()
-        .map(TableRef::quoted)
+        .map(TableName::quoted)
         .collect::<Vec<_>>()
         .join(", ");
     if !exists {
@@ -329,7 +269,7 @@ pub async fn ensure_publication_named(
             quote_ident(name),
             current
                 .iter()
-                .map(TableRef::quoted)
+                .map(TableName::quoted)
                 .collect::<Vec<_>>()
                 .join(", ")
         )
@@ -349,7 +289,7 @@ pub async fn ensure_publication(
     blue: &Client,
     names: &Names,
     selection: &TableSelection,
-) -> Result<Vec<TableRef>, ReplicationError> {
+) -> Result<Vec<TableName>, ReplicationError> {
     let tables = resolve_tables(blue, selection).await?;
     ensure_publication_named(blue, &names.publication, &tables).await?;
     Ok(tables)
@@ -397,9 +337,7 @@ pub async fn ensure_subscription_named(
         }
         return Ok(false);
     }
-    super::cleanup::drop_slot(publisher, slot, Duration::from_secs(10))
-        .await
-        .map_err(|e| ReplicationError::Broken(e.to_string()))?;
+    drop_slot(publisher, slot, Duration::from_secs(10)).await?;
     let stmt = format!(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} \
          WITH (copy_data = {}, create_slot = true, slot_name = {}, enabled = true)",
@@ -844,11 +782,11 @@ mod tests {
     fn spec_tables_parse() {
         assert_eq!(
             TableSelection::from_spec(&["my schema.Order Lines".into()]),
-            TableSelection::List(vec![TableRef::new("my schema", "Order Lines")])
+            TableSelection::List(vec![TableName::new("my schema", "Order Lines")])
         );
         assert_eq!(TableSelection::from_spec(&[]), TableSelection::All);
         assert_eq!(
-            TableRef::new("a\"b", "T").quoted(),
+            TableName::new("a\"b", "T").quoted(),
             r#""a""b"."T""#.to_owned()
         );
     }

@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 use super::cleanup::{CleanupReport, drop_subscription};
 use super::connect::Dsn;
 use super::replication::{
-    Lag, Names, ReplicationError, SubscriptionOptions, TableRef, ensure_publication_named,
+    Lag, Names, ReplicationError, SubscriptionOptions, TableName, ensure_publication_named,
     ensure_subscription_named, lag_of_slot, sync_point, wait_applied_named,
 };
 use super::sync::{FinalSync, SyncError, copy_sequences};
@@ -29,7 +29,7 @@ pub async fn start_reverse(
     blue: &Client,
     green: &Client,
     names: &Names,
-    tables: &[TableRef],
+    tables: &[TableName],
     green_conninfo: &Dsn,
 ) -> Result<(), ReplicationError> {
     let mut report = CleanupReport::default();

@@ -4,7 +4,7 @@
 use thiserror::Error;
 use tokio_postgres::Client;
 
-use super::replication::db_message;
+use super::shared::db_message;
 use super::{freeze, preflight, quote_ident};
 
 /// Why the application roles cannot work on green.

@@ -13,10 +13,8 @@ use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
 use super::ident::quote_qualified;
-use super::replication::{
-    EXCLUDED_SCHEMAS, Names, ReplicationError, db_message, sync_point, wait_applied_by,
-    writable_session,
-};
+use super::replication::{Names, ReplicationError, sync_point, wait_applied_by};
+use super::shared::{EXCLUDED_SCHEMAS, db_message, writable_session};
 
 /// Why the final sync failed.
 #[derive(Debug, Error)]

@@ -9,9 +9,9 @@ use super::{Side, TableName, VerifyError};
 
 /// Schemas never compared: PostgreSQL's own, and the operator's bookkeeping schema on a frozen
 /// database (the same list replication excludes).
-pub const EXCLUDED_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "cutover"];
+pub use crate::postgres::shared::EXCLUDED_SCHEMAS;
 /// Tables never compared unless named: the migration history each side keeps for itself.
-pub const EXCLUDED_TABLES: &[&str] = &["cutover_schema_history"];
+pub use crate::postgres::shared::EXCLUDED_TABLES;
 
 /// One column of a table.
 #[derive(Clone, Debug, PartialEq, Eq)]

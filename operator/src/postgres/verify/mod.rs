@@ -38,6 +38,7 @@ pub use self::report::{
     VerifyReport,
 };
 pub use self::session::CANONICAL_SETTINGS;
+pub use crate::postgres::ident::TableName;
 
 /// Which database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -55,89 +56,6 @@ impl fmt::Display for Side {
             Self::Source => "source",
             Self::Target => "target",
         })
-    }
-}
-
-/// A schema-qualified table or sequence name, as stored in the catalog (no case folding).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct TableName {
-    /// Schema.
-    pub schema: String,
-    /// Name.
-    pub name: String,
-}
-
-impl TableName {
-    /// A qualified name.
-    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            schema: schema.into(),
-            name: name.into(),
-        }
-    }
-
-    /// Parses `schema.table` (or `table`, meaning `public.table`). Either part may be written
-    /// in double quotes (`"my schema"."Order.Lines"`, `""` for a quote inside); unquoted parts
-    /// are taken literally, without case folding.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut chars = text.chars().peekable();
-        loop {
-            let mut part = String::new();
-            if chars.peek() == Some(&'"') {
-                chars.next();
-                loop {
-                    match chars.next() {
-                        Some('"') if chars.peek() == Some(&'"') => {
-                            chars.next();
-                            part.push('"');
-                        }
-                        Some('"') => break,
-                        Some(c) => part.push(c),
-                        None => return Err(format!("unterminated quote in {text:?}")),
-                    }
-                }
-            } else {
-                while let Some(&c) = chars.peek() {
-                    if c == '.' {
-                        break;
-                    }
-                    part.push(c);
-                    chars.next();
-                }
-            }
-            if part.is_empty() {
-                return Err(format!("empty name in {text:?}"));
-            }
-            parts.push(part);
-            match chars.next() {
-                None => break,
-                Some('.') => continue,
-                Some(c) => return Err(format!("unexpected {c:?} after a quoted name in {text:?}")),
-            }
-        }
-        match <[String; 2]>::try_from(parts) {
-            Ok([schema, name]) => Ok(Self { schema, name }),
-            Err(parts) if parts.len() == 1 => Ok(Self::new("public", parts[0].clone())),
-            Err(_) => Err(format!("expected schema.table, got {text:?}")),
-        }
-    }
-}
-
-impl fmt::Display for TableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let part = |s: &str| {
-            let plain = !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                && !s.starts_with(|c: char| c.is_ascii_digit());
-            if plain {
-                s.to_owned()
-            } else {
-                crate::postgres::ident::quote_ident(s)
-            }
-        };
-        write!(f, "{}.{}", part(&self.schema), part(&self.name))
     }
 }
 
@@ -1023,27 +941,6 @@ fn interleave(ranges: &[Vec<Range>]) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_table_names() {
-        assert_eq!(TableName::parse("s.t").unwrap(), TableName::new("s", "t"));
-        assert_eq!(
-            TableName::parse("orders").unwrap(),
-            TableName::new("public", "orders")
-        );
-        assert_eq!(
-            TableName::parse(r#""my schema"."Order.Lines""x""#).unwrap(),
-            TableName::new("my schema", "Order.Lines\"x")
-        );
-        assert!(TableName::parse("a.b.c").is_err());
-        assert!(TableName::parse("\"a").is_err());
-        assert!(TableName::parse("a.").is_err());
-        assert_eq!(
-            TableName::new("my schema", "T").to_string(),
-            r#""my schema"."T""#
-        );
-        assert_eq!(TableName::new("public", "t_1").to_string(), "public.t_1");
-    }
 
     #[test]
     fn ranges_cover_everything_once() {
