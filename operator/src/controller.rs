@@ -283,6 +283,7 @@ impl StatusWriter<'_> {
                 .record_status(&namespace, &name, before.as_ref(), &desired);
             debug!(%namespace, %name, phase = %desired.phase, "status written");
         }
+        let first_write = before.is_none();
         let previous = before.unwrap_or_default();
         if let (None, Some(retry)) = (&previous.retry, &desired.retry) {
             warn!(%namespace, %name, reason = %retry.reason, message = %retry.message, "retrying a step");
@@ -299,7 +300,7 @@ impl StatusWriter<'_> {
             )
             .await;
         }
-        if previous.phase != desired.phase || self.obj.status.is_none() {
+        if first_write || previous.phase != desired.phase {
             announce_phase(self.ctx, &self.obj, &desired).await;
             info!(%namespace, %name, phase = %desired.phase, "phase changed");
         }
@@ -619,35 +620,29 @@ pub async fn run(client: Client, opts: RunOptions) -> anyhow::Result<()> {
                 .await?;
             let (mut leader, lease_task) = manager.watch().await;
             health.set_ready(true);
-            // Between steps the controller checks this flag; it follows the Lease as soon as
-            // the lease task sees a change, before the controller has shut down.
-            {
-                let ctx = ctx.clone();
-                let mut leader = leader.clone();
-                ctx.set_leading(*leader.borrow_and_update());
-                tokio::spawn(async move {
-                    while leader.changed().await.is_ok() {
-                        ctx.set_leading(*leader.borrow_and_update());
-                    }
-                    ctx.set_leading(false);
-                });
-            }
+            // Between steps the controller checks `ctx.is_leading()`: false from the moment the
+            // lease task sees the Lease lost, before the controller has shut down.
+            ctx.set_leading(false);
             loop {
                 if *leader.borrow_and_update() {
                     info!(lease = %le.lease_name, "leading: reconciling");
                     metrics.leader.with_label_values(&[] as &[&str]).set(1);
+                    ctx.set_leading(true);
                     let lost = {
                         let mut leader = leader.clone();
+                        let ctx = ctx.clone();
                         async move {
                             while *leader.borrow_and_update() {
                                 if leader.changed().await.is_err() {
                                     break;
                                 }
                             }
+                            ctx.set_leading(false);
                         }
                     };
                     let stop = ShutdownSignal::any(shutdown.clone(), lost);
                     run_controller(&client, &opts, ctx.clone(), stop).await;
+                    ctx.set_leading(false);
                     metrics.leader.with_label_values(&[] as &[&str]).set(0);
                     info!("stopped reconciling");
                 } else {
