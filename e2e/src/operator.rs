@@ -123,6 +123,17 @@ impl OperatorProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the process stops where it is (a replica frozen by its node, a long GC pause)
+    /// and holds on to whatever it was doing.
+    pub fn pause(&self) {
+        signal(self.child.id() as libc::pid_t, libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`pause`](Self::pause): the process carries on from where it stopped.
+    pub fn resume(&self) {
+        signal(self.child.id() as libc::pid_t, libc::SIGCONT);
+    }
+
     /// SIGTERM, then waits up to 30 s for the exit code.
     pub fn terminate(&mut self) -> Result<Option<i32>, String> {
         let pid = self.child.id() as libc::pid_t;

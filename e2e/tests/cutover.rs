@@ -1344,3 +1344,154 @@ async fn hypercare_reports_a_stuck_rollout_and_a_broken_way_back_until_they_clea
     assert_eq!(s.app_secret().await, s.green_app);
     s.assert_ledger(&s.bg.green, &report);
 }
+
+/// A replica that wakes up after another took over acts on nothing stale. Two replicas with
+/// short leases; the leader drives the cutover into Replicating (the freeze is scheduled a
+/// little later) and is paused there (SIGSTOP) past its Lease. The standby takes over and
+/// finishes the cutover. Then the old leader is resumed, its watch cache still showing
+/// Replicating: it plans from the object as the API server holds it, any status it computed
+/// from the old one is refused by the resourceVersion precondition, and it gives up the lead.
+/// The status never goes backwards — every version the API server stored follows the sequence —
+/// no step record or milestone appears twice, and nothing of the cutover is left behind (a
+/// stale replica restarting replication would leave a subscription and a slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_resumed_after_a_takeover_acts_on_nothing_stale() {
+    let mut s = Scenario::start("fence").await;
+    s.operator.kill();
+    let lease = ["--lease-seconds", "4"];
+    let old = OperatorProcess::start(&s.plane, &s.ns, "old", &lease).unwrap();
+    let _dump_old = old.dump_on_panic(&s.plane, &s.ns);
+    eventually(
+        "the first replica leads",
+        Duration::from_secs(30),
+        || async {
+            old.metrics()
+                .await
+                .contains("cutover_leader 1")
+                .then_some(())
+        },
+    )
+    .await;
+    let new = OperatorProcess::start(&s.plane, &s.ns, "new", &lease).unwrap();
+    let _dump_new = new.dump_on_panic(&s.plane, &s.ns);
+
+    // Every version of the object the API server stores, as a watcher sees it.
+    let api = s.api();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<DatabaseCutoverStatus>::new()));
+    let watcher = {
+        let api = api.clone();
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let stream = kube::runtime::watcher::watcher(
+                api,
+                kube::runtime::watcher::Config::default().fields(&format!("metadata.name={NAME}")),
+            );
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Ok(kube::runtime::watcher::Event::Apply(obj)) = event
+                    && let Some(status) = obj.status
+                {
+                    seen.lock().unwrap().push(status);
+                }
+            }
+        })
+    };
+
+    let mut plan = s.plan();
+    plan.spec.schedule.freeze_at = Some(
+        (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(25))
+            .to_string()
+            .into(),
+    );
+    s.apply(&plan).await;
+    eventually(
+        "the copy is done, waiting for freezeAt",
+        Duration::from_secs(60),
+        || async {
+            let status = api.get(NAME).await.ok()?.status?;
+            let r = status.replication?;
+            (status.phase == Phase::Replicating
+                && r.tables_total > 0
+                && r.tables_ready == r.tables_total)
+                .then_some(())
+        },
+    )
+    .await;
+    let standby = new.metrics().await;
+    assert!(
+        !standby.contains("cutover_leader 1"),
+        "the standby stands by: {standby}"
+    );
+
+    old.pause();
+    eventually(
+        "the standby takes the Lease",
+        Duration::from_secs(60),
+        || async {
+            new.metrics()
+                .await
+                .contains("cutover_leader 1")
+                .then_some(())
+        },
+    )
+    .await;
+    let done = s
+        .wait_phase_unbroken(Phase::Completed, Duration::from_secs(180))
+        .await;
+
+    old.resume();
+    eventually(
+        "the resumed replica gives up the lead",
+        Duration::from_secs(60),
+        || async {
+            old.metrics()
+                .await
+                .contains("cutover_leader 0")
+                .then_some(())
+        },
+    )
+    .await;
+    // Whatever the resumed replica did, it has done it by the time it stopped leading.
+    watcher.abort();
+    let after = api.get(NAME).await.unwrap().status.unwrap();
+    assert_eq!(after, done, "the status changed after completion");
+
+    // No status went backwards: each stored phase follows the previous one in the sequence.
+    let history = seen.lock().unwrap().clone();
+    for pair in history.windows(2) {
+        assert!(
+            cutover_operator::plan::can_transition(pair[0].phase, pair[1].phase),
+            "status went from {} to {}",
+            pair[0].phase,
+            pair[1].phase
+        );
+        assert!(
+            pair[1].steps.len() >= pair[0].steps.len(),
+            "step records were lost: {:?} then {:?}",
+            pair[0].steps,
+            pair[1].steps
+        );
+    }
+    // No step was done twice.
+    let phases: Vec<Phase> = done.steps.iter().map(|st| st.name).collect();
+    let mut unique = phases.clone();
+    unique.dedup();
+    assert_eq!(unique, phases, "a step was recorded twice");
+    let mut milestones = done.milestones.clone();
+    milestones.sort_by_key(|m| format!("{m:?}"));
+    milestones.dedup();
+    assert_eq!(
+        milestones.len(),
+        done.milestones.len(),
+        "{:?}",
+        done.milestones
+    );
+    let report = s.stop_load().await;
+    s.assert_ledger(&s.bg.green, &report);
+    s.assert_nothing_left();
+    eprintln!(
+        "fenced: {} status versions seen, phases {phases:?}",
+        history.len()
+    );
+}

@@ -161,6 +161,7 @@ async fn apply(
     api: &Api<DatabaseCutover>,
     ctx: &Context,
 ) -> Result<Action, Error> {
+    let name = obj.name_any();
     let mut sink = StatusWriter {
         api: api.clone(),
         ctx,
@@ -175,6 +176,10 @@ async fn apply(
         if !ctx.is_leading() {
             return Ok(Action::await_change());
         }
+        // The watch cache may be behind what the API server holds (this replica was paused
+        // while another one led; a person just changed the spec): every step is planned from
+        // the object as it is now, so a replica that wakes up never acts on a stale status.
+        sink.obj = api.get_status(&name).await.map_err(Error::Kube)?;
         let current = sink.obj.status.clone().unwrap_or_default();
         if current.phase.is_terminal() {
             sink.write(&current, &plan::Action::Idle).await?;
@@ -199,8 +204,7 @@ async fn apply(
             Err(Error::Conflict) => {
                 // Someone else wrote the object since it was read (another replica, a person
                 // editing the spec): read it again and plan from what is there now.
-                debug!(name = %obj.name_any(), "status write conflicted; re-reading");
-                sink.obj = api.get_status(&obj.name_any()).await.map_err(Error::Kube)?;
+                debug!(%name, "status write conflicted; planning again from the stored object");
                 continue;
             }
             Err(err) => return Err(err),
