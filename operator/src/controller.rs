@@ -462,14 +462,9 @@ async fn cleanup(obj: &DatabaseCutover, ctx: &Context) -> Result<Action, Error> 
     let name = obj.name_any();
     let namespace = obj.namespace().unwrap_or_default();
     let status = obj.status.clone().unwrap_or_default();
-    // Before the point of no return: unfreeze the source and remove every replication object.
-    // After it: remove replication objects only; the target stays writable and the Secret as
-    // it stands.
-    // Preflight only reads, and a finished cutover cleaned up after itself: then nothing of
-    // ours can be on either server, and the databases need not even be reachable.
-    let nothing_created = matches!(status.phase, Phase::Pending | Phase::Preflight);
-    let cleaned_up = status.phase.is_terminal();
-    if !nothing_created && !cleaned_up {
+    // What to undo is the plan's decision (`plan::cleanup_scope`); with nothing to undo the
+    // databases need not even be reachable.
+    if plan::cleanup_scope(&status) != plan::CleanupScope::Nothing {
         let engine = engine_for(obj, ctx).await?;
         engine
             .try_perform(&plan::Action::Finalize, &status)

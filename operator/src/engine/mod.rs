@@ -17,9 +17,10 @@ use std::time::Instant;
 use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
-use crate::api::{DatabaseCutoverStatus, Milestone, Phase, ValidSpec, VerificationStatus};
+use crate::api::{DatabaseCutoverStatus, Milestone, ValidSpec, VerificationStatus};
 use crate::plan::{
-    Action, Failure, JobState, MigrationSet, Observations, Outcome, ReplicationObservation,
+    Action, CleanupScope, Failure, JobState, MigrationSet, Observations, Outcome,
+    ReplicationObservation,
 };
 use crate::platform::Platform;
 use crate::postgres::checkpoint::{self, CountState, ReverseLink};
@@ -91,96 +92,73 @@ impl<P: Platform> Engine<P> {
             .map_err(ActionError::connect(Side::Green))
     }
 
-    /// Cheap reads that the next decision needs.
+    /// Cheap reads that the next decision needs: exactly what `plan::observation_needs` asks.
     pub async fn observe(
         &self,
         status: &DatabaseCutoverStatus,
         deleting: bool,
     ) -> Result<Observations, ActionError> {
+        let needs = crate::plan::observation_needs(&self.spec, status, deleting);
         let mut obs = Observations {
             deleting,
             ..Observations::default()
         };
-        if deleting || status.phase.is_terminal() {
-            return Ok(obs);
+        if let Some(set) = needs.migration_job {
+            obs.migration_job = self.platform.migration_job(set).await?;
         }
-        match status.phase {
-            Phase::Migrating => {
-                obs.migration_job = self.observe_job(MigrationSet::Initial).await?;
+        if needs.replication {
+            let green = self.green().await?;
+            if replication::subscription_exists(&green, &self.names.subscription).await? {
+                let progress = replication::progress(&green, &self.names).await?;
+                let blue = self.blue().await?;
+                let lag = replication::lag(&blue, &self.names).await?;
+                let broken =
+                    replication::health(&green, &blue, &self.names.subscription, &self.names.slot)
+                        .await?;
+                obs.replication = Some(ReplicationObservation {
+                    tables_ready: u32::try_from(progress.tables_ready).unwrap_or(0),
+                    tables_total: u32::try_from(progress.tables_total).unwrap_or(0),
+                    lag_bytes: lag.bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or(0),
+                    broken,
+                });
             }
-            Phase::Switching
-                if self.has_post_switch_migrations()
-                    && status
-                        .milestones
-                        .contains(&Milestone::ForwardReplicationDropped)
-                    && !status.milestones.contains(&Milestone::PostSwitchMigrated) =>
-            {
-                obs.migration_job = self.observe_job(MigrationSet::PostSwitch).await?;
-            }
-            Phase::Replicating => {
-                let green = self.green().await?;
-                if replication::subscription_exists(&green, &self.names.subscription).await? {
-                    let progress = replication::progress(&green, &self.names).await?;
-                    let blue = self.blue().await?;
-                    let lag = replication::lag(&blue, &self.names).await?;
-                    let broken = replication::health(
-                        &green,
-                        &blue,
-                        &self.names.subscription,
-                        &self.names.slot,
-                    )
-                    .await?;
-                    obs.replication = Some(ReplicationObservation {
-                        tables_ready: u32::try_from(progress.tables_ready).unwrap_or(0),
-                        tables_total: u32::try_from(progress.tables_total).unwrap_or(0),
-                        lag_bytes: lag.bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or(0),
-                        broken,
-                    });
-                }
-            }
-            Phase::FinalSync => {
-                if let Some(lsn) = status.freeze_lsn.as_deref().and_then(parse_lsn) {
-                    // Writes are frozen: wait here a moment rather than come back later; the
-                    // subscriber's received position passes the sync point within a keepalive.
-                    let blue = self.blue().await?;
-                    let green = self.green().await?;
-                    let deadline = Instant::now() + crate::plan::SYNC_WAIT;
-                    obs.applied_past_freeze =
-                        replication::wait_applied_by(&blue, &green, &self.names, lsn, deadline)
-                            .await
-                            .is_ok();
-                }
-            }
-            Phase::Hypercare | Phase::RollingBack => {
-                let green = self.green().await?;
-                let lag = reverse::reverse_lag(&green, &self.names).await?;
-                obs.reverse_lag_bytes = lag.bytes.and_then(|b| u64::try_from(b).ok());
-                obs.reverse_caught_up = lag.bytes.is_some_and(|b| b <= 0);
-                if status.phase == Phase::Hypercare {
-                    if status
-                        .milestones
-                        .contains(&Milestone::ReverseReplicationStarted)
-                    {
-                        // Blue unreachable is itself a broken way back.
-                        obs.reverse_broken = match self.blue().await {
-                            Ok(blue) => {
-                                replication::health(
-                                    &blue,
-                                    &green,
-                                    &self.names.reverse_subscription,
-                                    &self.names.reverse_slot,
-                                )
-                                .await?
-                            }
-                            Err(e) => Some(e.to_string()),
-                        };
+        }
+        if needs.applied_past_freeze
+            && let Some(lsn) = status.freeze_lsn.as_deref().and_then(parse_lsn)
+        {
+            // Writes are frozen: wait here a moment rather than come back later; the
+            // subscriber's received position passes the sync point within a keepalive.
+            let blue = self.blue().await?;
+            let green = self.green().await?;
+            let deadline = Instant::now() + crate::plan::SYNC_WAIT;
+            obs.applied_past_freeze =
+                replication::wait_applied_by(&blue, &green, &self.names, lsn, deadline)
+                    .await
+                    .is_ok();
+        }
+        if needs.reverse_lag || needs.reverse_health {
+            let green = self.green().await?;
+            let lag = reverse::reverse_lag(&green, &self.names).await?;
+            obs.reverse_lag_bytes = lag.bytes.and_then(|b| u64::try_from(b).ok());
+            obs.reverse_caught_up = lag.bytes.is_some_and(|b| b <= 0);
+            if needs.reverse_health {
+                // Blue unreachable is itself a broken way back.
+                obs.reverse_broken = match self.blue().await {
+                    Ok(blue) => {
+                        replication::health(
+                            &blue,
+                            &green,
+                            &self.names.reverse_subscription,
+                            &self.names.reverse_slot,
+                        )
+                        .await?
                     }
-                    if status.milestones.contains(&Milestone::WorkloadsRestarted) {
-                        obs.rollout_problems = self.platform.rollout_problems().await?;
-                    }
-                }
+                    Err(e) => Some(e.to_string()),
+                };
             }
-            _ => {}
+        }
+        if needs.rollouts {
+            obs.rollout_problems = self.platform.rollout_problems().await?;
         }
         Ok(obs)
     }
@@ -251,12 +229,6 @@ impl<P: Platform> Engine<P> {
                     lsn: lsn.to_string(),
                 }
             }
-            Action::CopySequences => {
-                let blue = self.blue().await?;
-                let green = self.green().await?;
-                copy_sequences(&blue, &green).await?;
-                Outcome::Done
-            }
             Action::Verify => {
                 let opts = VerifyOptions {
                     tables: self
@@ -295,16 +267,18 @@ impl<P: Platform> Engine<P> {
                 Outcome::Done
             }
             Action::Finalize => {
-                if status.phase.is_past_point_of_no_return() {
-                    // The application may be on green: leave green writable and the Secret as it
-                    // stands; remove only the replication objects.
-                    let blue = self.blue().await.ok();
-                    let green = self.green().await.ok();
-                    cleanup::cleanup(blue.as_ref(), green.as_ref(), &self.names).await?;
-                } else {
-                    let blue = self.blue().await?;
-                    let green = self.green().await.ok();
-                    cleanup::abort(&blue, green.as_ref(), &self.names, &self.id).await?;
+                match crate::plan::cleanup_scope(status) {
+                    CleanupScope::Nothing => {}
+                    CleanupScope::ReplicationOnly => {
+                        let blue = self.blue().await.ok();
+                        let green = self.green().await.ok();
+                        cleanup::cleanup(blue.as_ref(), green.as_ref(), &self.names).await?;
+                    }
+                    CleanupScope::Abort => {
+                        let blue = self.blue().await?;
+                        let green = self.green().await.ok();
+                        cleanup::abort(&blue, green.as_ref(), &self.names, &self.id).await?;
+                    }
                 }
                 Outcome::Done
             }
@@ -432,17 +406,6 @@ impl<P: Platform> Engine<P> {
 }
 
 impl<P: Platform> Engine<P> {
-    async fn observe_job(&self, set: MigrationSet) -> Result<Option<JobState>, ActionError> {
-        Ok(self.platform.migration_job(set).await?)
-    }
-
-    fn has_post_switch_migrations(&self) -> bool {
-        self.spec
-            .migrations
-            .as_ref()
-            .is_some_and(|m| m.post_switch_config_map_ref.is_some())
-    }
-
     /// A hypercare checkpoint: the replicated tables' row counts on green, compared with blue
     /// while reverse replication keeps blue current (see `postgres::checkpoint`).
     async fn checkpoint(

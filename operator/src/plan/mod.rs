@@ -11,9 +11,10 @@ mod next_tests;
 pub mod report;
 
 pub use next::{
-    Action, CHECKPOINT_CATCH_UP, FAST_POLL, FROZEN_RETRY_MAX, FROZEN_RETRY_MIN, Failure, IDLE,
-    JobState, MigrationSet, Observations, Outcome, POLL, REVERSE_CATCH_UP, ReplicationObservation,
-    SYNC_WAIT, checkpoint_offsets, next_action, record, record_intent,
+    Action, CHECKPOINT_CATCH_UP, CleanupScope, FAST_POLL, FROZEN_RETRY_MAX, FROZEN_RETRY_MIN,
+    Failure, IDLE, JobState, MigrationSet, Needs, Observations, Outcome, POLL, REVERSE_CATCH_UP,
+    ReplicationObservation, SYNC_WAIT, checkpoint_offsets, cleanup_scope, next_action,
+    observation_needs, record, record_intent,
 };
 pub use report::{TimingReport, format_duration, timing_report};
 

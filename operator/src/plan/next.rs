@@ -107,8 +107,6 @@ pub enum Action {
     StartReplication,
     /// Stop writes on the source and read its WAL position afterwards.
     Freeze,
-    /// Copy every sequence from the source to the target.
-    CopySequences,
     /// Compare source and target.
     Verify,
     /// Record the point of no return and enter `Switching`.
@@ -184,7 +182,7 @@ pub fn next_action(
             if !obs.applied_past_freeze {
                 Action::Wait(FAST_POLL)
             } else if !done(status, Milestone::SequencesCopied) {
-                Action::CopySequences
+                Action::Do(Milestone::SequencesCopied)
             } else {
                 Action::Advance(Phase::Verifying)
             }
@@ -222,34 +220,47 @@ fn over_budget(
     status: &DatabaseCutoverStatus,
     now: jiff::Timestamp,
 ) -> Option<String> {
-    if let (Some((name, budget)), Some(started)) = (
-        spec.settings().budgets.of(status.phase),
-        step_started(status),
-    ) && elapsed(started, now) > budget
+    // The status's times are written by the operator alone (RFC 3339). One that does not read
+    // (the status edited by hand) must not switch a limit off: the step stops, saying why.
+    let unreadable = |field: &str, text: &str| {
+        format!("status.{field} {text:?} is not a timestamp: the step's time limits cannot be kept")
+    };
+    if let Some((name, budget)) = spec.settings().budgets.of(status.phase)
+        && let Some(step) = status
+            .steps
+            .iter()
+            .rev()
+            .find(|s| s.name == status.phase && s.outcome == StepOutcome::Running)
     {
-        return Some(format!(
-            "step {} exceeded its budget (schedule.budgets.{name}: {}){}",
-            status.phase,
-            spec.schedule
-                .budgets
-                .text_of(status.phase)
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            still_failing(status)
-        ));
+        let Ok(started) = parse_timestamp(&step.started_at) else {
+            return Some(unreadable("steps[].startedAt", &step.started_at));
+        };
+        if elapsed(started, now) > budget {
+            return Some(format!(
+                "step {} exceeded its budget (schedule.budgets.{name}: {}){}",
+                status.phase,
+                spec.schedule
+                    .budgets
+                    .text_of(status.phase)
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                still_failing(status)
+            ));
+        }
     }
     if status.phase.source_may_be_frozen()
-        && let Some(frozen) = status
-            .frozen_at
-            .as_deref()
-            .and_then(|t| parse_timestamp(t).ok())
-        && elapsed(frozen, now) > spec.settings().max_write_downtime
+        && let Some(text) = status.frozen_at.as_deref()
     {
-        return Some(format!(
-            "writes have been frozen longer than schedule.maxWriteDowntime ({}){}",
-            spec.schedule.max_write_downtime,
-            still_failing(status)
-        ));
+        let Ok(frozen) = parse_timestamp(text) else {
+            return Some(unreadable("frozenAt", text));
+        };
+        if elapsed(frozen, now) > spec.settings().max_write_downtime {
+            return Some(format!(
+                "writes have been frozen longer than schedule.maxWriteDowntime ({}){}",
+                spec.schedule.max_write_downtime,
+                still_failing(status)
+            ));
+        }
     }
     None
 }
@@ -362,6 +373,26 @@ fn approval(spec: &ValidSpec, status: &DatabaseCutoverStatus, now: jiff::Timesta
 /// next to a forward one would loop changes back.
 fn switching(spec: &ValidSpec, status: &DatabaseCutoverStatus, obs: &Observations) -> Action {
     let rehearsal = spec.mode == Mode::Rehearsal;
+    match next_switch_step(spec, status) {
+        // The Job runs on its own; the milestone is recorded once it has finished (the action
+        // confirms the outcome, and a failed Job fails the switch, which then rolls back).
+        // Writes are frozen meanwhile: look often.
+        Some(Milestone::PostSwitchMigrated) => match obs.migration_job {
+            None => Action::LaunchMigrations(MigrationSet::PostSwitch),
+            Some(JobState::Running) => Action::Wait(FAST_POLL),
+            Some(JobState::Succeeded | JobState::Failed(_)) => {
+                Action::Do(Milestone::PostSwitchMigrated)
+            }
+        },
+        Some(next) => Action::Do(next),
+        None if rehearsal => Action::EndRehearsal,
+        None => Action::Advance(Phase::Hypercare),
+    }
+}
+
+/// The switch's steps in order, for this spec.
+fn switch_steps(spec: &ValidSpec) -> Vec<Milestone> {
+    let rehearsal = spec.mode == Mode::Rehearsal;
     let mut steps = vec![Milestone::ForwardReplicationDropped];
     if !rehearsal {
         if spec
@@ -382,20 +413,97 @@ fn switching(spec: &ValidSpec, status: &DatabaseCutoverStatus, obs: &Observation
     if !rehearsal && !spec.switch.restart.is_empty() {
         steps.push(Milestone::WorkloadsRestarted);
     }
-    match steps.into_iter().find(|m| !done(status, *m)) {
-        // The Job runs on its own; the milestone is recorded once it has finished (the action
-        // confirms the outcome, and a failed Job fails the switch, which then rolls back).
-        // Writes are frozen meanwhile: look often.
-        Some(Milestone::PostSwitchMigrated) => match obs.migration_job {
-            None => Action::LaunchMigrations(MigrationSet::PostSwitch),
-            Some(JobState::Running) => Action::Wait(FAST_POLL),
-            Some(JobState::Succeeded | JobState::Failed(_)) => {
-                Action::Do(Milestone::PostSwitchMigrated)
-            }
+    steps
+}
+
+/// The first step of the switch not done yet.
+fn next_switch_step(spec: &ValidSpec, status: &DatabaseCutoverStatus) -> Option<Milestone> {
+    switch_steps(spec).into_iter().find(|m| !done(status, *m))
+}
+
+/// What the executor must observe before the next decision: exactly what `next_action` reads
+/// in the current phase, nothing more (observations are cheap reads, but they are reads).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// The state of this set's migration Job.
+    pub migration_job: Option<MigrationSet>,
+    /// Copy progress, lag and the forward subscription's health.
+    pub replication: bool,
+    /// Whether green applied past `status.freezeLsn` (waiting up to [`SYNC_WAIT`]).
+    pub applied_past_freeze: bool,
+    /// Reverse replication's lag.
+    pub reverse_lag: bool,
+    /// Whether reverse replication still works.
+    pub reverse_health: bool,
+    /// Whether the restarted workloads' rollouts are stuck.
+    pub rollouts: bool,
+}
+
+/// What to observe for the next decision.
+pub fn observation_needs(
+    spec: &ValidSpec,
+    status: &DatabaseCutoverStatus,
+    deleting: bool,
+) -> Needs {
+    if deleting || status.phase.is_terminal() {
+        return Needs::default();
+    }
+    match status.phase {
+        Phase::Migrating => Needs {
+            migration_job: Some(MigrationSet::Initial),
+            ..Needs::default()
         },
-        Some(next) => Action::Do(next),
-        None if rehearsal => Action::EndRehearsal,
-        None => Action::Advance(Phase::Hypercare),
+        Phase::Switching
+            if status.intent.is_none()
+                && next_switch_step(spec, status) == Some(Milestone::PostSwitchMigrated) =>
+        {
+            Needs {
+                migration_job: Some(MigrationSet::PostSwitch),
+                ..Needs::default()
+            }
+        }
+        Phase::Replicating => Needs {
+            replication: true,
+            ..Needs::default()
+        },
+        Phase::FinalSync => Needs {
+            applied_past_freeze: status.freeze_lsn.is_some(),
+            ..Needs::default()
+        },
+        Phase::Hypercare => Needs {
+            reverse_lag: true,
+            reverse_health: done(status, Milestone::ReverseReplicationStarted),
+            rollouts: done(status, Milestone::WorkloadsRestarted),
+            ..Needs::default()
+        },
+        Phase::RollingBack => Needs {
+            reverse_lag: true,
+            ..Needs::default()
+        },
+        _ => Needs::default(),
+    }
+}
+
+/// What removing a cutover (deleting the resource) must undo, by how far it got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CleanupScope {
+    /// Nothing of ours can be on either server: preflight only reads, and a finished cutover
+    /// cleaned up after itself (the databases need not even be reachable).
+    Nothing,
+    /// Before the point of no return: unfreeze the source and remove every replication object.
+    Abort,
+    /// After it: remove replication objects only; the target stays writable and the Secret as
+    /// it stands (the application may be on the target).
+    ReplicationOnly,
+}
+
+/// What deleting the cutover in its current state must undo.
+pub fn cleanup_scope(status: &DatabaseCutoverStatus) -> CleanupScope {
+    match status.phase {
+        Phase::Pending | Phase::Preflight => CleanupScope::Nothing,
+        p if p.is_terminal() => CleanupScope::Nothing,
+        p if p.is_past_point_of_no_return() => CleanupScope::ReplicationOnly,
+        _ => CleanupScope::Abort,
     }
 }
 
@@ -616,7 +724,6 @@ pub fn record(
                 s.freeze_lsn = Some(lsn);
             }
         }
-        Action::CopySequences => add_milestone(&mut s, Milestone::SequencesCopied),
         Action::Verify => {
             if let Outcome::Verified(v) = outcome {
                 s.verification = Some(v);

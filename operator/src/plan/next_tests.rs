@@ -236,7 +236,7 @@ fn freeze_then_final_sync_then_sequences() {
     };
     assert_eq!(
         next_action(&spec, &s, &applied, t(4)),
-        Action::CopySequences
+        Action::Do(Milestone::SequencesCopied)
     );
     let copied = with(s, |s| s.milestones.push(Milestone::SequencesCopied));
     assert_eq!(
@@ -995,7 +995,14 @@ fn a_transient_failure_is_retried_within_the_step_budget_and_then_aborts_saying_
         s.frozen_at = Some(t(0).to_string())
     });
     let blip = || Outcome::Failed(Failure::transient("failed to reach the green database"));
-    let once = record(&spec, &s, &Action::CopySequences, blip(), &none, t(1));
+    let once = record(
+        &spec,
+        &s,
+        &Action::Do(Milestone::SequencesCopied),
+        blip(),
+        &none,
+        t(1),
+    );
     assert_eq!(
         once.phase,
         Phase::FinalSync,
@@ -1005,7 +1012,14 @@ fn a_transient_failure_is_retried_within_the_step_budget_and_then_aborts_saying_
     assert_eq!(retry.attempts, 1);
     assert_eq!(retry.since, t(1).to_string());
     assert!(!once.milestones.contains(&Milestone::SequencesCopied));
-    let twice = record(&spec, &once, &Action::CopySequences, blip(), &none, t(2));
+    let twice = record(
+        &spec,
+        &once,
+        &Action::Do(Milestone::SequencesCopied),
+        blip(),
+        &none,
+        t(2),
+    );
     assert_eq!(twice.retry.as_ref().map(|r| r.attempts), Some(2));
     assert_eq!(
         twice.retry.as_ref().map(|r| r.since.clone()),
@@ -1024,7 +1038,7 @@ fn a_transient_failure_is_retried_within_the_step_budget_and_then_aborts_saying_
         ("True", "TransientError")
     );
     assert_eq!(
-        crate::plan::pause_after(&twice, &Action::CopySequences),
+        crate::plan::pause_after(&twice, &Action::Do(Milestone::SequencesCopied)),
         Duration::from_millis(400)
     );
 
@@ -1032,7 +1046,7 @@ fn a_transient_failure_is_retried_within_the_step_budget_and_then_aborts_saying_
     let healed = record(
         &spec,
         &twice,
-        &Action::CopySequences,
+        &Action::Do(Milestone::SequencesCopied),
         Outcome::Done,
         &none,
         t(3),
@@ -1050,7 +1064,7 @@ fn a_transient_failure_is_retried_within_the_step_budget_and_then_aborts_saying_
     let refused = record(
         &spec,
         &once,
-        &Action::CopySequences,
+        &Action::Do(Milestone::SequencesCopied),
         Outcome::Failed(Failure::permanent("password authentication failed")),
         &none,
         t(2),
@@ -1102,4 +1116,94 @@ fn pauses_come_from_the_plan() {
     );
     let done = in_phase(Phase::Completed, 0);
     assert_eq!(crate::plan::pause_after(&done, &Action::Idle), IDLE);
+}
+
+#[test]
+fn observations_are_what_the_next_decision_reads() {
+    let mut spec = plan("rollback");
+    spec.migrations = Some(
+        serde_json::from_value(serde_json::json!({
+            "configMapRef": {"name": "m"},
+            "postSwitchConfigMapRef": {"name": "post"},
+        }))
+        .unwrap(),
+    );
+    let needs = |s: &DatabaseCutoverStatus| super::next::observation_needs(&valid(&spec), s, false);
+    assert_eq!(
+        needs(&in_phase(Phase::Migrating, 0)).migration_job,
+        Some(MigrationSet::Initial)
+    );
+    assert!(needs(&in_phase(Phase::Replicating, 0)).replication);
+    assert_eq!(needs(&in_phase(Phase::Verifying, 0)), Needs::default());
+    let frozen = with(in_phase(Phase::FinalSync, 0), |s| {
+        s.freeze_lsn = Some("0/1".into())
+    });
+    assert!(needs(&frozen).applied_past_freeze);
+
+    // The post-switch Job is looked at exactly when the switch order has it next.
+    let switching = in_phase(Phase::Switching, 0);
+    assert_eq!(needs(&switching).migration_job, None);
+    let dropped = with(switching, |s| {
+        s.milestones.push(Milestone::ForwardReplicationDropped)
+    });
+    assert_eq!(
+        needs(&dropped).migration_job,
+        Some(MigrationSet::PostSwitch)
+    );
+    let migrated = with(dropped, |s| {
+        s.milestones.push(Milestone::PostSwitchMigrated)
+    });
+    assert_eq!(needs(&migrated).migration_job, None);
+
+    let hypercare = with(in_phase(Phase::Hypercare, 0), |s| {
+        s.milestones = vec![Milestone::ReverseReplicationStarted]
+    });
+    let n = needs(&hypercare);
+    assert!(n.reverse_lag && n.reverse_health && !n.rollouts);
+    assert_eq!(
+        super::next::observation_needs(&valid(&spec), &hypercare, true),
+        Needs::default(),
+        "nothing is observed while deleting"
+    );
+}
+
+#[test]
+fn deleting_undoes_what_the_cutover_got_to() {
+    use super::next::{CleanupScope, cleanup_scope};
+    assert_eq!(
+        cleanup_scope(&in_phase(Phase::Preflight, 0)),
+        CleanupScope::Nothing
+    );
+    assert_eq!(
+        cleanup_scope(&in_phase(Phase::Completed, 0)),
+        CleanupScope::Nothing
+    );
+    for p in [
+        Phase::Replicating,
+        Phase::Freezing,
+        Phase::Verifying,
+        Phase::Aborting,
+    ] {
+        assert_eq!(cleanup_scope(&in_phase(p, 0)), CleanupScope::Abort, "{p}");
+    }
+    for p in [Phase::Switching, Phase::Hypercare, Phase::RollingBack] {
+        assert_eq!(
+            cleanup_scope(&in_phase(p, 0)),
+            CleanupScope::ReplicationOnly,
+            "{p}"
+        );
+    }
+}
+
+#[test]
+fn an_unreadable_start_time_stops_the_step_instead_of_lifting_its_budget() {
+    let spec = plan("rollback");
+    let none = Observations::default();
+    let mut s = in_phase(Phase::FinalSync, 0);
+    s.steps[0].started_at = "yesterday".into();
+    let why = abort_reason(next_action(&spec, &s, &none, t(1)));
+    assert!(
+        why.contains("status.steps[].startedAt \"yesterday\""),
+        "{why}"
+    );
 }

@@ -1,6 +1,7 @@
 //! Everything that talks SQL: connections (TLS honoured), identifier quoting, and the steps of
 //! the cutover on each database.
 
+pub mod catalog;
 pub mod connect;
 pub mod ident;
 pub mod migrate;

@@ -583,42 +583,26 @@ async fn replica_identity(blue: &Client, tables: &[TableName]) -> CheckResult {
 /// Per table: column → (type, not null, generated), plus the primary key columns.
 type TableShape = (BTreeMap<String, (String, bool, bool)>, Vec<String>);
 
+/// The shapes of `tables`, from the catalog reader verification uses too.
 async fn shapes(
     client: &Client,
     tables: &[TableName],
 ) -> Result<BTreeMap<TableName, TableShape>, tokio_postgres::Error> {
-    let (s, r) = names(tables);
-    let rows = client
-        .query(
-            &format!(
-                "SELECT t.nspname, t.relname, a.attname::text, format_type(a.atttypid, a.atttypmod),
-                        a.attnotnull, a.attgenerated <> '',
-                        coalesce((SELECT array_position(i.indkey::int2[], a.attnum)
-                                    FROM pg_index i WHERE i.indrelid = t.oid AND i.indisprimary), 0)
-                   FROM {TABLES} t JOIN pg_attribute a ON a.attrelid = t.oid
-                  WHERE a.attnum > 0 AND NOT a.attisdropped"
-            ),
-            &[&s, &r],
-        )
-        .await?;
-    let mut out: BTreeMap<TableName, TableShape> = BTreeMap::new();
-    for row in rows {
-        let t = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
-        let entry = out.entry(t).or_default();
-        let col: String = row.get(2);
-        let pk_pos: i32 = row.get(6);
-        if pk_pos > 0 {
-            entry.1.push(format!("{pk_pos:04}{col}"));
-        }
-        entry.0.insert(col, (row.get(3), row.get(4), row.get(5)));
-    }
-    for (_, (_, pk)) in out.iter_mut() {
-        pk.sort();
-        for c in pk.iter_mut() {
-            *c = c[4..].to_owned();
-        }
-    }
-    Ok(out)
+    let catalog = super::catalog::read(client).await.map_err(|e| e.0)?;
+    Ok(catalog
+        .tables
+        .into_iter()
+        .filter(|(name, _)| tables.contains(name))
+        .map(|(name, table)| {
+            let key = table.key().iter().map(|c| c.name.clone()).collect();
+            let columns = table
+                .columns
+                .into_iter()
+                .map(|c| (c.name, (c.type_full, c.not_null, c.generated)))
+                .collect();
+            (name, (columns, key))
+        })
+        .collect())
 }
 
 /// The schema check of preflight, run again once the migrations are applied: `Err` with the

@@ -10,7 +10,6 @@
 //! without a primary key gets one hash over all its rows and cannot name rows. See
 //! docs/verification.md for the reasoning and the limits.
 
-mod catalog;
 mod report;
 mod session;
 pub mod spot;
@@ -28,17 +27,17 @@ use thiserror::Error;
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
-use self::catalog::{Catalog, Table};
 use self::sql::{Range, TableSql};
+use crate::postgres::catalog::{self, Catalog, Table};
 use crate::postgres::connect::{ConnectError, ConnectOptions, Dsn};
 
-pub use self::catalog::{EXCLUDED_SCHEMAS, EXCLUDED_TABLES};
 pub use self::report::{
     Difference, Key, Method, SchemaMismatch, SequenceReport, SequenceValue, TableReport,
     VerifyReport,
 };
 pub use self::session::CANONICAL_SETTINGS;
 pub use crate::postgres::ident::TableName;
+pub use crate::postgres::shared::{EXCLUDED_SCHEMAS, EXCLUDED_TABLES};
 
 /// Which database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -57,6 +56,11 @@ impl fmt::Display for Side {
             Self::Target => "target",
         })
     }
+}
+
+/// A catalog that could not be read, on `side`.
+pub(crate) fn catalog_error(side: Side) -> impl FnOnce(catalog::CatalogError) -> VerifyError {
+    move |e| VerifyError::Catalog { side, source: e.0 }
 }
 
 /// Why a verification could not run (a mismatch is not an error: it is in the report).
@@ -225,8 +229,16 @@ pub async fn verify(
     let pairs = pairs.pairs;
 
     let (source_catalog, target_catalog) = tokio::try_join!(
-        catalog::read(&pairs[0].source, Side::Source),
-        catalog::read(&pairs[0].target, Side::Target)
+        async {
+            catalog::read(&pairs[0].source)
+                .await
+                .map_err(catalog_error(Side::Source))
+        },
+        async {
+            catalog::read(&pairs[0].target)
+                .await
+                .map_err(catalog_error(Side::Target))
+        }
     )?;
     let selection = select(&source_catalog, &target_catalog, options)?;
 

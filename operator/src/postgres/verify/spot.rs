@@ -47,8 +47,12 @@ impl SpotTables {
     ) -> Result<Self, VerifyError> {
         session::canonicalize(source, Side::Source).await?;
         session::canonicalize(target, Side::Target).await?;
-        let s = catalog::read(source, Side::Source).await?;
-        let t = catalog::read(target, Side::Target).await?;
+        let s = catalog::read(source)
+            .await
+            .map_err(super::catalog_error(Side::Source))?;
+        let t = catalog::read(target)
+            .await
+            .map_err(super::catalog_error(Side::Target))?;
         let plans = s
             .tables
             .iter()

@@ -1,17 +1,19 @@
-//! What each side has: tables with their columns and primary keys, and sequences. The schema of
-//! the compared tables is compared here, each difference named.
+//! What a database has: tables with their columns and primary keys, and sequences — read once
+//! here for preflight's schema check and for verification alike. Table definitions are
+//! compared here too, each difference named.
 
 use std::collections::BTreeMap;
 
+use thiserror::Error;
 use tokio_postgres::Client;
 
-use super::{Side, TableName, VerifyError};
+use super::ident::TableName;
+use super::shared::{EXCLUDED_SCHEMAS, db_message};
 
-/// Schemas never compared: PostgreSQL's own, and the operator's bookkeeping schema on a frozen
-/// database (the same list replication excludes).
-pub use crate::postgres::shared::EXCLUDED_SCHEMAS;
-/// Tables never compared unless named: the migration history each side keeps for itself.
-pub use crate::postgres::shared::EXCLUDED_TABLES;
+/// The catalog could not be read.
+#[derive(Debug, Error)]
+#[error("failed to read the tables and sequences: {}", db_message(.0))]
+pub struct CatalogError(#[source] pub tokio_postgres::Error);
 
 /// One column of a table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +32,9 @@ pub(crate) struct Column {
     pub key_position: Option<i64>,
     /// Whether the type is an enum (whose values are hashed by their label's bytes).
     pub is_enum: bool,
+    /// Whether the column is generated (`GENERATED ALWAYS AS … STORED`): its values are not
+    /// replicated, the target computes them.
+    pub generated: bool,
 }
 
 /// One table as the catalog describes it.
@@ -69,7 +74,8 @@ SELECT n.nspname, c.relname, c.reltuples::float8, a.attname,
        coalesce(co.collname, ''),
        (SELECT k.ord FROM pg_constraint con, unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
          WHERE con.conrelid = c.oid AND con.contype = 'p' AND k.attnum = a.attnum)::int8,
-       (SELECT t.typtype = 'e' FROM pg_type t WHERE t.oid = a.atttypid)
+       (SELECT t.typtype = 'e' FROM pg_type t WHERE t.oid = a.atttypid),
+       a.attgenerated <> ''
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -89,9 +95,10 @@ SELECT n.nspname, c.relname, tn.nspname, t.relname
  WHERE c.relkind = 'S' AND n.nspname <> ALL ($1) AND n.nspname NOT LIKE 'pg\_%'
  ORDER BY 1, 2";
 
-/// Reads one side's tables and sequences (outside PostgreSQL's own schemas).
-pub(crate) async fn read(client: &Client, side: Side) -> Result<Catalog, VerifyError> {
-    let err = |source| VerifyError::Catalog { side, source };
+/// Reads a database's tables and sequences (outside PostgreSQL's own schemas and the
+/// operator's).
+pub(crate) async fn read(client: &Client) -> Result<Catalog, CatalogError> {
+    let err = CatalogError;
     let excluded: Vec<&str> = EXCLUDED_SCHEMAS.to_vec();
     let mut catalog = Catalog {
         encoding: client
@@ -115,6 +122,7 @@ pub(crate) async fn read(client: &Client, side: Side) -> Result<Catalog, VerifyE
             collation: row.get(7),
             key_position: row.get(8),
             is_enum: row.get(9),
+            generated: row.get(10),
         });
     }
     for row in client
@@ -210,6 +218,7 @@ mod tests {
             collation: String::new(),
             key_position: key,
             is_enum: false,
+            generated: false,
         }
     }
 
