@@ -125,7 +125,7 @@ async fn invalid_specs_are_rejected_with_readable_messages() {
         (
             "unknown freeze method",
             |v| v["spec"]["freeze"]["method"] = json!("Snapshot"),
-            "spec.freeze.method: Unsupported value: \"Snapshot\": supported values: \"ReadOnly\", \"RevokeLogin\"",
+            "spec.freeze.method: Unsupported value: \"Snapshot\": supported values: \"Strict\", \"ReadOnly\", \"RevokeLogin\"",
         ),
         (
             "rollback readiness without reverse replication",
@@ -149,7 +149,10 @@ async fn invalid_specs_are_rejected_with_readable_messages() {
         ),
         (
             "RevokeLogin without application roles",
-            |v| v["spec"]["applicationRoles"] = json!([]),
+            |v| {
+                v["spec"]["freeze"]["method"] = json!("RevokeLogin");
+                v["spec"]["applicationRoles"] = json!([]);
+            },
             "freeze.method RevokeLogin needs at least one entry in applicationRoles",
         ),
         (

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -58,6 +59,9 @@ pub enum Error {
     /// The status was written by someone else since it was read (the write was fenced).
     #[error("failed to write the status: the object changed since it was read")]
     Conflict,
+    /// Another replica holds the leader Lease.
+    #[error("failed to act: another replica holds the leader Lease")]
+    NotLeader,
     /// The cleanup of a deleted cutover failed; it is retried.
     #[error("failed to clean up: {0}")]
     Cleanup(#[source] crate::engine::ActionError),
@@ -77,6 +81,7 @@ impl Error {
             Error::NoNamespace => "InvalidObject",
             Error::Secret(_) => "SecretUnreadable",
             Error::Conflict => "Conflict",
+            Error::NotLeader => "NotLeader",
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::Cleanup(e) => e.category().as_str(),
         }
@@ -97,6 +102,19 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<DatabaseCutover>, u32>>,
     /// Whether this replica holds the leader Lease (always, without leader election).
     leading: AtomicBool,
+    /// The leader Lease this replica must hold to act (none without leader election).
+    lease: Option<LeaseIdentity>,
+}
+
+/// A Lease and the identity that holds it when this replica leads.
+#[derive(Clone, Debug)]
+pub struct LeaseIdentity {
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// Name of the Lease.
+    pub name: String,
+    /// This replica's identity in it.
+    pub identity: String,
 }
 
 impl Context {
@@ -118,7 +136,14 @@ impl Context {
             default_image,
             failures: Mutex::default(),
             leading: AtomicBool::new(true),
+            lease: None,
         }
+    }
+
+    /// Acts only while holding `lease`.
+    pub fn with_lease(mut self, lease: LeaseIdentity) -> Self {
+        self.lease = Some(lease);
+        self
     }
 
     /// Whether this replica may act now.
@@ -207,6 +232,7 @@ async fn apply(
                 debug!(%name, "status write conflicted; planning again from the stored object");
                 continue;
             }
+            Err(Error::NotLeader) => return Ok(Action::await_change()),
             Err(err) => return Err(err),
         };
         if step.status.phase.is_terminal() || step.pause > INLINE_WAIT {
@@ -316,6 +342,31 @@ impl StatusWriter<'_> {
 
 impl Sink for StatusWriter<'_> {
     type Error = Error;
+
+    /// Right before acting: this replica still holds the Lease (a replica paused past its Lease
+    /// learns it here, before it acts, not later from the lease task), and the object is still
+    /// the one the action was planned from.
+    async fn before_action(&mut self, action: &plan::Action) -> Result<(), Error> {
+        if let Some(lease) = &self.ctx.lease {
+            let leases: Api<Lease> = Api::namespaced(self.ctx.client.clone(), &lease.namespace);
+            let held = leases.get(&lease.name).await.map_err(Error::Kube)?;
+            let holder = held.spec.and_then(|s| s.holder_identity);
+            if holder.as_deref() != Some(lease.identity.as_str()) {
+                warn!(?action, holder = ?holder, "not acting: another replica holds the Lease");
+                self.ctx.set_leading(false);
+                return Err(Error::NotLeader);
+            }
+        }
+        let stored = self
+            .api
+            .get_status(&self.obj.name_any())
+            .await
+            .map_err(Error::Kube)?;
+        if stored.metadata.resource_version != self.obj.metadata.resource_version {
+            return Err(Error::Conflict);
+        }
+        Ok(())
+    }
 
     async fn write(
         &mut self,
@@ -596,12 +647,20 @@ pub async fn run(client: Client, opts: RunOptions) -> anyhow::Result<()> {
             anyhow::anyhow!("failed to list DatabaseCutovers (is the CRD installed?): {e}")
         })?;
 
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         metrics.clone(),
         Some(opts.instance.clone()),
         opts.default_image.clone(),
-    ));
+    );
+    if let Some(le) = &opts.leader_election {
+        ctx = ctx.with_lease(LeaseIdentity {
+            namespace: le.namespace.clone(),
+            name: le.lease_name.clone(),
+            identity: opts.instance.clone(),
+        });
+    }
+    let ctx = Arc::new(ctx);
     match &opts.leader_election {
         None => {
             health.set_ready(true);

@@ -128,7 +128,21 @@ impl Load {
         Self::spawn(cfg, Some(dsn_file))
     }
 
+    /// Like [`start`](Self::start), with client ids from `first_client` on, so several loads
+    /// can write the same ledger side by side (its `(client, seq)` is unique).
+    pub fn start_from(cfg: LoadConfig, first_client: i32) -> Self {
+        Self::spawn_from(cfg, None, first_client)
+    }
+
     fn spawn(cfg: LoadConfig, dsn_file: Option<std::path::PathBuf>) -> Self {
+        Self::spawn_from(cfg, dsn_file, 0)
+    }
+
+    fn spawn_from(
+        cfg: LoadConfig,
+        dsn_file: Option<std::path::PathBuf>,
+        first_client: i32,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("workload")
@@ -144,7 +158,8 @@ impl Load {
                 let shared = shared.clone();
                 let dsn_file = dsn_file.clone();
                 runtime.spawn(async move {
-                    client_loop(i32::try_from(i).unwrap_or(0), cfg, dsn_file, stop, shared).await
+                    let id = first_client + i32::try_from(i).unwrap_or(0);
+                    client_loop(id, cfg, dsn_file, stop, shared).await
                 })
             })
             .collect();
@@ -239,7 +254,9 @@ async fn client_loop(
     } else {
         Duration::ZERO
     };
-    let mut next = Instant::now() + interval.mul_f64(f64::from(id) / cfg.clients as f64);
+    let mut next = Instant::now()
+        + interval
+            .mul_f64(f64::from(id.rem_euclid(cfg.clients.max(1) as i32)) / cfg.clients as f64);
     let mut seq: i64 = 0;
     let mut conn: Option<(tokio_postgres::Client, Statements)> = None;
     let note = |msg: String| {

@@ -30,7 +30,7 @@ fn spec(mode: Mode) -> DatabaseCutoverSpec {
         .spec;
     spec.mode = mode;
     spec.application_roles = vec![APP_ROLE.into()];
-    spec.freeze.method = cutover_operator::api::FreezeMethod::ReadOnly;
+    spec.freeze.method = cutover_operator::api::FreezeMethod::Strict;
     spec.freeze.drain_timeout = "2s".into();
     spec.replication.max_lag_before_freeze = "1MiB".into();
     spec.point_of_no_return.approval = Approval::Automatic;
@@ -349,14 +349,16 @@ async fn hypercare_compares_counts_and_reports_a_broken_way_back() {
     assert!(!degraded(&status).0);
 
     // The application writes on green; reverse replication carries it to blue. Behind its
-    // back, a row disappears from blue: the next checkpoint must see blue differ.
+    // back, a row disappears from blue: the next checkpoint must see blue differ. (Blue's
+    // freeze refuses writes; a superuser gets past it only as replication's apply does, in
+    // replica mode.)
     bg.green
         .execute(APP, "INSERT INTO accounts VALUES (5000, 0)")
         .unwrap();
     bg.blue
         .execute(
             APP,
-            "BEGIN READ WRITE; DELETE FROM accounts WHERE id = 7; COMMIT",
+            "BEGIN READ WRITE; SET LOCAL session_replication_role = replica; DELETE FROM accounts WHERE id = 7; COMMIT",
         )
         .unwrap();
     let status = step_until(&engine, status, |s| s.checkpoints_done >= 2).await;
@@ -377,7 +379,7 @@ async fn hypercare_compares_counts_and_reports_a_broken_way_back() {
         .execute(
             APP,
             &format!(
-                "BEGIN READ WRITE; INSERT INTO accounts VALUES (7, {balance});
+                "BEGIN READ WRITE; SET LOCAL session_replication_role = replica; INSERT INTO accounts VALUES (7, {balance});
                  UPDATE accounts SET balance = balance + 1 WHERE id = 5000; COMMIT"
             ),
         )

@@ -48,6 +48,7 @@ async fn abort_after_each_step_leaves_nothing_and_blue_writable() {
         }
         if k >= 3 {
             let cfg = FreezeConfig {
+                tables: Vec::new(),
                 cutover_id: id.clone(),
                 method: if k % 2 == 0 {
                     FreezeMethod::RevokeLogin

@@ -53,6 +53,7 @@ async fn read_only_freeze_drains_proves_and_restores_exactly() {
     let (blue, _green) = engine_clients(&bg).await;
     let id = "freeze-read-only";
     let cfg = FreezeConfig {
+        tables: Vec::new(),
         cutover_id: id.into(),
         method: FreezeMethod::ReadOnly,
         roles: vec![APP_ROLE.into(), "reporting".into()],
@@ -212,6 +213,7 @@ async fn revoke_login_freeze_refuses_logins_and_restores_grants() {
     let (blue, _green) = engine_clients(&bg).await;
     let id = "freeze-revoke-login";
     let cfg = FreezeConfig {
+        tables: Vec::new(),
         cutover_id: id.into(),
         method: FreezeMethod::RevokeLogin,
         roles: vec![APP_ROLE.into(), "batch".into()],
@@ -271,4 +273,190 @@ async fn revoke_login_freeze_refuses_logins_and_restores_grants() {
         .await
         .unwrap();
     assert_eq!(leftovers(&bg.blue), Vec::<String>::new());
+}
+
+/// A write attempt of `sql` on a fresh session of `dsn`, after `SET
+/// default_transaction_read_only = off` in its own transaction (so it applies to the write's):
+/// the refusal's SQLSTATE, or `None` when the write went through.
+async fn try_write(dsn: &str, sql: &str) -> Option<String> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .expect("a session may turn read-only off");
+    match client.batch_execute(sql).await {
+        Ok(()) => None,
+        Err(e) => Some(
+            e.code()
+                .map_or_else(|| e.to_string(), |c| c.code().to_owned()),
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_freeze_stops_every_writer_and_restores_exactly() {
+    let bg = blue_green();
+    with_schema(&bg, workload::SCHEMA, &workload::grants(APP_ROLE));
+    bg.blue
+        .execute(
+            APP,
+            &format!(
+                "{} CREATE ROLE batch LOGIN PASSWORD 'b';
+                 GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON accounts, ledger TO batch;
+                 GRANT USAGE ON SEQUENCE ledger_id_seq TO batch;
+                 CREATE TABLE events (id int, at date NOT NULL, PRIMARY KEY (id, at))
+                   PARTITION BY RANGE (at);
+                 CREATE TABLE events_2026 PARTITION OF events
+                   FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');",
+                workload::seed(10, 100)
+            ),
+        )
+        .unwrap();
+    let before = snapshot(&bg);
+    let (blue, _green) = engine_clients(&bg).await;
+    let id = "freeze-strict";
+    let cfg = FreezeConfig {
+        cutover_id: id.into(),
+        method: FreezeMethod::Strict,
+        roles: vec![APP_ROLE.into()],
+        drain_timeout: Duration::from_millis(1500),
+        tables: vec![
+            TableName::new("public", "accounts"),
+            TableName::new("public", "ledger"),
+            TableName::new("public", "events"),
+        ],
+    };
+    // Sessions of every kind open before the freeze: the application, a role nobody listed,
+    // the superuser.
+    let app = bg.blue.dsn(APP_ROLE, APP_PASSWORD, APP);
+    let batch = bg.blue.dsn("batch", "b", APP);
+    let admin = bg.blue_dsn();
+    let mut old = Vec::new();
+    for dsn in [&app, &batch, &admin] {
+        let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client.batch_execute("SELECT 1").await.unwrap();
+        old.push(client);
+    }
+
+    let outcome = freeze::freeze(&blue, &cfg).await.unwrap();
+    assert_eq!(outcome.ended_idle, 3, "{outcome:?}");
+    for client in &old {
+        assert!(
+            client.batch_execute("SELECT 1").await.is_err(),
+            "a session from before the freeze is still there"
+        );
+    }
+
+    // Whoever writes now is refused, whatever the role and however the session is set up.
+    let read_only = Some("25006".to_owned());
+    let off = "";
+    for (who, dsn, sql) in [
+        (
+            "the application, read-only turned off for the session",
+            &app,
+            format!("{off} INSERT INTO ledger (client, seq, amount) VALUES (1, 1, 1)"),
+        ),
+        (
+            "the application, BEGIN READ WRITE",
+            &app,
+            "RESET default_transaction_read_only; BEGIN READ WRITE; UPDATE accounts SET balance = 0; COMMIT".to_owned(),
+        ),
+        (
+            "a role not listed",
+            &batch,
+            format!("{off} DELETE FROM accounts"),
+        ),
+        ("a role not listed, TRUNCATE", &batch, format!("{off} TRUNCATE ledger")),
+        (
+            "the superuser",
+            &admin,
+            format!("{off} UPDATE accounts SET balance = balance + 1"),
+        ),
+        (
+            "the superuser, into a partition",
+            &admin,
+            format!("{off} INSERT INTO events_2026 VALUES (1, '2026-06-01')"),
+        ),
+        (
+            "the superuser, through the partitioned table",
+            &admin,
+            format!("{off} INSERT INTO events VALUES (2, '2026-06-01')"),
+        ),
+    ] {
+        assert_eq!(try_write(dsn, &sql).await, read_only, "{who} could write");
+    }
+    assert_eq!(count(&bg.blue, "SELECT count(*) FROM ledger"), 0);
+    assert_eq!(count(&bg.blue, "SELECT count(*) FROM events"), 0);
+    assert_eq!(
+        count(&bg.blue, "SELECT sum(balance) FROM accounts"),
+        10 * 100
+    );
+    let proof = freeze::assert_frozen(&blue, id).await.unwrap();
+    assert_eq!(proof.method, "Strict");
+
+    // What PostgreSQL cannot forbid a superuser: replica mode skips triggers (that is how
+    // logical replication's apply writes). The change witness is what sees such a write.
+    assert_eq!(
+        try_write(
+            &admin,
+            &format!("{off} SET session_replication_role = replica; UPDATE accounts SET balance = balance WHERE id = 1"),
+        )
+        .await,
+        None
+    );
+
+    // A disabled trigger is not a freeze.
+    bg.blue
+        .execute(
+            APP,
+            "BEGIN READ WRITE; ALTER TABLE accounts DISABLE TRIGGER cutover_freeze; COMMIT",
+        )
+        .unwrap();
+    let err = freeze::assert_frozen(&blue, id).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(r#""public"."accounts": the freeze trigger is disabled"#),
+        "{err}"
+    );
+    bg.blue
+        .execute(
+            APP,
+            "BEGIN READ WRITE; ALTER TABLE accounts ENABLE TRIGGER cutover_freeze; COMMIT",
+        )
+        .unwrap();
+
+    // Freezing again changes nothing; unfreezing restores exactly what was there.
+    freeze::freeze(&blue, &cfg).await.unwrap();
+    freeze::unfreeze(&blue, id).await.unwrap();
+    assert_eq!(snapshot(&bg), before);
+    assert_eq!(
+        count(
+            &bg.blue,
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'cutover_freeze'"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &bg.blue,
+            "SELECT count(*) FROM pg_proc WHERE proname = 'refuse_write'"
+        ),
+        0
+    );
+    for (dsn, sql) in [
+        (
+            &app,
+            "INSERT INTO ledger (client, seq, amount) VALUES (1, 1, 1)",
+        ),
+        (&batch, "UPDATE accounts SET balance = balance"),
+        (&admin, "INSERT INTO events VALUES (3, '2026-06-01')"),
+    ] {
+        assert_eq!(try_write(dsn, sql).await, None, "{dsn} cannot write again");
+    }
 }

@@ -81,6 +81,7 @@ async fn lossless_under_load_through_freeze_and_final_sync() {
 
     // Freeze under load.
     let cfg = FreezeConfig {
+        tables: Vec::new(),
         cutover_id: id.into(),
         method: FreezeMethod::ReadOnly,
         roles: vec![APP_ROLE.into()],

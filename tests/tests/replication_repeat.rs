@@ -103,6 +103,7 @@ async fn every_step_can_run_twice() {
     // Freeze twice, the second time after a crash that left the settings recorded but the
     // sessions not yet ended.
     let cfg = FreezeConfig {
+        tables: Vec::new(),
         cutover_id: id.into(),
         method: FreezeMethod::ReadOnly,
         roles: vec![APP_ROLE.into()],

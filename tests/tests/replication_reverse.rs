@@ -39,6 +39,7 @@ async fn rows_written_on_green_after_the_switch_reach_frozen_blue() {
         .await
         .unwrap();
     let cfg = FreezeConfig {
+        tables: Vec::new(),
         cutover_id: id.into(),
         method: FreezeMethod::ReadOnly,
         roles: vec![APP_ROLE.into()],

@@ -275,8 +275,16 @@ impl Default for FreezeSpec {
 /// The ways writes can be stopped on the source.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FreezeMethod {
-    /// Make new transactions read-only for the database and the application roles.
+    /// Stop every writer of the source, not only the application roles: `ReadOnly`'s
+    /// settings, every client session that predates the freeze ended, and a trigger on every
+    /// replicated table refusing writes whatever the role. Only logical replication's apply and
+    /// a superuser who deliberately sets `session_replication_role = replica` (or drops the
+    /// trigger) get past it.
     #[default]
+    Strict,
+    /// Make new transactions read-only for the database and the application roles (a session
+    /// can turn it off with `SET default_transaction_read_only = off`; other roles are not
+    /// stopped).
     ReadOnly,
     /// Forbid the application roles to log in at all.
     RevokeLogin,

@@ -220,6 +220,7 @@ impl<P: Platform> Engine<P> {
                     method: self.spec.freeze.method,
                     roles: self.spec.application_roles.clone(),
                     drain_timeout: self.spec.settings().drain_timeout,
+                    tables: replication::publication_tables(&blue, &self.names.publication).await?,
                 };
                 freeze::freeze(&blue, &cfg).await?;
                 // A position every write before the freeze ends strictly before, which green
@@ -352,6 +353,11 @@ impl<P: Platform> Engine<P> {
                     method: self.spec.freeze.method,
                     roles: self.spec.application_roles.clone(),
                     drain_timeout: self.spec.settings().drain_timeout,
+                    tables: replication::publication_tables(
+                        &green,
+                        &self.names.reverse_publication,
+                    )
+                    .await?,
                 };
                 freeze::freeze(&green, &cfg).await?;
             }

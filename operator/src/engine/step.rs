@@ -16,7 +16,7 @@ use crate::platform::Platform;
 /// Where the status of each step is recorded.
 pub trait Sink {
     /// Why recording failed (the step is then not taken as done).
-    type Error;
+    type Error: Send;
 
     /// Records `status`, computed from the last status this sink returned, after (or, for an
     /// intent, before) `action`. Returns the status as stored, which the next step starts
@@ -26,6 +26,17 @@ pub trait Sink {
         status: &DatabaseCutoverStatus,
         action: &Action,
     ) -> impl Future<Output = Result<DatabaseCutoverStatus, Self::Error>> + Send;
+
+    /// Called right before an action with effects on the databases or the cluster is
+    /// performed: a sink that shares the cutover with other processes (the operator's replicas)
+    /// checks here that this process may still act and that the status it planned from is
+    /// still the stored one. An error means the action is not performed.
+    fn before_action(
+        &mut self,
+        _action: &Action,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 /// A sink that keeps nothing: for tests that look at each step's status themselves.
@@ -117,7 +128,14 @@ impl<P: Platform> Engine<P> {
         }
         let outcome = match action {
             Action::Wait(_) | Action::Idle => Outcome::Done,
-            _ => self.perform(&action, &current).await,
+            // Status-only actions: their record is fenced like every write.
+            Action::Advance(_) | Action::Abort(_) | Action::PassPointOfNoReturn => {
+                self.perform(&action, &current).await
+            }
+            _ => {
+                sink.before_action(&action).await?;
+                self.perform(&action, &current).await
+            }
         };
         if let Outcome::Failed(f) = &outcome {
             warn!(cutover = %self.id, ?action, error = %f.message, transient = f.transient, "action failed");

@@ -1,6 +1,16 @@
 //! Stopping writes on a database (blue, or green during a rollback) and undoing that exactly.
 //!
-//! Two methods (`spec.freeze.method`):
+//! Three methods (`spec.freeze.method`):
+//! - `Strict` (the default): every writer of the database stops, not only the application
+//!   roles. `ReadOnly`'s settings and, in the same transaction, a statement trigger on every
+//!   replicated table (and every partition) refusing `INSERT`, `UPDATE`, `DELETE` and `TRUNCATE`
+//!   with SQLSTATE `25006`; then every client session of the database that predates the freeze
+//!   is ended (any role, after its transaction in flight, as below). Whatever the role — including
+//!   `SET default_transaction_read_only = off`, `BEGIN READ WRITE`, roles not listed and
+//!   superusers. Triggers do not fire in sessions with `session_replication_role = replica`:
+//!   that is how logical replication's apply (reverse replication during hypercare) still
+//!   writes, and also the one way a superuser can still write on purpose (so can one who drops
+//!   the trigger) — the change witness reports such writes.
 //! - `ReadOnly`: `default_transaction_read_only = on` for the database and for every
 //!   application role *in that database* (`ALTER ROLE … IN DATABASE …`, the most specific
 //!   level, so a role's own setting cannot override it and other databases of the cluster are
@@ -47,6 +57,8 @@ pub struct FreezeConfig {
     pub roles: Vec<String>,
     /// How long transactions in flight may run before their sessions are ended.
     pub drain_timeout: Duration,
+    /// The replicated tables (`Strict` puts its trigger on each, and on their partitions).
+    pub tables: Vec<TableName>,
 }
 
 /// Why freezing, unfreezing or the proof failed.
@@ -125,13 +137,54 @@ const DB_READ_ONLY: &str = "database-read-only";
 const ROLE_READ_ONLY: &str = "role-read-only";
 const ROLE_LOGIN: &str = "role-login";
 const ROLE_CONNECT: &str = "role-connect";
+const TABLE_TRIGGER: &str = "table-trigger";
 const METHOD: &str = "method";
+
+/// The trigger a `Strict` freeze puts on every replicated table, and the function it runs.
+const TRIGGER: &str = "cutover_freeze";
+const REFUSE_FUNCTION: &str = "cutover.refuse_write()";
+const REFUSE_FUNCTION_DDL: &str = r#"CREATE OR REPLACE FUNCTION cutover.refuse_write() RETURNS trigger
+LANGUAGE plpgsql AS $f$
+BEGIN
+  RAISE EXCEPTION 'cannot % % during a cutover: writes are frozen', TG_OP, TG_TABLE_NAME::regclass
+    USING ERRCODE = 'read_only_sql_transaction',
+          HINT = 'the database is being moved; write to the new one once the cutover has switched';
+END
+$f$"#;
 
 fn method_name(m: FreezeMethod) -> &'static str {
     match m {
+        FreezeMethod::Strict => "Strict",
         FreezeMethod::ReadOnly => "ReadOnly",
         FreezeMethod::RevokeLogin => "RevokeLogin",
     }
+}
+
+/// The replicated tables with every partition below them (a statement trigger on a
+/// partitioned table does not fire for a statement on one of its partitions).
+async fn tables_and_partitions(
+    db: &Client,
+    tables: &[TableName],
+) -> Result<Vec<TableName>, FreezeError> {
+    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let rows = db
+        .query(
+            "SELECT DISTINCT n.nspname::text, c.relname::text
+               FROM unnest($1::text[]) t(name),
+                    LATERAL (SELECT t.name::regclass AS relid
+                             UNION SELECT relid FROM pg_partition_tree(t.name::regclass)) p
+               JOIN pg_class c ON c.oid = p.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p')
+              ORDER BY 1, 2",
+            &[&names],
+        )
+        .await
+        .map_err(sql("list the replicated tables and their partitions"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
 
 /// Whether a freeze on this database (of any cutover) made `role` `NOLOGIN` and has not been
@@ -199,6 +252,12 @@ pub async fn freeze(db: &Client, cfg: &FreezeConfig) -> Result<FreezeOutcome, Fr
         ));
     }
 
+    let strict_tables = if cfg.method == FreezeMethod::Strict {
+        tables_and_partitions(db, &cfg.tables).await?
+    } else {
+        Vec::new()
+    };
+
     // 1. Record what is there, once: a repeated freeze must not record its own frozen values.
     let record = "INSERT INTO cutover.freeze_state (cutover_id, kind, name, prior)
                   VALUES ($1, $2, $3, $4) ON CONFLICT (cutover_id, kind, name) DO NOTHING";
@@ -215,7 +274,7 @@ pub async fn freeze(db: &Client, cfg: &FreezeConfig) -> Result<FreezeOutcome, Fr
         .await
         .map_err(sql("record the freeze method"))?;
         match cfg.method {
-            FreezeMethod::ReadOnly => {
+            FreezeMethod::ReadOnly | FreezeMethod::Strict => {
                 let prior: Option<String> = db
                     .query_one(&format!("SELECT {READ_ONLY_AT}"), &[&0u32])
                     .await
@@ -244,6 +303,25 @@ pub async fn freeze(db: &Client, cfg: &FreezeConfig) -> Result<FreezeOutcome, Fr
                     ));
                 }
             }
+            FreezeMethod::RevokeLogin => {}
+        }
+        if cfg.method == FreezeMethod::Strict {
+            for table in &strict_tables {
+                db.execute(
+                    record,
+                    &[
+                        &cfg.cutover_id,
+                        &TABLE_TRIGGER,
+                        &table.quoted(),
+                        &None::<String>,
+                    ],
+                )
+                .await
+                .map_err(sql("record a table's freeze trigger"))?;
+            }
+        }
+        match cfg.method {
+            FreezeMethod::ReadOnly | FreezeMethod::Strict => {}
             FreezeMethod::RevokeLogin => {
                 for (role, _, can_login, has_connect) in &roles {
                     let login = Some(can_login.to_string());
@@ -274,16 +352,48 @@ pub async fn freeze(db: &Client, cfg: &FreezeConfig) -> Result<FreezeOutcome, Fr
         .await
         .map_err(sql("commit the prior state"))?;
 
-    // 2. Apply, atomically.
-    let mut apply = String::from("BEGIN;");
+    // 2. Apply, atomically. Under `Strict` the triggers come in the same transaction: from
+    //    its commit on, no session writes a replicated table, whatever its role or settings.
+    //    Creating a trigger waits for the transactions in flight on that table (their writes
+    //    commit before the freeze, and are replicated); one still running when the drain
+    //    budget is spent is ended and the freeze tried again.
+    if cfg.method == FreezeMethod::Strict {
+        statements.push(REFUSE_FUNCTION_DDL.to_owned());
+        for t in &strict_tables {
+            statements.push(format!(
+                "CREATE OR REPLACE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR \
+                 TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {REFUSE_FUNCTION}",
+                t.quoted()
+            ));
+        }
+    }
+    let mut apply = format!(
+        "BEGIN; SET LOCAL lock_timeout = '{}ms';",
+        cfg.drain_timeout.as_millis().max(100)
+    );
     for s in &statements {
         apply.push_str(s);
         apply.push(';');
     }
     apply.push_str("COMMIT;");
-    if let Err(e) = db.batch_execute(&apply).await {
-        let _ = db.batch_execute("ROLLBACK").await;
-        return Err(sql("apply the freeze")(e));
+    let applying = Instant::now();
+    loop {
+        match db.batch_execute(&apply).await {
+            Ok(()) => break,
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(&SqlState::LOCK_NOT_AVAILABLE | &SqlState::T_R_DEADLOCK_DETECTED)
+                ) && applying.elapsed() < cfg.drain_timeout + Duration::from_secs(30) =>
+            {
+                let _ = db.batch_execute("ROLLBACK").await;
+                end_lock_holders(db, &strict_tables).await?;
+            }
+            Err(e) => {
+                let _ = db.batch_execute("ROLLBACK").await;
+                return Err(sql("apply the freeze")(e));
+            }
+        }
     }
     let frozen_at: jiff::Timestamp = db
         .query_one(
@@ -295,8 +405,14 @@ pub async fn freeze(db: &Client, cfg: &FreezeConfig) -> Result<FreezeOutcome, Fr
         .map_err(sql("record the freeze time"))?
         .get(0);
 
-    // 3. End every application session that predates the settings.
-    let drain = end_sessions(db, &cfg.roles, Some(frozen_at), cfg.drain_timeout).await?;
+    // 3. End every application session that predates the settings (under `Strict`, every
+    //    client session of the database, whatever its role: they reconnect read-only).
+    let whose = match cfg.method {
+        FreezeMethod::Strict => Sessions::All,
+        _ => Sessions::Roles(&cfg.roles),
+    };
+    let drain = end_sessions(db, whose, Some(frozen_at), cfg.drain_timeout).await?;
+
     tracing::info!(
         cutover = %cfg.cutover_id,
         method = method_name(cfg.method),
@@ -316,6 +432,31 @@ pub async fn freeze(db: &Client, cfg: &FreezeConfig) -> Result<FreezeOutcome, Fr
     })
 }
 
+/// Ends the sessions holding a lock on one of `tables` (transactions in flight past the drain
+/// budget: nothing of theirs was acknowledged).
+async fn end_lock_holders(db: &Client, tables: &[TableName]) -> Result<(), FreezeError> {
+    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    db.execute(
+        "SELECT pg_terminate_backend(l.pid)
+           FROM pg_locks l
+          WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+            AND l.relation = ANY (SELECT n::regclass FROM unnest($1::text[]) n)",
+        &[&names],
+    )
+    .await
+    .map_err(sql("end a session holding a table the freeze needs"))?;
+    Ok(())
+}
+
+/// Whose sessions to end.
+#[derive(Clone, Copy)]
+enum Sessions<'a> {
+    /// The application roles'.
+    Roles(&'a [String]),
+    /// Every client session of the database but this one.
+    All,
+}
+
 struct Drain {
     ended_idle: usize,
     drained: usize,
@@ -328,10 +469,14 @@ struct Drain {
 /// (committed or rolled back), and whatever is left when `budget` is spent.
 async fn end_sessions(
     db: &Client,
-    roles: &[String],
+    whose: Sessions<'_>,
     before: Option<jiff::Timestamp>,
     budget: Duration,
 ) -> Result<Drain, FreezeError> {
+    let (roles, all): (&[String], bool) = match whose {
+        Sessions::Roles(roles) => (roles, false),
+        Sessions::All => (&[], true),
+    };
     use std::collections::{HashMap, HashSet};
     let started = Instant::now();
     let mut drain = Drain {
@@ -351,10 +496,11 @@ async fn end_sessions(
             .query(
                 "SELECT pid, state IS NOT DISTINCT FROM 'idle' AND backend_xid IS NULL, xact_start
                    FROM pg_stat_activity
-                  WHERE datname = current_database() AND usename = ANY($1)
+                  WHERE datname = current_database() AND backend_type = 'client backend'
+                    AND (usename = ANY($1) OR $3)
                     AND pid <> pg_backend_pid()
                     AND ($2::timestamptz IS NULL OR backend_start < $2)",
-                &[&roles, &before],
+                &[&roles, &before, &all],
             )
             .await
             .map_err(sql("list the application's sessions"))?;
@@ -451,6 +597,7 @@ pub async fn unfreeze(db: &Client, cutover_id: &str) -> Result<UnfreezeOutcome, 
     let db_q = quote_ident(&database);
     let mut script = String::from("BEGIN;");
     let mut roles = Vec::new();
+    let mut drop_function = false;
     let restore_setting = |target: String, prior: Option<&str>| match prior {
         None => format!("ALTER {target} RESET default_transaction_read_only;"),
         Some(v) => format!(
@@ -477,6 +624,15 @@ pub async fn unfreeze(db: &Client, cutover_id: &str) -> Result<UnfreezeOutcome, 
                     script.push_str(&format!("ALTER ROLE {} LOGIN;", quote_ident(name)));
                 }
             }
+            TABLE_TRIGGER => {
+                // The table may be gone since: drop the trigger only where it still is.
+                script.push_str(&format!(
+                    "DO $d$ BEGIN IF to_regclass({lit}) IS NOT NULL THEN \
+                     DROP TRIGGER IF EXISTS {TRIGGER} ON {name}; END IF; END $d$;",
+                    lit = quote_literal(name)
+                ));
+                drop_function = true;
+            }
             ROLE_CONNECT if prior.is_some() => {
                 script.push_str(&format!(
                     "GRANT CONNECT ON DATABASE {db_q} TO {};",
@@ -485,6 +641,16 @@ pub async fn unfreeze(db: &Client, cutover_id: &str) -> Result<UnfreezeOutcome, 
             }
             _ => {}
         }
+    }
+    if drop_function {
+        // Only when no other cutover's freeze on this database still uses it.
+        script.push_str(&format!(
+            "DO $d$ BEGIN IF NOT EXISTS (SELECT 1 FROM cutover.freeze_state \
+             WHERE kind = {kind} AND cutover_id <> {id}) THEN \
+             DROP FUNCTION IF EXISTS {REFUSE_FUNCTION}; END IF; END $d$;",
+            kind = quote_literal(TABLE_TRIGGER),
+            id = quote_literal(cutover_id)
+        ));
     }
     script.push_str(&format!(
         "DELETE FROM cutover.freeze_state WHERE cutover_id = {};COMMIT;",
@@ -498,7 +664,7 @@ pub async fn unfreeze(db: &Client, cutover_id: &str) -> Result<UnfreezeOutcome, 
     roles.dedup();
     // Sessions that connected during a ReadOnly freeze carry `default_transaction_read_only =
     // on` for their whole life: end them so the application reconnects writable.
-    let drain = end_sessions(db, &roles, None, Duration::ZERO).await?;
+    let drain = end_sessions(db, Sessions::Roles(&roles), None, Duration::ZERO).await?;
     tracing::info!(
         cutover = %cutover_id,
         restored = rows.len().saturating_sub(1),
@@ -591,6 +757,27 @@ pub async fn assert_frozen(db: &Client, cutover_id: &str) -> Result<FrozenProof,
                     ));
                 }
                 roles.push(name);
+            }
+            TABLE_TRIGGER => {
+                let enabled: Option<String> = db
+                    .query_opt(
+                        "SELECT tgenabled::text FROM pg_trigger
+                          WHERE tgrelid = to_regclass($1) AND tgname = $2",
+                        &[&name, &TRIGGER],
+                    )
+                    .await
+                    .map_err(sql("look up a freeze trigger"))?
+                    .map(|r| r.get(0));
+                if enabled.as_deref() != Some("O") {
+                    problems.push(format!(
+                        "table {name}: the freeze trigger is {}",
+                        if enabled.is_some() {
+                            "disabled"
+                        } else {
+                            "missing"
+                        }
+                    ));
+                }
             }
             ROLE_LOGIN => {
                 let can_login: bool = db

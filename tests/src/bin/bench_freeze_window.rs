@@ -86,6 +86,7 @@ async fn main() -> Result<()> {
     }
 
     let cfg = FreezeConfig {
+        tables: Vec::new(),
         cutover_id: "bench/freeze-window".into(),
         method: FreezeMethod::ReadOnly,
         roles: vec![ROLE.into()],
