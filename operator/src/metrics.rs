@@ -39,6 +39,8 @@ pub struct Metrics {
     pub write_freeze: prometheus::GaugeVec,
     /// Rows compared by the last verification.
     pub verified_rows: IntGaugeVec,
+    /// Changes committed on the source after the freeze by anyone but the cutover.
+    pub source_writes: IntGaugeVec,
     /// Tables that differed in the last verification.
     pub mismatched_tables: IntGaugeVec,
     /// Problems hypercare sees now, by kind.
@@ -112,6 +114,14 @@ impl Metrics {
             &per_cutover,
         )
         .expect("valid metric");
+        let source_writes = IntGaugeVec::new(
+            Opts::new(
+                "source_writes_after_freeze",
+                "Changes the change witness saw committed on the source after the freeze",
+            ),
+            &per_cutover,
+        )
+        .expect("valid metric");
         let verified_rows = IntGaugeVec::new(
             Opts::new(
                 "verification_rows",
@@ -145,6 +155,7 @@ impl Metrics {
             Box::new(lag_bytes.clone()),
             Box::new(write_freeze.clone()),
             Box::new(verified_rows.clone()),
+            Box::new(source_writes.clone()),
             Box::new(mismatched_tables.clone()),
             Box::new(hypercare_problems.clone()),
         ] {
@@ -162,6 +173,7 @@ impl Metrics {
             lag_bytes,
             write_freeze,
             verified_rows,
+            source_writes,
             mismatched_tables,
             hypercare_problems,
         }
@@ -214,6 +226,11 @@ impl Metrics {
                 .with_label_values(&[namespace, name])
                 .set(f);
         }
+        if let Some(w) = &status.source_writes {
+            self.source_writes
+                .with_label_values(&[namespace, name])
+                .set(w.count);
+        }
         if let Some(v) = &status.verification {
             self.verified_rows
                 .with_label_values(&[namespace, name])
@@ -254,7 +271,11 @@ impl Metrics {
                 .lag_bytes
                 .remove_label_values(&[namespace, name, direction]);
         }
-        for gauge in [&self.verified_rows, &self.mismatched_tables] {
+        for gauge in [
+            &self.verified_rows,
+            &self.mismatched_tables,
+            &self.source_writes,
+        ] {
             let _ = gauge.remove_label_values(&[namespace, name]);
         }
         let _ = self.write_freeze.remove_label_values(&[namespace, name]);

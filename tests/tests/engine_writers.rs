@@ -155,3 +155,197 @@ async fn a_strict_freeze_loses_no_acknowledged_write_whoever_writes() {
         50 * 1000
     );
 }
+
+/// `ReadOnly` and `RevokeLogin` stop only the application roles. Under them the other writers
+/// go on writing to blue — and the cutover must then refuse before the point of no return
+/// (verification or the change witness sees their writes), with every acknowledged write on
+/// blue, where the application stays. Either way no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_weaker_freeze_the_cutover_refuses_rather_than_lose_a_write() {
+    for method in [FreezeMethod::ReadOnly, FreezeMethod::RevokeLogin] {
+        let (bg, status, reports) = cutover_under_every_writer(method).await;
+        let side = match status.phase {
+            Phase::Completed => &bg.green,
+            Phase::Aborted => {
+                assert!(status.point_of_no_return_at.is_none());
+                &bg.blue
+            }
+            other => panic!("{method:?}: ended {other}: {:?}", status.message),
+        };
+        for (name, report) in &reports {
+            for (client, seq) in &report.acknowledged {
+                assert_eq!(
+                    count(
+                        side,
+                        &format!(
+                            "SELECT count(*) FROM ledger WHERE client = {client} AND seq = {seq}"
+                        ),
+                    ),
+                    1,
+                    "{method:?}, {name}: acknowledged write ({client}, {seq}) lost"
+                );
+            }
+        }
+        assert_eq!(leftovers(&bg.green), Vec::<String>::new());
+        eprintln!(
+            "{method:?}: ended {}: {}",
+            status.phase,
+            status.message.unwrap_or_default()
+        );
+    }
+}
+
+/// Steps `engine` from `status` until `stop` holds.
+async fn step_until(
+    engine: &Engine<LocalPlatform>,
+    mut status: DatabaseCutoverStatus,
+    stop: impl Fn(&DatabaseCutoverStatus) -> bool,
+) -> DatabaseCutoverStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !stop(&status) {
+        assert!(
+            std::time::Instant::now() < deadline && !status.phase.is_terminal(),
+            "stopped in {} without reaching the condition: {:?}",
+            status.phase,
+            status.message
+        );
+        let step = engine.step(&status, false, &mut NoSink).await.unwrap();
+        status = step.status;
+        tokio::time::sleep(step.pause.min(Duration::from_millis(200))).await;
+    }
+    status
+}
+
+fn witness_slots(bg: &cutover_tests::BlueGreen) -> i64 {
+    count(
+        &bg.blue,
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%\\_wit'",
+    )
+}
+
+/// The change witness, exactly: a write on blue after verification — while the cutover waits
+/// for its approval — is seen and aborts the cutover before the point of no return, naming the
+/// table and key; the witness slot goes with every other replication object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_the_source_while_awaiting_approval_aborts_naming_it() {
+    let bg = blue_green();
+    with_schema(&bg, workload::SCHEMA, &workload::grants(APP_ROLE));
+    bg.blue.execute(APP, &workload::seed(50, 1000)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(FreezeMethod::ReadOnly);
+    s.point_of_no_return.approval = Approval::Manual;
+    s.point_of_no_return.deadline = "5m".into();
+    let engine = Engine::new(
+        "shop/witness",
+        ValidSpec::new(s).unwrap(),
+        cutover_tests::databases(&bg),
+        LocalPlatform {
+            secret_file: Some(dir.path().join("DATABASE_URL")),
+            rehearsal_secret_file: None,
+        },
+    );
+    let waiting = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
+        s.phase == Phase::AwaitingApproval
+    })
+    .await;
+    assert_eq!(witness_slots(&bg), 1, "the witness watches from the freeze on");
+    // A superuser turns read-only off for the transaction and writes.
+    bg.blue
+        .execute(
+            APP,
+            "BEGIN READ WRITE; UPDATE accounts SET balance = balance + 1 WHERE id = 7;
+             UPDATE accounts SET balance = balance - 1 WHERE id = 8; COMMIT",
+        )
+        .unwrap();
+    let done = step_until(&engine, waiting, |s| s.phase.is_terminal()).await;
+    assert_eq!(done.phase, Phase::Aborted);
+    let message = done.message.unwrap_or_default();
+    assert!(
+        message.contains("writes on the source after the freeze: 2"),
+        "{message}"
+    );
+    assert!(message.contains("public.accounts UPDATE id[integer]:7"), "{message}");
+    assert_eq!(witness_slots(&bg), 0, "the witness slot is dropped on abort");
+    assert_clean_and_writable(&bg).await;
+}
+
+/// After the switch, a write on blue that reverse replication did not bring — a superuser past
+/// the `Strict` freeze in replica mode — is a hypercare problem, and a rollback waits until a
+/// person acknowledges it; the application's own writes on green, carried back by reverse
+/// replication, are not such writes. The witness slot is gone once the cutover ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_the_source_after_the_switch_is_reported_and_holds_a_rollback() {
+    let bg = blue_green();
+    with_schema(&bg, workload::SCHEMA, &workload::grants(APP_ROLE));
+    bg.blue.execute(APP, &workload::seed(50, 1000)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
+    let mut s = spec(FreezeMethod::Strict);
+    s.schedule.hypercare = "10m".into();
+    let engine_for = |s: DatabaseCutoverSpec| {
+        Engine::new(
+            "shop/after-switch",
+            ValidSpec::new(s).unwrap(),
+            cutover_tests::databases(&bg),
+            LocalPlatform {
+                secret_file: Some(dir.path().join("DATABASE_URL")),
+                rehearsal_secret_file: None,
+            },
+        )
+    };
+    let engine = engine_for(s.clone());
+    let hypercare = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
+        s.phase == Phase::Hypercare
+    })
+    .await;
+    // The application writes on green; reverse replication brings it to blue.
+    bg.green
+        .execute(APP, "INSERT INTO accounts VALUES (900, 0)")
+        .unwrap();
+    wait_for("reverse replication", Duration::from_secs(30), || async {
+        count(&bg.blue, "SELECT count(*) FROM accounts WHERE id = 900") == 1
+    })
+    .await;
+    let quiet = step_until(&engine, hypercare, |s| {
+        s.source_writes.as_ref().is_some_and(|w| w.checked_up_to.is_some())
+    })
+    .await;
+    let quiet = step_until(&engine, quiet, |_| true).await;
+    assert_eq!(
+        quiet.source_writes.as_ref().map(|w| w.count),
+        Some(0),
+        "reverse replication's writes are not the source's own"
+    );
+
+    bg.blue
+        .execute(
+            APP,
+            "BEGIN READ WRITE; SET LOCAL session_replication_role = replica;
+             DELETE FROM accounts WHERE id = 900; COMMIT",
+        )
+        .unwrap();
+    let reported = step_until(&engine, quiet, |s| {
+        s.hypercare
+            .as_ref()
+            .is_some_and(|h| !h.problems.is_empty())
+    })
+    .await;
+    let problem = &reported.hypercare.as_ref().unwrap().problems[0];
+    assert_eq!(
+        problem.reason,
+        cutover_operator::api::ProblemKind::SourceWrittenAfterSwitch
+    );
+    assert!(problem.message.contains("public.accounts DELETE id[integer]:900"), "{}", problem.message);
+
+    // A rollback waits for a person; acknowledged, it goes.
+    s.rollback.as_mut().unwrap().requested = true;
+    let asked = engine_for(s.clone());
+    let held = step_until(&asked, reported.clone(), |_| true).await;
+    let held = step_until(&asked, held, |_| true).await;
+    assert_eq!(held.phase, Phase::Hypercare, "the rollback waits for an acknowledgement");
+    s.rollback.as_mut().unwrap().acknowledge_source_writes = true;
+    let acknowledged = engine_for(s);
+    let rolled = step_until(&acknowledged, held, |s| s.phase.is_terminal()).await;
+    assert_eq!(rolled.phase, Phase::RolledBack, "{:?}", rolled.message);
+    assert_eq!(witness_slots(&bg), 0, "the witness slot is dropped at the end");
+}

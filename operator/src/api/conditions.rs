@@ -53,6 +53,8 @@ pub enum Reason {
     RolloutStuck,
     /// A hypercare checkpoint found the target and the source differ.
     CheckpointMismatch,
+    /// Something wrote to the source after the switch that reverse replication did not bring.
+    SourceWrittenAfterSwitch,
     /// The operator cannot reach a database or the API server; it retries.
     TransientError,
     /// The spec cannot be acted on; it waits for a change.
@@ -74,6 +76,7 @@ impl Reason {
             Reason::CheckFailed => "CheckFailed",
             Reason::RolloutStuck => "RolloutStuck",
             Reason::CheckpointMismatch => "CheckpointMismatch",
+            Reason::SourceWrittenAfterSwitch => "SourceWrittenAfterSwitch",
             Reason::TransientError => "TransientError",
             Reason::InvalidSpec => "InvalidSpec",
         }

@@ -550,4 +550,9 @@ pub struct RollbackSpec {
     /// replication catch up, point the application back at the source and unfreeze it.
     #[serde(default)]
     pub requested: bool,
+
+    /// Roll back even though something wrote to the source after the switch (status
+    /// `sourceWrites`): those writes are overwritten or lost. A person sets this after looking.
+    #[serde(default)]
+    pub acknowledge_source_writes: bool,
 }

@@ -227,6 +227,29 @@ pub struct DatabaseCutoverStatus {
     /// the switch, rolls back) saying so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryStatus>,
+
+    /// What the change witness on the source saw after the freeze: writes the target would
+    /// miss. Before the point of no return one of them aborts the cutover; after the switch
+    /// it is a hypercare problem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_writes: Option<SourceWrites>,
+}
+
+/// Writes committed on the source after the freeze by anyone but the cutover.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceWrites {
+    /// How many changes (rows) since the sync point.
+    pub count: i64,
+    /// Some of them, for people (table, operation, key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<String>,
+    /// The WAL position up to which the witness has looked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_up_to: Option<String>,
+    /// The witness slot was lost: nothing after `checkedUpTo` can be proven.
+    #[serde(default)]
+    pub witness_lost: bool,
 }
 
 /// A step being retried after transient failures.
@@ -276,14 +299,18 @@ pub enum ProblemKind {
     RolloutStuck,
     /// A checkpoint found row counts that differ between target and source.
     CheckpointMismatch,
+    /// Something wrote to the source after the switch that reverse replication did not bring:
+    /// a rollback would overwrite it, and the target does not have it.
+    SourceWrittenAfterSwitch,
 }
 
 impl ProblemKind {
     /// Every kind.
-    pub const ALL: [ProblemKind; 3] = [
+    pub const ALL: [ProblemKind; 4] = [
         ProblemKind::ReplicationBroken,
         ProblemKind::RolloutStuck,
         ProblemKind::CheckpointMismatch,
+        ProblemKind::SourceWrittenAfterSwitch,
     ];
 
     /// The wire name (also the Event reason and the metric label).
@@ -292,6 +319,7 @@ impl ProblemKind {
             ProblemKind::ReplicationBroken => "ReplicationBroken",
             ProblemKind::RolloutStuck => "RolloutStuck",
             ProblemKind::CheckpointMismatch => "CheckpointMismatch",
+            ProblemKind::SourceWrittenAfterSwitch => "SourceWrittenAfterSwitch",
         }
     }
 }

@@ -85,6 +85,9 @@ pub enum ActionError {
     /// Kubernetes (or local mode's files) refused.
     #[error(transparent)]
     Platform(#[from] PlatformError),
+    /// The change witness on the source could not be created or read.
+    #[error(transparent)]
+    Witness(#[from] crate::postgres::witness::WitnessError),
     /// The post-switch migration Job failed.
     #[error("post-switch migrations failed: {0}")]
     MigrationsFailed(String),
@@ -165,7 +168,9 @@ impl ActionError {
             }
             ActionError::Replication(_) => Category::ReplicationFailed,
             ActionError::Freeze(_) => Category::FreezeFailed,
-            ActionError::Sequences(_) | ActionError::Checkpoint(_) => Category::DatabaseError,
+            ActionError::Sequences(_) | ActionError::Checkpoint(_) | ActionError::Witness(_) => {
+                Category::DatabaseError
+            }
             ActionError::Verify { .. } => Category::VerificationFailed,
             ActionError::Abort(_) | ActionError::Cleanup(_) => Category::CleanupFailed,
             ActionError::Roles(RolesError::Sql { .. }) => Category::DatabaseError,

@@ -20,7 +20,7 @@ use tokio_postgres::types::PgLsn;
 use crate::api::{DatabaseCutoverStatus, Milestone, ValidSpec, VerificationStatus};
 use crate::plan::{
     Action, CleanupScope, Failure, JobState, MigrationSet, Observations, Outcome,
-    ReplicationObservation,
+    ReplicationObservation, WitnessObservation,
 };
 use crate::platform::Platform;
 use crate::postgres::checkpoint::{self, CountState, ReverseLink};
@@ -31,6 +31,7 @@ use crate::postgres::replication::{self, Names, TableSelection};
 use crate::postgres::reverse;
 use crate::postgres::sync::copy_sequences;
 use crate::postgres::verify::{self, TableName, VerifyOptions};
+use crate::postgres::witness;
 use crate::postgres::{ConnectOptions, Dsn, connect};
 
 /// The two databases, as the operator reaches them and as each reaches the other.
@@ -160,6 +161,28 @@ impl<P: Platform> Engine<P> {
         if needs.rollouts {
             obs.rollout_problems = self.platform.rollout_problems().await?;
         }
+        if needs.witness
+            && let Some(after) = status.freeze_lsn.as_deref().and_then(parse_lsn)
+        {
+            let blue = self.blue().await?;
+            let slot = &self.names.witness_slot;
+            // What the status already counted is let go of first.
+            if let Some(counted) = status
+                .source_writes
+                .as_ref()
+                .and_then(|w| w.checked_up_to.as_deref())
+                .and_then(parse_lsn)
+            {
+                witness::advance(&blue, slot, counted).await?;
+            }
+            let seen = witness::look(&blue, slot, after).await?;
+            obs.source_writes = Some(WitnessObservation {
+                writes: seen.writes,
+                samples: seen.samples,
+                up_to: seen.upto.map(|l| l.to_string()),
+                lost: seen.lost,
+            });
+        }
         Ok(obs)
     }
 
@@ -223,6 +246,9 @@ impl<P: Platform> Engine<P> {
                     tables: replication::publication_tables(&blue, &self.names.publication).await?,
                 };
                 freeze::freeze(&blue, &cfg).await?;
+                // The witness exists before the sync point is read: every transaction that
+                // commits after the sync point is decoded by it.
+                crate::postgres::witness::ensure(&blue, &self.names.witness_slot).await?;
                 // A position every write before the freeze ends strictly before, which green
                 // confirms as soon as it has received it.
                 let lsn = replication::sync_point(&blue).await?;

@@ -13,8 +13,8 @@ pub mod report;
 pub use next::{
     Action, CHECKPOINT_CATCH_UP, CleanupScope, FAST_POLL, FROZEN_RETRY_MAX, FROZEN_RETRY_MIN,
     Failure, IDLE, JobState, MigrationSet, Needs, Observations, Outcome, POLL, REVERSE_CATCH_UP,
-    ReplicationObservation, SYNC_WAIT, checkpoint_offsets, cleanup_scope, next_action,
-    observation_needs, record, record_intent,
+    ReplicationObservation, SYNC_WAIT, WitnessObservation, checkpoint_offsets, cleanup_scope,
+    next_action, observation_needs, record, record_intent,
 };
 pub use report::{TimingReport, format_duration, timing_report};
 
@@ -257,6 +257,7 @@ fn hypercare_problems(status: &DatabaseCutoverStatus) -> Option<(Reason, String)
         ProblemKind::ReplicationBroken => Reason::ReplicationBroken,
         ProblemKind::RolloutStuck => Reason::RolloutStuck,
         ProblemKind::CheckpointMismatch => Reason::CheckpointMismatch,
+        ProblemKind::SourceWrittenAfterSwitch => Reason::SourceWrittenAfterSwitch,
     };
     let text: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
     Some((reason, text.join("; ")))

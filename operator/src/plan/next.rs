@@ -53,6 +53,22 @@ pub struct Observations {
     pub reverse_broken: Option<String>,
     /// Restarted workloads whose rollout is stuck, each with why.
     pub rollout_problems: Vec<String>,
+    /// What the change witness saw on the source since it last looked.
+    pub source_writes: Option<WitnessObservation>,
+}
+
+/// One look of the change witness on the source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WitnessObservation {
+    /// Changes committed after the sync point by anyone but the cutover, new since the last
+    /// look.
+    pub writes: u64,
+    /// Some of them, for people.
+    pub samples: Vec<String>,
+    /// The WAL position looked up to.
+    pub up_to: Option<String>,
+    /// The witness slot is gone or its WAL was removed.
+    pub lost: bool,
 }
 
 /// Which set of migrations a Job applies.
@@ -187,6 +203,11 @@ pub fn next_action(
                 Action::Advance(Phase::Verifying)
             }
         }
+        Phase::Verifying | Phase::AwaitingApproval
+            if let Some(why) = source_written(status, obs) =>
+        {
+            Action::Abort(why)
+        }
         Phase::Verifying => match &status.verification {
             None => Action::Verify,
             Some(v) if v.matched => Action::Advance(Phase::AwaitingApproval),
@@ -194,7 +215,7 @@ pub fn next_action(
         },
         Phase::AwaitingApproval => approval(spec, status, now),
         Phase::Switching => switching(spec, status, obs),
-        Phase::Hypercare => hypercare(spec, status, now),
+        Phase::Hypercare => hypercare(spec, status, obs, now),
         Phase::Aborting => Action::FinishAbort,
         Phase::RollingBack => rolling_back(status, obs),
         Phase::Completed | Phase::Aborted | Phase::RolledBack => Action::Idle,
@@ -437,6 +458,8 @@ pub struct Needs {
     pub reverse_health: bool,
     /// Whether the restarted workloads' rollouts are stuck.
     pub rollouts: bool,
+    /// What the change witness saw on the source since the freeze.
+    pub witness: bool,
 }
 
 /// What to observe for the next decision.
@@ -448,7 +471,14 @@ pub fn observation_needs(
     if deleting || status.phase.is_terminal() {
         return Needs::default();
     }
-    match status.phase {
+    // The witness is looked at from the verification on: before the point of no return a write
+    // on the source aborts, after the switch it is a hypercare problem.
+    let witness = status.freeze_lsn.is_some()
+        && matches!(
+            status.phase,
+            Phase::Verifying | Phase::AwaitingApproval | Phase::Hypercare
+        );
+    let needs = match status.phase {
         Phase::Migrating => Needs {
             migration_job: Some(MigrationSet::Initial),
             ..Needs::default()
@@ -481,7 +511,57 @@ pub fn observation_needs(
             ..Needs::default()
         },
         _ => Needs::default(),
+    };
+    Needs { witness, ..needs }
+}
+
+/// The source's writes after the freeze, counting what the witness sees now.
+fn source_writes(status: &DatabaseCutoverStatus, obs: &Observations) -> (i64, bool) {
+    let recorded = status.source_writes.as_ref();
+    let count = recorded.map_or(0, |w| w.count)
+        + obs
+            .source_writes
+            .as_ref()
+            .map_or(0, |w| i64::try_from(w.writes).unwrap_or(i64::MAX));
+    let lost = recorded.is_some_and(|w| w.witness_lost)
+        || obs.source_writes.as_ref().is_some_and(|w| w.lost);
+    (count, lost)
+}
+
+/// The examples of source writes, recorded and new.
+fn source_write_samples(status: &DatabaseCutoverStatus, obs: &Observations) -> Vec<String> {
+    let mut samples: Vec<String> = status
+        .source_writes
+        .iter()
+        .flat_map(|w| w.samples.iter().cloned())
+        .collect();
+    samples.extend(
+        obs.source_writes
+            .iter()
+            .flat_map(|w| w.samples.iter().cloned()),
+    );
+    samples.truncate(10);
+    samples
+}
+
+/// Why the cutover must stop before the point of no return because of the witness, if it must.
+fn source_written(status: &DatabaseCutoverStatus, obs: &Observations) -> Option<String> {
+    let (count, lost) = source_writes(status, obs);
+    if count > 0 {
+        return Some(format!(
+            "writes on the source after the freeze: {count} (the target would miss them), \
+             for example {}",
+            source_write_samples(status, obs).join("; ")
+        ));
     }
+    if lost {
+        return Some(
+            "the change witness on the source was lost: nothing proves that no one wrote to \
+             the source after the freeze"
+                .into(),
+        );
+    }
+    None
 }
 
 /// What removing a cutover (deleting the resource) must undo, by how far it got.
@@ -512,13 +592,23 @@ pub fn checkpoint_offsets(spec: &ValidSpec) -> Vec<Duration> {
     spec.settings().checkpoints.clone()
 }
 
-fn hypercare(spec: &ValidSpec, status: &DatabaseCutoverStatus, now: jiff::Timestamp) -> Action {
-    if spec
+fn hypercare(
+    spec: &ValidSpec,
+    status: &DatabaseCutoverStatus,
+    obs: &Observations,
+    now: jiff::Timestamp,
+) -> Action {
+    if let Some(r) = spec
         .rollback
         .as_ref()
-        .is_some_and(|r| r.requested && r.readiness)
+        .filter(|r| r.requested && r.readiness)
     {
-        return Action::Advance(Phase::RollingBack);
+        // Writes on the source after the switch would be overwritten by going back: a person
+        // looks first and acknowledges them.
+        let (written, _) = source_writes(status, obs);
+        if written == 0 || r.acknowledge_source_writes {
+            return Action::Advance(Phase::RollingBack);
+        }
     }
     let Some(switched) = status
         .switched_at
@@ -657,6 +747,17 @@ pub fn record(
             reverse_lag_bytes: obs.reverse_lag_bytes.and_then(|b| i64::try_from(b).ok()),
             ..s.replication.take().unwrap_or_default()
         });
+    }
+    if let Some(w) = &obs.source_writes {
+        let (count, lost) = source_writes(&s, obs);
+        let samples = source_write_samples(&s, obs);
+        let recorded = s.source_writes.get_or_insert_default();
+        recorded.count = count;
+        recorded.samples = samples;
+        recorded.witness_lost = lost;
+        if w.up_to.is_some() {
+            recorded.checked_up_to = w.up_to.clone();
+        }
     }
     refresh_problems(&mut s, obs);
     if let Outcome::Failed(failure) = &outcome {
@@ -872,6 +973,26 @@ fn refresh_problems(s: &mut DatabaseCutoverStatus, obs: &Observations) {
         reason: ProblemKind::RolloutStuck,
         message: why.clone(),
     }));
+    if let Some(w) = &s.source_writes
+        && (w.count > 0 || w.witness_lost)
+    {
+        problems.push(Problem {
+            reason: ProblemKind::SourceWrittenAfterSwitch,
+            message: if w.count > 0 {
+                format!(
+                    "{} writes on the source after the freeze that the target does not have \
+                     (a rollback would overwrite them; set rollback.acknowledgeSourceWrites to \
+                     roll back anyway), for example {}",
+                    w.count,
+                    w.samples.join("; ")
+                )
+            } else {
+                "the change witness on the source was lost: writes to the source can no longer \
+                 be seen"
+                    .into()
+            },
+        });
+    }
     let hypercare = s.hypercare.get_or_insert_default();
     if let Some(c) = &hypercare.last_checkpoint
         && !c.matched

@@ -845,6 +845,12 @@ fn invariants_hold_over_random_runs() {
                 reverse_caught_up: rng.chance(50),
                 reverse_broken: (rng.below(100) < 5).then(|| "subscription disabled".into()),
                 rollout_problems: Vec::new(),
+                source_writes: (rng.below(100) < 3).then(|| WitnessObservation {
+                    writes: 1,
+                    samples: vec!["public.t UPDATE id[integer]:1".into()],
+                    up_to: None,
+                    lost: false,
+                }),
             };
             let action = next_action(&spec, &status, &obs, now);
             let fails = rng.chance(3);
@@ -1205,5 +1211,121 @@ fn an_unreadable_start_time_stops_the_step_instead_of_lifting_its_budget() {
     assert!(
         why.contains("status.steps[].startedAt \"yesterday\""),
         "{why}"
+    );
+}
+
+#[test]
+fn a_write_on_the_source_after_the_freeze_aborts_before_the_point_of_no_return() {
+    let spec = plan("rollback");
+    let frozen = |phase| {
+        with(in_phase(phase, 0), |s| {
+            s.frozen_at = Some(t(0).to_string());
+            s.freeze_lsn = Some("0/100".into());
+        })
+    };
+    let seen = Observations {
+        source_writes: Some(WitnessObservation {
+            writes: 2,
+            samples: vec!["public.accounts UPDATE id[integer]:5".into()],
+            up_to: Some("0/200".into()),
+            lost: false,
+        }),
+        ..Observations::default()
+    };
+    let quiet = Observations {
+        source_writes: Some(WitnessObservation::default()),
+        ..Observations::default()
+    };
+    for phase in [Phase::Verifying, Phase::AwaitingApproval] {
+        let why = abort_reason(next_action(&spec, &frozen(phase), &seen, t(1)));
+        assert!(
+            why.contains("writes on the source after the freeze: 2"),
+            "{why}"
+        );
+        assert!(
+            why.contains("public.accounts UPDATE id[integer]:5"),
+            "{why}"
+        );
+        assert!(!matches!(
+            next_action(&spec, &frozen(phase), &quiet, t(1)),
+            Action::Abort(_)
+        ));
+    }
+    // A lost witness proves nothing: stop too.
+    let lost = Observations {
+        source_writes: Some(WitnessObservation {
+            lost: true,
+            ..WitnessObservation::default()
+        }),
+        ..Observations::default()
+    };
+    let why = abort_reason(next_action(
+        &spec,
+        &frozen(Phase::AwaitingApproval),
+        &lost,
+        t(1),
+    ));
+    assert!(why.contains("witness on the source was lost"), "{why}");
+
+    // After the switch: a hypercare problem, counted in the status, and a rollback waits for a
+    // person to acknowledge it.
+    let hypercare = with(frozen(Phase::Hypercare), |s| {
+        s.switched_at = Some(t(0).to_string())
+    });
+    let after = record(
+        &spec,
+        &hypercare,
+        &Action::Wait(POLL),
+        Outcome::Done,
+        &seen,
+        t(1),
+    );
+    assert_eq!(after.source_writes.as_ref().map(|w| w.count), Some(2));
+    assert_eq!(
+        after
+            .source_writes
+            .as_ref()
+            .and_then(|w| w.checked_up_to.clone()),
+        Some("0/200".into())
+    );
+    let problems: Vec<_> = after
+        .hypercare
+        .as_ref()
+        .unwrap()
+        .problems
+        .iter()
+        .map(|p| p.reason)
+        .collect();
+    assert_eq!(
+        problems,
+        [crate::api::ProblemKind::SourceWrittenAfterSwitch]
+    );
+    let again = record(
+        &spec,
+        &after,
+        &Action::Wait(POLL),
+        Outcome::Done,
+        &seen,
+        t(2),
+    );
+    assert_eq!(
+        again.source_writes.as_ref().map(|w| w.count),
+        Some(4),
+        "counts add up"
+    );
+    let mut rollback = spec.clone();
+    rollback.rollback.as_mut().unwrap().requested = true;
+    assert_ne!(
+        next_action(&rollback, &after, &quiet, t(3)),
+        Action::Advance(Phase::RollingBack)
+    );
+    rollback
+        .rollback
+        .as_mut()
+        .unwrap()
+        .acknowledge_source_writes = true;
+    assert_eq!(
+        next_action(&rollback, &after, &quiet, t(3)),
+        Action::Advance(Phase::RollingBack)
     );
 }

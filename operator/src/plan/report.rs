@@ -35,6 +35,9 @@ pub struct TimingReport {
     pub total: Duration,
     /// Rows compared by verification.
     pub rows_verified: Option<i64>,
+    /// Changes the change witness saw on the source after the freeze (`None`: not watched, or
+    /// the witness was lost).
+    pub source_writes: Option<i64>,
     /// Why it stopped, if it aborted or rolled back.
     pub message: Option<String>,
 }
@@ -71,6 +74,11 @@ pub fn timing_report(status: &DatabaseCutoverStatus, now: jiff::Timestamp) -> Ti
         total,
         write_freeze: status.write_freeze_seconds.map(Duration::from_secs_f64),
         rows_verified: status.verification.as_ref().map(|v| v.rows_compared),
+        source_writes: status
+            .source_writes
+            .as_ref()
+            .filter(|w| !w.witness_lost)
+            .map(|w| w.count),
         message: status.message.clone(),
         steps,
     }
@@ -107,6 +115,9 @@ impl TimingReport {
         );
         if let Some(rows) = self.rows_verified {
             let _ = writeln!(out, "rows verified: {rows}");
+        }
+        if let Some(n) = self.source_writes {
+            let _ = writeln!(out, "writes on the source after the freeze: {n}");
         }
         let _ = writeln!(out, "result: {}", self.phase);
         if let Some(m) = &self.message {

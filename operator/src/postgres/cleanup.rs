@@ -224,6 +224,19 @@ pub async fn cleanup(
         ("blue", "green"),
     )
     .await?;
+    match blue {
+        Some(b) => {
+            if drop_slot(b, &names.witness_slot, Duration::from_secs(5)).await? {
+                report
+                    .dropped
+                    .push(format!("replication slot {} on blue", names.witness_slot));
+            }
+        }
+        None => report.skipped.push(format!(
+            "replication slot {} on blue (unreachable)",
+            names.witness_slot
+        )),
+    }
     for (client, publication, side) in [
         (blue, &names.publication, "blue"),
         (green, &names.reverse_publication, "green"),

@@ -22,3 +22,4 @@ pub mod roles;
 pub mod shared;
 pub mod slots;
 pub mod sync;
+pub mod witness;

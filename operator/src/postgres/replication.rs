@@ -33,6 +33,9 @@ pub struct Names {
     pub reverse_subscription: String,
     /// Replication slot on green used by the reverse subscription.
     pub reverse_slot: String,
+    /// Logical slot on blue through which the change witness reads what blue commits after
+    /// the freeze.
+    pub witness_slot: String,
 }
 
 impl Names {
@@ -59,6 +62,7 @@ impl Names {
             publication: base.clone(),
             subscription: base.clone(),
             slot: base.clone(),
+            witness_slot: format!("{base}_wit"),
             reverse_publication: format!("{base}_rev"),
             reverse_subscription: format!("{base}_rev"),
             reverse_slot: format!("{base}_rev"),
