@@ -5,7 +5,7 @@ CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 export RUST_BACKTRACE ?= 1
 
-.PHONY: test deps build fmt-check clippy crds crds-check unit control-plane demo clean-cache
+.PHONY: test deps build fmt-check clippy crds crds-check unit control-plane demo clean-cache image
 
 ## test: everything CI checks — formatting, clippy, generated files, unit, integration and e2e tests.
 test: deps fmt-check build clippy control-plane
@@ -37,3 +37,9 @@ control-plane:
 demo: deps control-plane
 	$(CARGO) build --locked -p cutover-operator -p cutover-e2e --bins
 	$(CARGO) run --quiet --locked -p cutover-e2e --bin cutover-demo -- $(DEMO_ARGS)
+
+## image: the operator image as a docker-archive tarball in target/image/ (no Docker daemon:
+## hack/build-image.sh with crane; `ctr images import` / `docker load` it). See docs/image.md.
+image:
+	$(CARGO) build --release --locked -p cutover-operator --bin cutover
+	hack/build-image.sh
