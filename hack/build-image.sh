@@ -3,11 +3,12 @@
 # (manifest.json + config + one layer) that `docker load`, `ctr images import` and
 # `podman load` accept. `make image` runs it after `cargo build --release`.
 #
-#   hack/build-image.sh [--binary PATH] [--output FILE] [--tag REF]
+#   hack/build-image.sh [--binary PATH] [--output FILE] [--tag REF] [--name NAME]
 #
 # Defaults: the release `cutover` binary of this workspace's target directory, the tarball
 # target/image/cutover-<version>.tar, the tag ghcr.io/dbops/cutover:<workspace version> (the
-# image the chart and the operator's migration Jobs name by default).
+# image the chart and the operator's migration Jobs name by default). --name installs the binary
+# as /usr/local/bin/NAME, the entrypoint (the e2e bed builds its pause and workload images so).
 #
 # The one layer is the root filesystem hack/image-rootfs.sh lays out (the Dockerfile uses the
 # same script): the binary at /usr/local/bin/cutover, the shared libraries `ldd` lists at their
@@ -31,12 +32,14 @@ target_dir="${CARGO_TARGET_DIR:-$root/target}"
 binary="$target_dir/release/cutover"
 output=""
 tag="ghcr.io/dbops/cutover:$version"
+name=cutover
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --binary) binary="$2"; shift 2 ;;
         --output) output="$2"; shift 2 ;;
         --tag) tag="$2"; shift 2 ;;
+        --name) name="$2"; shift 2 ;;
         *) log "unknown argument $1"; exit 2 ;;
     esac
 done
@@ -57,7 +60,7 @@ cleanup() {
 trap cleanup EXIT
 
 rootfs="$work/rootfs"
-"$here/image-rootfs.sh" "$binary" "$rootfs"
+"$here/image-rootfs.sh" "$binary" "$rootfs" "$name"
 
 layer="$work/layer.tar"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix \
@@ -88,12 +91,12 @@ staging="127.0.0.1:$port/cutover:build"
 mkdir -p "$(dirname "$output")"
 "$crane" mutate "$staging" \
     --set-platform linux/amd64 \
-    --entrypoint /usr/local/bin/cutover \
+    --entrypoint "/usr/local/bin/$name" \
     --user 65532:65532 \
     --workdir / \
     --env PATH=/usr/local/bin:/usr/bin:/bin \
     --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
-    --label "org.opencontainers.image.title=cutover" \
+    --label "org.opencontainers.image.title=$name" \
     --label "org.opencontainers.image.version=$version" \
     --tag "$tag" \
     --output "$output.tmp" 2>"$work/crane.log" ||
