@@ -4,8 +4,9 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 export RUST_BACKTRACE ?= 1
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 
-.PHONY: test deps build fmt-check clippy crds crds-check unit control-plane demo clean-cache image
+.PHONY: test deps build fmt-check clippy crds crds-check unit control-plane demo clean-cache image e2e-node
 
 ## test: everything CI checks — formatting, clippy, generated files, unit, integration and e2e tests.
 test: deps fmt-check build clippy control-plane
@@ -43,3 +44,12 @@ demo: deps control-plane
 image:
 	$(CARGO) build --release --locked -p cutover-operator --bin cutover
 	hack/build-image.sh
+
+## e2e-node: the e2e tests on a real node (root; kubelet, containerd; see e2e/README.md): the
+## operator image imported, the chart installed by helm, a cutover through the operator's pod.
+## Not part of `make test` yet.
+e2e-node: deps image
+	$(CARGO) test --locked -p cutover-e2e --test real_node --no-run
+	e2e/real-node.sh run --image target/image/cutover-$(VERSION).tar -- \
+		env USE_EXISTING_CLUSTER=true CUTOVER_E2E_REAL_NODE=1 \
+		$(CARGO) test --locked -p cutover-e2e --test real_node -- --nocapture --test-threads=1

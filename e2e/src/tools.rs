@@ -55,7 +55,11 @@ pub fn go_tool(name: &'static str) -> Result<PathBuf, String> {
         if path.is_file() {
             Ok(path)
         } else {
-            Err(format!("{} {name} printed {}, which is no file", script.display(), path.display()))
+            Err(format!(
+                "{} {name} printed {}, which is no file",
+                script.display(),
+                path.display()
+            ))
         }
     })
     .clone()

@@ -56,7 +56,12 @@ fn kind_of(doc: &Value) -> (&str, &str) {
 
 fn the_one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     let found: Vec<&Value> = docs.iter().filter(|d| kind_of(d).1 == kind).collect();
-    assert_eq!(found.len(), 1, "one {kind} in the rendered chart, found {}", found.len());
+    assert_eq!(
+        found.len(),
+        1,
+        "one {kind} in the rendered chart, found {}",
+        found.len()
+    );
     found[0]
 }
 
@@ -97,14 +102,22 @@ async fn the_api_server_accepts_the_rendered_chart_and_helm_installs_it() {
         "Service",
         "ConfigMap",
     ] {
-        assert!(kinds.contains(kind), "the chart renders a {kind}: {kinds:?}");
+        assert!(
+            kinds.contains(kind),
+            "the chart renders a {kind}: {kinds:?}"
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("chart.json");
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": served});
     std::fs::write(&manifest, serde_json::to_vec_pretty(&list).unwrap()).unwrap();
     let out = run(plane
-        .kubectl(["apply", "--server-side", "--dry-run=server", "--force-conflicts"])
+        .kubectl([
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--force-conflicts",
+        ])
         .args(["--field-manager", "cutover-e2e-chart", "-f"])
         .arg(&manifest))
     .unwrap_or_else(|e| panic!("the API server refused the rendered chart: {e}"));
@@ -173,7 +186,10 @@ async fn the_api_server_accepts_the_rendered_chart_and_helm_installs_it() {
         .get_opt(RELEASE)
         .await
         .unwrap();
-    assert!(gone.is_none(), "helm uninstall removed the ClusterRoleBinding");
+    assert!(
+        gone.is_none(),
+        "helm uninstall removed the ClusterRoleBinding"
+    );
 }
 
 #[test]
@@ -213,7 +229,9 @@ fn the_alerting_rules_pass_promtool_and_each_alert_fires_in_its_unit_test() {
     assert!(alerts.len() >= 4, "{alerts:?}");
     for alert in alerts {
         assert!(
-            test_text.contains(&format!("alertname: {alert}\n        exp_alerts:\n          - exp_labels")),
+            test_text.contains(&format!(
+                "alertname: {alert}\n        exp_alerts:\n          - exp_labels"
+            )),
             "{alert} has a unit test in which it fires"
         );
     }
@@ -228,7 +246,10 @@ fn documented_metrics() -> HashSet<String> {
         .filter_map(|l| l.split('`').next())
         .map(str::to_owned)
         .collect();
-    assert!(names.len() >= 8, "docs/metrics.md lists the metrics: {names:?}");
+    assert!(
+        names.len() >= 8,
+        "docs/metrics.md lists the metrics: {names:?}"
+    );
     names
 }
 
@@ -247,7 +268,11 @@ fn the_grafana_dashboard_is_valid_and_shows_lag_phase_freeze_and_verification() 
         .as_str()
         .expect("the ConfigMap holds cutover.json");
     let shipped = std::fs::read_to_string(chart_dir().join("dashboards/cutover.json")).unwrap();
-    assert_eq!(text.trim_end(), shipped.trim_end(), "the ConfigMap carries the file as is");
+    assert_eq!(
+        text.trim_end(),
+        shipped.trim_end(),
+        "the ConfigMap carries the file as is"
+    );
 
     let dash: Value = serde_json::from_str(text).expect("the dashboard is JSON");
     assert_eq!(dash["uid"], "cutover-operator");
@@ -267,7 +292,10 @@ fn the_grafana_dashboard_is_valid_and_shows_lag_phase_freeze_and_verification() 
     let mut exprs = Vec::new();
     for panel in panels {
         let title = panel["title"].as_str().unwrap();
-        assert!(ids.insert(panel["id"].as_u64().unwrap()), "{title}: unique id");
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "{title}: unique id"
+        );
         assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
         let g = &panel["gridPos"];
         let (x, y, w, h) = (
@@ -276,10 +304,16 @@ fn the_grafana_dashboard_is_valid_and_shows_lag_phase_freeze_and_verification() 
             g["w"].as_u64().unwrap(),
             g["h"].as_u64().unwrap(),
         );
-        assert!(w > 0 && h > 0 && x + w <= 24, "{title}: inside the 24-column grid");
+        assert!(
+            w > 0 && h > 0 && x + w <= 24,
+            "{title}: inside the 24-column grid"
+        );
         for cx in x..x + w {
             for cy in y..y + h {
-                assert!(cells.insert((cx, cy)), "{title} overlaps another panel at {cx},{cy}");
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{title} overlaps another panel at {cx},{cy}"
+                );
             }
         }
         let targets = panel["targets"].as_array().unwrap();
@@ -310,7 +344,10 @@ fn the_grafana_dashboard_is_valid_and_shows_lag_phase_freeze_and_verification() 
                     .find_map(|s| word.strip_suffix(s))
                     .filter(|b| documented.contains(*b))
                     .unwrap_or(word);
-                assert!(documented.contains(base), "{title}: {word} is no documented metric");
+                assert!(
+                    documented.contains(base),
+                    "{title}: {word} is no documented metric"
+                );
             }
         }
     }
