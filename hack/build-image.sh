@@ -69,7 +69,9 @@ tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix \
 
 # --- the image, through crane's registry on loopback --------------------------------------
 # Port 0 on loopback: the kernel picks a free port, which crane logs ("serving on port N").
-"$crane" registry serve --address 127.0.0.1:0 >"$work/registry.log" 2>&1 &
+# The log exists before the background process opens it, so the first read cannot miss it.
+: >"$work/registry.log"
+"$crane" registry serve --address 127.0.0.1:0 >>"$work/registry.log" 2>&1 &
 registry_pid=$!
 port=""
 deadline=$((SECONDS + 30))
