@@ -120,7 +120,13 @@ remove_iptables_chains() {
 
 had() { grep -qx "$1" "$STATE/host.before" 2>/dev/null; }
 
-clean() {
+# Best effort from top to bottom: a step that finds nothing to undo must not stop the others.
+clean() { (
+    set +e +o pipefail
+    clean_steps
+); }
+
+clean_steps() {
     [[ -d "$STATE" ]] || return 0
     log "stopping the node and undoing its host changes"
     kill_bed_processes
@@ -163,7 +169,12 @@ clean() {
 }
 
 # Records what exists before the bed changes anything, so `clean` leaves it alone.
-record_host() {
+record_host() { (
+    set +e +o pipefail
+    record_host_steps
+); }
+
+record_host_steps() {
     local f="$STATE/host.before"
     : >"$f"
     local d
