@@ -206,7 +206,8 @@ free_port() {
 start() {
     local name="$1"
     shift
-    setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+    # Not holding the lock (fd 9): a run that is SIGKILLed frees it, so `clean` can follow.
+    setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null 9>&- &
     echo $! >"$STATE/$name.pid"
 }
 
