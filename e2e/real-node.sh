@@ -37,6 +37,8 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# iptables, runc and friends live in sbin, which a non-login root shell may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 root="$(cd "$here/.." && pwd)"
 
 NODE_NAME=cutover-e2e-node
@@ -199,7 +201,9 @@ record_host_steps() {
 # Starting
 
 free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    local py=python3
+    [[ -x /usr/bin/python3 ]] && py=/usr/bin/python3
+    "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # start NAME COMMAND... : in the background, its own process group, output to NAME.log.
