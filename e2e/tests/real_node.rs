@@ -16,11 +16,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::fixtures::bank_databases;
 use cutover_e2e::operator::eventually;
 use cutover_e2e::tools::{chart_dir, helm, run};
-use cutover_tests::BlueGreen;
-use cutover_tests::workload::{Load, LoadConfig};
+use cutover_tests::workload::{self, Load, LoadConfig};
+use cutover_tests::{BlueGreen, PgCluster, PgClusterBuilder};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -101,6 +100,48 @@ impl Node {
     }
 }
 
+/// Blue and green with the bank schema and the application role, like the other e2e tests'
+/// pair, except that green also listens on the pod bridge's address and lets the pod subnet
+/// in: the operator's migration Job runs in a pod on the bridge (not on the node's network)
+/// and reaches green there.
+fn bank_databases(gateway: &str) -> BlueGreen {
+    let quick = |b: PgClusterBuilder| {
+        b.setting("wal_receiver_status_interval", "1s")
+            .setting("wal_retrieve_retry_interval", "200ms")
+    };
+    let bg = BlueGreen::start_with(
+        quick(PgCluster::builder()),
+        quick(PgCluster::builder()).setting("listen_addresses", format!("127.0.0.1,{gateway}")),
+    )
+    .expect("start PostgreSQL");
+    let subnet = format!("{}.0/24", gateway.rsplit_once('.').unwrap().0);
+    let hba = bg.green.data_dir().join("pg_hba.conf");
+    let mut rules = std::fs::OpenOptions::new().append(true).open(&hba).unwrap();
+    writeln!(
+        rules,
+        "host all all {subnet} scram-sha-256\nhost replication all {subnet} scram-sha-256"
+    )
+    .unwrap();
+    bg.green
+        .execute("postgres", "SELECT pg_reload_conf()")
+        .unwrap();
+    for c in [&bg.blue, &bg.green] {
+        c.create_role(APP_ROLE, APP_PASSWORD, "LOGIN").unwrap();
+        c.execute(BlueGreen::DATABASE, workload::SCHEMA).unwrap();
+        c.execute(BlueGreen::DATABASE, &workload::grants(APP_ROLE))
+            .unwrap();
+    }
+    bg.blue
+        .execute(BlueGreen::DATABASE, &workload::seed(50, 1000))
+        .unwrap();
+    bg
+}
+
+/// A connection string aimed at the bridge address instead of loopback.
+fn via(gateway: &str, dsn: &str) -> String {
+    dsn.replacen("@127.0.0.1:", &format!("@{gateway}:"), 1)
+}
+
 fn secret(name: &str, key: &str, value: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
            "stringData": {key: value}})
@@ -143,10 +184,26 @@ fn job_complete(job: &Job) -> bool {
         })
 }
 
+/// The one live pod matching `selector`.
+async fn app_pods_named(client: &kube::Client, ns: &str, selector: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let mut live: Vec<Pod> = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    assert_eq!(live.len(), 1, "one pod {selector}");
+    live.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_installs_the_operator_as_a_pod_and_it_drives_a_cutover_with_a_real_workload() {
     let Some(node) = node() else { return };
-    let bg = tokio::task::spawn_blocking(|| bank_databases(APP_ROLE, APP_PASSWORD, 50))
+    let gateway = node.gateway.clone();
+    let bg = tokio::task::spawn_blocking(move || bank_databases(&gateway))
         .await
         .unwrap();
     let plane = ControlPlane::shared().await.unwrap();
@@ -230,11 +287,12 @@ async fn helm_installs_the_operator_as_a_pod_and_it_drives_a_cutover_with_a_real
         );
     }
 
-    // --- the application: migrations applied by Jobs, a Deployment waiting on them ---------
+    // --- the application: its migration applied to blue by a Job, a Deployment waiting on it --
+    // Green is named by the bridge address: the operator's own migration Job reaches it there.
     let blue_app = bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
-    let green_app = bg.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
+    let green_admin = via(&node.gateway, &bg.green_dsn());
     node.apply(&ns, &secret("billing-blue-admin", "uri", &bg.blue_dsn()));
-    node.apply(&ns, &secret("billing-green-admin", "uri", &bg.green_dsn()));
+    node.apply(&ns, &secret("billing-green-admin", "uri", &green_admin));
     node.apply(&ns, &secret("billing-db", "DATABASE_URL", &blue_app));
     node.apply(
         &ns,
@@ -334,7 +392,45 @@ async fn helm_installs_the_operator_as_a_pod_and_it_drives_a_cutover_with_a_real
     spec["replication"]["maxLagBeforeFreeze"] = json!("1MiB");
     spec["schedule"]["hypercare"] = json!("2s");
     spec["schedule"]["checkpoints"] = json!([]);
+    // The same migrations, applied to green by the operator's own Job before replication.
+    spec["migrations"] = json!({"configMapRef": {"name": "billing-migrations"},
+                                "lockKey": 4242, "lockTimeout": "5s"});
     node.apply(&ns, &plan);
+
+    // The operator's migration Job runs in a pod on the bridge (its own network namespace),
+    // with the image the chart runs, and completes.
+    let job = eventually(
+        "the operator's migration Job Complete",
+        Duration::from_secs(120),
+        || async {
+            let list = jobs
+                .list(&ListParams::default().labels("cutover.dbops.dev/migration-set=initial"))
+                .await
+                .ok()?;
+            list.items.into_iter().find(job_complete)
+        },
+    )
+    .await;
+    let job_name = job.metadata.name.clone().unwrap();
+    let job_pod = app_pods_named(&client, &ns, &format!("job-name={job_name}")).await;
+    let job_spec = job_pod.spec.as_ref().unwrap();
+    assert_ne!(
+        job_spec.host_network,
+        Some(true),
+        "the migration pod has a network of its own"
+    );
+    assert_eq!(job_spec.containers[0].image.as_deref(), Some(IMAGE));
+    let pod_ip = job_pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .unwrap_or_default();
+    let prefix = format!("{}.", node.gateway.rsplit_once('.').unwrap().0);
+    assert!(
+        pod_ip.starts_with(&prefix) && pod_ip != node.gateway,
+        "pod IP {pod_ip} on the bridge"
+    );
+    eprintln!("the operator's migration Job {job_name} ran in pod {pod_ip}");
 
     let cutovers = Api::<kube::core::DynamicObject>::namespaced_with(
         client.clone(),
@@ -370,9 +466,11 @@ async fn helm_installs_the_operator_as_a_pod_and_it_drives_a_cutover_with_a_real
     // new pod's init container ran `cutover wait` against green before the pod started.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let data = secrets.get("billing-db").await.unwrap().data.unwrap();
-    assert_eq!(
-        String::from_utf8(data["DATABASE_URL"].0.clone()).unwrap(),
-        green_app
+    let app_url = String::from_utf8(data["DATABASE_URL"].0.clone()).unwrap();
+    let green_server = format!("@{}:{}/", node.gateway, bg.green.port());
+    assert!(
+        app_url.contains(&green_server) && app_url.starts_with(&format!("postgres://{APP_ROLE}:")),
+        "the application Secret names green with the application's role: {app_url}"
     );
     eventually(
         "billing-api rolled out again",
