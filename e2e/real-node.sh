@@ -78,9 +78,10 @@ kill_bed_processes() {
     for pid in $(pgrep -f -- "containerd-shim-runc-v2 .*-address $sock" 2>/dev/null || true); do
         kill -KILL "$pid" 2>/dev/null || true
     done
-    # Containers whose shim is gone: runc's state for the k8s.io namespace under our root.
+    # Containers whose shim is gone: runc's state for the k8s.io namespace, which is ours
+    # only when /run/containerd did not exist before the bed (no other containerd here).
     local runc_root=/run/containerd/runc/k8s.io
-    if [[ -d "$runc_root" ]] && command -v runc >/dev/null; then
+    if [[ -d "$runc_root" ]] && ! had "dir:/run/containerd" && command -v runc >/dev/null; then
         for id in $(runc --root "$runc_root" list -q 2>/dev/null || true); do
             runc --root "$runc_root" kill "$id" KILL 2>/dev/null || true
             runc --root "$runc_root" delete --force "$id" 2>/dev/null || true
