@@ -15,7 +15,8 @@
 #
 #   e2e/build-control-plane.sh           kube-apiserver, etcd, kubectl
 #   e2e/build-control-plane.sh --node    also kubelet, kube-controller-manager and
-#                                        kube-scheduler, for the real node (e2e/real-node.sh)
+#                                        kube-scheduler, for the real node (e2e/real-node.sh);
+#                                        always from the cache, whatever KUBEBUILDER_ASSETS says
 set -euo pipefail
 
 node=false
@@ -29,7 +30,7 @@ etcd_mod="$here/controlplane/etcd"
 
 log() { printf 'build-control-plane: %s\n' "$*" >&2; }
 
-if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && ! $node; then
     if [[ -x "$KUBEBUILDER_ASSETS/kube-apiserver" && -x "$KUBEBUILDER_ASSETS/etcd" ]]; then
         log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
         printf '%s\n' "$KUBEBUILDER_ASSETS"
