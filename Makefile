@@ -4,12 +4,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 export RUST_BACKTRACE ?= 1
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 
-.PHONY: test deps build fmt-check clippy crds crds-check unit control-plane demo clean-cache
+.PHONY: test deps build fmt-check clippy crds crds-check unit control-plane demo clean-cache image e2e-node node-test
 
 ## test: everything CI checks — formatting, clippy, generated files, unit, integration and e2e tests.
 test: deps fmt-check build clippy control-plane
 	$(CARGO) test --workspace --all-targets --locked
+	$(MAKE) --no-print-directory node-test
 
 ## deps: install what is missing (Debian packages: PostgreSQL server; Go and Rust must be present).
 deps:
@@ -29,11 +31,36 @@ crds:
 	$(CARGO) run --quiet --locked -p cutover-operator --bin cutover -- crd > crds/databasecutover.yaml
 	cp crds/databasecutover.yaml charts/cutover-operator/crds/databasecutover.yaml
 
-## control-plane: build (once, cached per user) kube-apiserver, etcd and kubectl for the e2e tests.
+## control-plane: build (once, cached per user) kube-apiserver, etcd and kubectl for the e2e tests,
+## and as root the real node's kubelet, kube-controller-manager and kube-scheduler.
 control-plane:
-	e2e/build-control-plane.sh >/dev/null
+	if [ "$$(id -u)" -eq 0 ]; then e2e/build-control-plane.sh --node; else e2e/build-control-plane.sh; fi >/dev/null
 
 ## demo: two PostgreSQL clusters, a local control plane, the operator, and an example plan.
 demo: deps control-plane
 	$(CARGO) build --locked -p cutover-operator -p cutover-e2e --bins
 	$(CARGO) run --quiet --locked -p cutover-e2e --bin cutover-demo -- $(DEMO_ARGS)
+
+## image: the operator image as a docker-archive tarball in target/image/ (no Docker daemon:
+## hack/build-image.sh with crane; `ctr images import` / `docker load` it). See docs/image.md.
+image:
+	$(CARGO) build --release --locked -p cutover-operator --bin cutover
+	hack/build-image.sh
+
+## node-test: the e2e test on a real node (e2e/real-node.sh; see e2e/README.md) with the image of
+## the debug binary `make build` made: the chart installed by helm, a cutover through the
+## operator's pod. Part of `make test`; the node needs root, so it is skipped for other users.
+node-test:
+	@if [ "$$(id -u)" -ne 0 ]; then echo "node-test: skipped (the real node needs root)"; exit 0; fi; \
+	target_dir="$${CARGO_TARGET_DIR:-target}"; \
+	hack/build-image.sh --binary "$$target_dir/debug/cutover" --output "$$target_dir/image/cutover-debug.tar" >/dev/null; \
+	e2e/real-node.sh run --image "$$target_dir/image/cutover-debug.tar" -- \
+		env USE_EXISTING_CLUSTER=true CUTOVER_E2E_REAL_NODE=1 \
+		$(CARGO) test --locked -p cutover-e2e --test real_node -- --test-threads=1
+
+## e2e-node: the same with the release image `make image` builds (what users deploy).
+e2e-node: deps image
+	$(CARGO) test --locked -p cutover-e2e --test real_node --no-run
+	e2e/real-node.sh run --image target/image/cutover-$(VERSION).tar -- \
+		env USE_EXISTING_CLUSTER=true CUTOVER_E2E_REAL_NODE=1 \
+		$(CARGO) test --locked -p cutover-e2e --test real_node -- --nocapture --test-threads=1

@@ -12,7 +12,17 @@
 #
 # Idempotent and safe to run concurrently: builds are serialised with flock and
 # each binary is built under a temporary name and renamed into place atomically.
+#
+#   e2e/build-control-plane.sh           kube-apiserver, etcd, kubectl
+#   e2e/build-control-plane.sh --node    also kubelet, kube-controller-manager and
+#                                        kube-scheduler, for the real node (e2e/real-node.sh);
+#                                        always from the cache, whatever KUBEBUILDER_ASSETS says
 set -euo pipefail
+
+node=false
+if [[ "${1:-}" == "--node" ]]; then
+    node=true
+fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 kube_mod="$here/controlplane/kube"
@@ -20,7 +30,7 @@ etcd_mod="$here/controlplane/etcd"
 
 log() { printf 'build-control-plane: %s\n' "$*" >&2; }
 
-if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && ! $node; then
     if [[ -x "$KUBEBUILDER_ASSETS/kube-apiserver" && -x "$KUBEBUILDER_ASSETS/etcd" ]]; then
         log "using KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
         printf '%s\n' "$KUBEBUILDER_ASSETS"
@@ -44,7 +54,12 @@ fi
 dir="${XDG_CACHE_HOME:-$HOME/.cache}/cutover-e2e/k8s-${k8s_version}-etcd-${etcd_version}"
 mkdir -p "$dir"
 
-have_all() { [[ -x "$dir/kube-apiserver" && -x "$dir/etcd" && -x "$dir/kubectl" ]]; }
+have_all() {
+    [[ -x "$dir/kube-apiserver" && -x "$dir/etcd" && -x "$dir/kubectl" ]] || return 1
+    if $node; then
+        [[ -x "$dir/kubelet" && -x "$dir/kube-controller-manager" && -x "$dir/kube-scheduler" ]] || return 1
+    fi
+}
 
 if ! have_all; then
     # Serialise concurrent builds (e.g. several test binaries starting at once).
@@ -95,6 +110,11 @@ if ! have_all; then
     build "$etcd_mod" . etcd
     build "$kube_mod" k8s.io/kubernetes/cmd/kube-apiserver kube-apiserver "$kube_ldflags"
     build "$kube_mod" k8s.io/kubernetes/cmd/kubectl kubectl "$kube_ldflags"
+    if $node; then
+        build "$kube_mod" k8s.io/kubernetes/cmd/kube-scheduler kube-scheduler "$kube_ldflags"
+        build "$kube_mod" k8s.io/kubernetes/cmd/kube-controller-manager kube-controller-manager "$kube_ldflags"
+        build "$kube_mod" k8s.io/kubernetes/cmd/kubelet kubelet "$kube_ldflags"
+    fi
 fi
 
 log "control plane binaries in $dir"

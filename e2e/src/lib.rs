@@ -21,6 +21,7 @@
 pub mod fixtures;
 pub mod kubelet;
 pub mod operator;
+pub mod tools;
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
