@@ -500,6 +500,20 @@ const V2: (&str, &str) = (
 async fn the_operator_drives_a_cutover_to_completed_under_load() {
     let mut s = Scenario::start("happy").await;
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    // Beside the application, a writer the plan knows nothing about: the superuser, with
+    // read-only turned off for every session. The default (Strict) freeze stops it too.
+    let rogue = Load::start_from(
+        LoadConfig {
+            dsn: format!(
+                "{}?options=-c%20default_transaction_read_only%3Doff",
+                s.bg.blue_dsn()
+            ),
+            clients: 2,
+            tps: 50.0,
+            accounts: 50,
+        },
+        100,
+    );
     let mut plan = s.plan();
     plan.spec.schedule.checkpoints = vec!["1s".into()];
     s.apply(&plan).await;
@@ -508,6 +522,23 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         .wait_phase_unbroken(Phase::Completed, Duration::from_secs(180))
         .await;
     let report = s.stop_load().await;
+    let rogue = rogue.stop().await;
+    assert!(rogue.acknowledged.len() > 10, "the superuser barely wrote");
+    for (client, seq) in &rogue.acknowledged {
+        assert_eq!(
+            one(
+                &s.bg.green,
+                &format!("SELECT count(*) FROM ledger WHERE client = {client} AND seq = {seq}"),
+            ),
+            1,
+            "the superuser's acknowledged write ({client}, {seq}) is not on green"
+        );
+    }
+    assert_eq!(
+        done.source_writes.as_ref().map(|w| w.count),
+        Some(0),
+        "the witness saw writes on the source after the freeze"
+    );
 
     assert!(done.verification.as_ref().is_some_and(|v| v.matched));
     assert!(done.point_of_no_return_at.is_some());

@@ -248,7 +248,11 @@ async fn a_write_on_the_source_while_awaiting_approval_aborts_naming_it() {
         s.phase == Phase::AwaitingApproval
     })
     .await;
-    assert_eq!(witness_slots(&bg), 1, "the witness watches from the freeze on");
+    assert_eq!(
+        witness_slots(&bg),
+        1,
+        "the witness watches from the freeze on"
+    );
     // A superuser turns read-only off for the transaction and writes.
     bg.blue
         .execute(
@@ -264,8 +268,15 @@ async fn a_write_on_the_source_while_awaiting_approval_aborts_naming_it() {
         message.contains("writes on the source after the freeze: 2"),
         "{message}"
     );
-    assert!(message.contains("public.accounts UPDATE id[integer]:7"), "{message}");
-    assert_eq!(witness_slots(&bg), 0, "the witness slot is dropped on abort");
+    assert!(
+        message.contains("public.accounts UPDATE id[integer]:7"),
+        "{message}"
+    );
+    assert_eq!(
+        witness_slots(&bg),
+        0,
+        "the witness slot is dropped on abort"
+    );
     assert_clean_and_writable(&bg).await;
 }
 
@@ -307,7 +318,9 @@ async fn a_write_on_the_source_after_the_switch_is_reported_and_holds_a_rollback
     })
     .await;
     let quiet = step_until(&engine, hypercare, |s| {
-        s.source_writes.as_ref().is_some_and(|w| w.checked_up_to.is_some())
+        s.source_writes
+            .as_ref()
+            .is_some_and(|w| w.checked_up_to.is_some())
     })
     .await;
     let quiet = step_until(&engine, quiet, |_| true).await;
@@ -325,9 +338,7 @@ async fn a_write_on_the_source_after_the_switch_is_reported_and_holds_a_rollback
         )
         .unwrap();
     let reported = step_until(&engine, quiet, |s| {
-        s.hypercare
-            .as_ref()
-            .is_some_and(|h| !h.problems.is_empty())
+        s.hypercare.as_ref().is_some_and(|h| !h.problems.is_empty())
     })
     .await;
     let problem = &reported.hypercare.as_ref().unwrap().problems[0];
@@ -335,17 +346,31 @@ async fn a_write_on_the_source_after_the_switch_is_reported_and_holds_a_rollback
         problem.reason,
         cutover_operator::api::ProblemKind::SourceWrittenAfterSwitch
     );
-    assert!(problem.message.contains("public.accounts DELETE id[integer]:900"), "{}", problem.message);
+    assert!(
+        problem
+            .message
+            .contains("public.accounts DELETE id[integer]:900"),
+        "{}",
+        problem.message
+    );
 
     // A rollback waits for a person; acknowledged, it goes.
     s.rollback.as_mut().unwrap().requested = true;
     let asked = engine_for(s.clone());
     let held = step_until(&asked, reported.clone(), |_| true).await;
     let held = step_until(&asked, held, |_| true).await;
-    assert_eq!(held.phase, Phase::Hypercare, "the rollback waits for an acknowledgement");
+    assert_eq!(
+        held.phase,
+        Phase::Hypercare,
+        "the rollback waits for an acknowledgement"
+    );
     s.rollback.as_mut().unwrap().acknowledge_source_writes = true;
     let acknowledged = engine_for(s);
     let rolled = step_until(&acknowledged, held, |s| s.phase.is_terminal()).await;
     assert_eq!(rolled.phase, Phase::RolledBack, "{:?}", rolled.message);
-    assert_eq!(witness_slots(&bg), 0, "the witness slot is dropped at the end");
+    assert_eq!(
+        witness_slots(&bg),
+        0,
+        "the witness slot is dropped at the end"
+    );
 }
