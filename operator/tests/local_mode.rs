@@ -74,6 +74,11 @@ fn the_staging_rehearsal_plan_runs_in_local_mode() {
             "{expected:?} missing from:\n{stdout}"
         );
     }
+    // Output to a pipe carries no colour codes.
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "escape codes in piped output:\n{stderr}"
+    );
     // No password in what it printed.
     for secret in [bg.blue.password(), bg.green.password(), "app-pw"] {
         assert!(

@@ -301,10 +301,11 @@ pub fn pause_after(status: &DatabaseCutoverStatus, action: &next::Action) -> Dur
 /// Retry delays while writes are frozen: from [`FROZEN_RETRY_MIN`], doubling, capped at
 /// [`FROZEN_RETRY_MAX`].
 pub fn frozen_retry_delay(attempt: u32) -> Duration {
+    // Exact doubling in whole milliseconds (backon's factor is a float: 200 ms × 2 comes out
+    // as 400.000006 ms).
     let doubled = FROZEN_RETRY_MIN.saturating_mul(1 << attempt.saturating_sub(1).min(16));
     doubled.min(FROZEN_RETRY_MAX)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

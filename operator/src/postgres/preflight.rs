@@ -76,7 +76,8 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
     if opts.reverse {
         out.push(wal_level(green, "wal-level-green", "green (for reverse replication)").await);
     }
-    out.push(slots(blue, "replication-slots-blue", "blue", 1).await);
+    // Blue holds the subscription's slot and, from the freeze on, the change witness's.
+    out.push(slots(blue, "replication-slots-blue", "blue", 2).await);
     if opts.reverse {
         out.push(slots(green, "replication-slots-green", "green", 1).await);
     }
