@@ -130,3 +130,26 @@ fn an_invalid_plan_is_refused_with_the_problems_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_misspelt_field_is_refused_naming_it_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo().join("cutover-plans/staging-rehearsal.yaml"))
+        .unwrap()
+        .replace("  mode: Rehearsal", "  mdoe: Rehearsal");
+    assert!(text.contains("mdoe"), "the example changed: {text}");
+    let plan = dir.path().join("plan.yaml");
+    std::fs::write(&plan, text).unwrap();
+    // No Secrets and no databases: it must stop at reading the plan.
+    let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["run", "-f"])
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("spec.mdoe: unknown field, did you mean mode?"),
+        "{stderr}"
+    );
+}

@@ -244,6 +244,100 @@ impl TryFrom<DatabaseCutoverSpec> for ValidSpec {
     }
 }
 
+/// Fields of a `DatabaseCutover` document (as read from a plan file) that the resource does not
+/// have, each as `path: unknown field`, with the known field it most resembles when there is
+/// one (`spec.mdoe: unknown field, did you mean mode?`). The API server drops unknown fields (or,
+/// with `kubectl apply --validate=strict`, refuses them); a plan read from a file must not
+/// silently run a Production cutover because `mode` was misspelt.
+pub fn unknown_fields(doc: &serde_json::Value) -> Vec<String> {
+    let crd = DatabaseCutover::crd();
+    let Some(schema) = crd
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(map) = doc.as_object() {
+        for (key, value) in map {
+            match key.as_str() {
+                // Kubernetes' own parts: checked by the API server, not part of the plan.
+                "apiVersion" | "kind" | "metadata" | "status" => {}
+                "spec" => {
+                    if let Some(spec) = schema.properties.as_ref().and_then(|p| p.get("spec")) {
+                        walk(spec, value, "spec", &mut out);
+                    }
+                }
+                other => out.push(unknown(other, other, schema)),
+            }
+        }
+    }
+    out
+}
+
+type Props = k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps;
+
+fn walk(schema: &Props, value: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let Some(props) = &schema.properties else {
+                return;
+            };
+            for (key, v) in map {
+                let here = format!("{path}.{key}");
+                match props.get(key) {
+                    Some(sub) => walk(sub, v, &here, out),
+                    None => out.push(unknown(&here, key, schema)),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(item)) =
+                &schema.items
+            {
+                for (i, v) in items.iter().enumerate() {
+                    walk(item, v, &format!("{path}[{i}]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn unknown(path: &str, key: &str, parent: &Props) -> String {
+    let known: Vec<&String> = parent.properties.iter().flat_map(|p| p.keys()).collect();
+    let closest = known
+        .iter()
+        .map(|k| (edit_distance(&key.to_lowercase(), &k.to_lowercase()), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min();
+    match closest {
+        Some((_, k)) => format!("{path}: unknown field, did you mean {k}?"),
+        None => format!("{path}: unknown field"),
+    }
+}
+
+/// Levenshtein distance, for suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            prev = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 /// The admission rules, checked without an API server (local mode reads plans from files).
 /// Mirrors the CEL rules of the CRD; returns one message per problem, empty when the spec is
 /// valid.
@@ -280,5 +374,36 @@ mod validate_tests {
         let problems = validate(&spec);
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(problems[0].starts_with("spec.freeze.drainTimeout: \"banana\" must be a duration"));
+    }
+
+    #[test]
+    fn misspelt_fields_are_named_with_the_field_meant() {
+        let text = include_str!("../../../cutover-plans/production-with-rollback.yaml")
+            .replace("  freeze:\n    method:", "  freeze:\n    methd:")
+            .replace(
+                "  pointOfNoReturn:\n    approval:",
+                "  pointOfNoReturn:\n    aproval:",
+            )
+            .replace("spec:\n", "spec:\n  mdoe: Rehearsal\n  wholly: unknown\n");
+        let doc: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+        let mut problems = unknown_fields(&doc);
+        problems.sort();
+        assert_eq!(
+            problems,
+            [
+                "spec.freeze.methd: unknown field, did you mean method?",
+                "spec.mdoe: unknown field, did you mean mode?",
+                "spec.pointOfNoReturn.aproval: unknown field, did you mean approval?",
+                "spec.wholly: unknown field",
+            ]
+        );
+        for example in [
+            include_str!("../../../cutover-plans/production-with-rollback.yaml"),
+            include_str!("../../../cutover-plans/production-manual-approval.yaml"),
+            include_str!("../../../cutover-plans/staging-rehearsal.yaml"),
+        ] {
+            let clean: serde_json::Value = serde_saphyr::from_str(example).unwrap();
+            assert_eq!(unknown_fields(&clean), Vec::<String>::new());
+        }
     }
 }

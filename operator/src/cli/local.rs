@@ -270,6 +270,18 @@ impl Printer {
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.plan)
         .with_context(|| format!("failed to read {}", args.plan.display()))?;
+    // Read strictly: a misspelt field is refused, not ignored (`mdoe: Rehearsal` would run a
+    // Production cutover).
+    let doc: serde_json::Value = serde_saphyr::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("failed to parse {}: {e}", args.plan.display()))?;
+    let unknown = cutover_operator::api::unknown_fields(&doc);
+    if !unknown.is_empty() {
+        bail!(
+            "{} is not a valid plan:\n  - {}",
+            args.plan.display(),
+            unknown.join("\n  - ")
+        );
+    }
     let cutover: DatabaseCutover = serde_saphyr::from_str(&text)
         .map_err(|e| anyhow::anyhow!("failed to parse {}: {e}", args.plan.display()))?;
     let invalid = |invalid: cutover_operator::api::InvalidSpec| {
