@@ -775,17 +775,15 @@ pub fn record(
                 }
                 Err(limit) => {
                     let attempts = s.retry.as_ref().map_or(1, |r| r.attempts + 1);
-                    s.retry = None;
                     let why = format!(
                         "{} (still failing after {attempts} attempts, past {limit})",
                         failure.message
                     );
-                    return fail(s, why, &stamp);
+                    return fail(s, why, failure.reason, &stamp);
                 }
             }
         }
-        s.retry = None;
-        return fail(s, failure.message.clone(), &stamp);
+        return fail(s, failure.message.clone(), failure.reason, &stamp);
     }
     if !matches!(action, Action::Idle) {
         s.retry = None;
@@ -899,7 +897,14 @@ pub fn record(
 /// The status after a failure that retrying will not mend (or that was retried long enough):
 /// before the point of no return the cutover aborts; a failed switch rolls back unless writes
 /// would be stranded; hypercare and rollback steps keep retrying with the reason shown.
-fn fail(mut s: DatabaseCutoverStatus, why: String, stamp: &str) -> DatabaseCutoverStatus {
+fn fail(
+    mut s: DatabaseCutoverStatus,
+    why: String,
+    reason: &str,
+    stamp: &str,
+) -> DatabaseCutoverStatus {
+    let phase = s.phase;
+    let previous = s.retry.take();
     if s.phase.is_past_point_of_no_return() {
         // A failed switch goes back to the source at once — unless the application may
         // already have written to the target with nothing carrying those writes back:
@@ -918,7 +923,7 @@ fn fail(mut s: DatabaseCutoverStatus, why: String, stamp: &str) -> DatabaseCutov
             s.message = Some(format!("the switch failed, rolling back: {why}"));
         } else {
             // Hypercare and rollback steps retry; the controller marks Degraded.
-            s.message = Some(why);
+            s.message = Some(why.clone());
         }
     } else if s.phase == Phase::Aborting {
         s.message = Some(format!("abort not finished, retrying: {why}"));
@@ -930,7 +935,19 @@ fn fail(mut s: DatabaseCutoverStatus, why: String, stamp: &str) -> DatabaseCutov
             Some(why.clone()),
             stamp,
         );
-        s.message = Some(why);
+        s.message = Some(why.clone());
+    }
+    if s.phase == phase {
+        // Still here (an abort or a post-switch step that must finish): tried again, with the
+        // same backoff as a transient failure, never in a tight loop.
+        let mut retry = previous.unwrap_or_else(|| RetryStatus {
+            since: stamp.to_owned(),
+            ..RetryStatus::default()
+        });
+        retry.attempts = retry.attempts.saturating_add(1);
+        retry.reason = reason.to_owned();
+        retry.message = why;
+        s.retry = Some(retry);
     }
     s
 }

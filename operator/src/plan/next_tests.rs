@@ -1329,3 +1329,30 @@ fn a_write_on_the_source_after_the_freeze_aborts_before_the_point_of_no_return()
         Action::Advance(Phase::RollingBack)
     );
 }
+
+#[test]
+fn a_step_that_must_finish_is_retried_with_backoff_not_in_a_tight_loop() {
+    let spec = plan("rollback");
+    let none = Observations::default();
+    let aborting = in_phase(Phase::Aborting, 0);
+    let failed = record(
+        &spec,
+        &aborting,
+        &Action::FinishAbort,
+        Outcome::Failed(Failure::permanent("password authentication failed")),
+        &none,
+        t(1),
+    );
+    assert_eq!(failed.phase, Phase::Aborting);
+    assert_eq!(failed.retry.as_ref().map(|r| r.attempts), Some(1));
+    assert!(crate::plan::pause_after(&failed, &Action::FinishAbort) >= Duration::from_millis(200));
+    let again = record(
+        &spec,
+        &failed,
+        &Action::FinishAbort,
+        Outcome::Failed(Failure::permanent("password authentication failed")),
+        &none,
+        t(2),
+    );
+    assert_eq!(again.retry.as_ref().map(|r| r.attempts), Some(2));
+}

@@ -104,7 +104,7 @@ pub enum ConnectError {
     #[error("failed to read the CA bundle: {0}")]
     BadCa(String),
     /// The server refused or could not be reached.
-    #[error("failed to connect to {server}: {source}")]
+    #[error("failed to connect to {server}: {}", super::shared::db_message(source))]
     Connect {
         /// The redacted server.
         server: String,
