@@ -51,7 +51,9 @@ async fn preflight_catches_what_would_break_the_cutover() {
         .execute(
             APP,
             &format!(
-                "{common} CREATE TABLE only_on_blue (id int PRIMARY KEY); SELECT lo_create(0);"
+                "{common} CREATE TABLE only_on_blue (id int PRIMARY KEY); SELECT lo_create(0);
+                 CREATE SEQUENCE only_blue_seq;
+                 CREATE TABLE gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED);"
             ),
         )
         .unwrap();
@@ -61,7 +63,8 @@ async fn preflight_catches_what_would_break_the_cutover() {
             APP,
             "CREATE TABLE orders (id int PRIMARY KEY, total double precision NOT NULL, note text NOT NULL);
              CREATE TABLE \"Audit Log\" (at timestamptz, what text);
-             CREATE TABLE nothing_ident (id int PRIMARY KEY);",
+             CREATE TABLE nothing_ident (id int PRIMARY KEY);
+             CREATE TABLE gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 3) STORED);",
         )
         .unwrap();
     let (blue, green) = engine_clients(&bg).await;
@@ -115,7 +118,14 @@ async fn preflight_catches_what_would_break_the_cutover() {
             "public.only_on_blue: missing on green",
             "public.orders: column total is numeric(12,2) on blue, double precision on green",
             "public.orders: column note is nullable on blue, NOT NULL on green",
+            "public.gen: column b is generated as (a * 2) on blue, (a * 3) on green",
         ],
+    );
+    expect(
+        &checks,
+        "sequences",
+        CheckOutcome::Fail,
+        &["missing on green", "public.only_blue_seq"],
     );
     expect(
         &checks,
@@ -150,7 +160,7 @@ async fn preflight_catches_what_would_break_the_cutover() {
         &["role orders_app does not exist"],
     );
     // The unlogged table is not among the replicated ones.
-    expect(&checks, "tables", CheckOutcome::Pass, &["4 tables"]);
+    expect(&checks, "tables", CheckOutcome::Pass, &["5 tables"]);
     // Nothing was changed on either side.
     assert_eq!((leftovers(&bg.blue), leftovers(&bg.green)), before);
     // No connection string or password in any message.

@@ -35,6 +35,8 @@ pub(crate) struct Column {
     /// Whether the column is generated (`GENERATED ALWAYS AS … STORED`): its values are not
     /// replicated, the target computes them.
     pub generated: bool,
+    /// The generation expression of a generated column, as PostgreSQL prints it.
+    pub generated_expr: Option<String>,
 }
 
 /// One table as the catalog describes it.
@@ -75,7 +77,9 @@ SELECT n.nspname, c.relname, c.reltuples::float8, a.attname,
        (SELECT k.ord FROM pg_constraint con, unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
          WHERE con.conrelid = c.oid AND con.contype = 'p' AND k.attnum = a.attnum)::int8,
        (SELECT t.typtype = 'e' FROM pg_type t WHERE t.oid = a.atttypid),
-       a.attgenerated <> ''
+       a.attgenerated <> '',
+       (SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+         WHERE d.adrelid = c.oid AND d.adnum = a.attnum AND a.attgenerated <> '')
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -123,6 +127,7 @@ pub(crate) async fn read(client: &Client) -> Result<Catalog, CatalogError> {
             key_position: row.get(8),
             is_enum: row.get(9),
             generated: row.get(10),
+            generated_expr: row.get(11),
         });
     }
     for row in client
@@ -219,6 +224,7 @@ mod tests {
             key_position: key,
             is_enum: false,
             generated: false,
+            generated_expr: None,
         }
     }
 

@@ -118,6 +118,15 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
             );
         }
         out.push(schema);
+        let mut sequences = sequences_match(blue, green).await;
+        if opts.migrations_first && sequences.outcome == CheckOutcome::Fail {
+            sequences.outcome = CheckOutcome::Warn;
+            sequences.message = format!(
+                "green lacks them yet; the migrations run first and must create them: {}",
+                sequences.message
+            );
+        }
+        out.push(sequences);
         out.extend(special_objects(blue, &tables).await);
     }
     out.push(long_transactions(blue, opts.long_transaction).await);
@@ -581,8 +590,11 @@ async fn replica_identity(blue: &Client, tables: &[TableName]) -> CheckResult {
     }
 }
 
-/// Per table: column → (type, not null, generated), plus the primary key columns.
-type TableShape = (BTreeMap<String, (String, bool, bool)>, Vec<String>);
+/// Per table: column → (type, not null, generation expression), plus the primary key columns.
+type TableShape = (
+    BTreeMap<String, (String, bool, Option<String>)>,
+    Vec<String>,
+);
 
 /// The shapes of `tables`, from the catalog reader verification uses too.
 async fn shapes(
@@ -599,7 +611,10 @@ async fn shapes(
             let columns = table
                 .columns
                 .into_iter()
-                .map(|c| (c.name, (c.type_full, c.not_null, c.generated)))
+                .map(|c| {
+                    let generated = c.generated.then(|| c.generated_expr.unwrap_or_default());
+                    (c.name, (c.type_full, c.not_null, generated))
+                })
                 .collect();
             (name, (columns, key))
         })
@@ -632,6 +647,42 @@ pub enum SchemaError {
     Differs(String),
 }
 
+/// Every sequence of blue must exist on green: the final sync copies each one's value, and a
+/// missing one would stop the cutover there, with writes frozen.
+async fn sequences_match(blue: &Client, green: &Client) -> CheckResult {
+    const NAME: &str = "sequences";
+    let (b, g) = match (
+        super::catalog::read(blue).await,
+        super::catalog::read(green).await,
+    ) {
+        (Ok(b), Ok(g)) => (b, g),
+        (Err(e), _) | (_, Err(e)) => return unreadable(NAME, "the sequences", &e.0),
+    };
+    let missing: Vec<String> = b
+        .sequences
+        .keys()
+        .filter(|s| !g.sequences.contains_key(*s))
+        .map(ToString::to_string)
+        .collect();
+    if missing.is_empty() {
+        pass(
+            NAME,
+            format!(
+                "{} sequences on blue, each also on green (copied at the final sync)",
+                b.sequences.len()
+            ),
+        )
+    } else {
+        fail(
+            NAME,
+            format!(
+                "missing on green (the final sync copies every sequence's value): {}",
+                list(missing.into_iter())
+            ),
+        )
+    }
+}
+
 async fn schema_match(blue: &Client, green: &Client, tables: &[TableName]) -> CheckResult {
     const NAME: &str = "schema-match";
     let (b, g) = match (shapes(blue, tables).await, shapes(green, tables).await) {
@@ -650,7 +701,7 @@ async fn schema_match(blue: &Client, green: &Client, tables: &[TableName]) -> Ch
         };
         for (col, (btype, bnn, bgen)) in bcols {
             match gcols.get(col) {
-                None if *bgen => {
+                None if bgen.is_some() => {
                     notes.push(format!("{t}.{col}: generated on blue, missing on green"))
                 }
                 None => problems.push(format!("{t}: column {col} missing on green")),
@@ -668,10 +719,18 @@ async fn schema_match(blue: &Client, green: &Client, tables: &[TableName]) -> Ch
                             say(gnn)
                         ));
                     }
-                    if *bgen && !*ggen {
+                    if let (Some(bexpr), Some(gexpr)) = (bgen, ggen)
+                        && bexpr != gexpr
+                    {
+                        problems.push(format!(
+                            "{t}: column {col} is generated as {bexpr} on blue, {gexpr} on green \
+                             (verification would find every row different)"
+                        ));
+                    }
+                    if bgen.is_some() && ggen.is_none() {
                         problems.push(format!("{t}: column {col} is generated on blue but not on green (generated values are not replicated and would stay empty)"));
                     }
-                    if !*bgen && *ggen {
+                    if bgen.is_none() && ggen.is_some() {
                         problems.push(format!(
                             "{t}: column {col} is generated on green but not on blue"
                         ));
