@@ -268,10 +268,7 @@ async fn a_write_on_the_source_while_awaiting_approval_aborts_naming_it() {
         message.contains("writes on the source after the freeze: 2"),
         "{message}"
     );
-    assert!(
-        message.contains("public.accounts UPDATE id[integer]:7"),
-        "{message}"
-    );
+    assert!(message.contains("public.accounts UPDATE id=7"), "{message}");
     assert_eq!(
         witness_slots(&bg),
         0,
@@ -347,9 +344,7 @@ async fn a_write_on_the_source_after_the_switch_is_reported_and_holds_a_rollback
         cutover_operator::api::ProblemKind::SourceWrittenAfterSwitch
     );
     assert!(
-        problem
-            .message
-            .contains("public.accounts DELETE id[integer]:900"),
+        problem.message.contains("public.accounts DELETE id=900"),
         "{}",
         problem.message
     );

@@ -847,7 +847,7 @@ fn invariants_hold_over_random_runs() {
                 rollout_problems: Vec::new(),
                 source_writes: (rng.below(100) < 3).then(|| WitnessObservation {
                     writes: 1,
-                    samples: vec!["public.t UPDATE id[integer]:1".into()],
+                    samples: vec!["public.t UPDATE id=1".into()],
                     up_to: None,
                     lost: false,
                 }),
@@ -1226,7 +1226,7 @@ fn a_write_on_the_source_after_the_freeze_aborts_before_the_point_of_no_return()
     let seen = Observations {
         source_writes: Some(WitnessObservation {
             writes: 2,
-            samples: vec!["public.accounts UPDATE id[integer]:5".into()],
+            samples: vec!["public.accounts UPDATE id=5".into()],
             up_to: Some("0/200".into()),
             lost: false,
         }),
@@ -1242,10 +1242,7 @@ fn a_write_on_the_source_after_the_freeze_aborts_before_the_point_of_no_return()
             why.contains("writes on the source after the freeze: 2"),
             "{why}"
         );
-        assert!(
-            why.contains("public.accounts UPDATE id[integer]:5"),
-            "{why}"
-        );
+        assert!(why.contains("public.accounts UPDATE id=5"), "{why}");
         assert!(!matches!(
             next_action(&spec, &frozen(phase), &quiet, t(1)),
             Action::Abort(_)

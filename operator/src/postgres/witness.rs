@@ -102,14 +102,122 @@ pub async fn look(db: &Client, slot: &str, after: PgLsn) -> Result<Seen, Witness
         .await
         .map_err(sql("read the change witness"))?;
     let lines: Vec<(PgLsn, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let mut seen = count(&lines, after);
+    let keys = primary_keys(db).await?;
+    let mut seen = count(&lines, after, &keys);
     seen.upto = Some(upto);
     Ok(seen)
 }
 
+/// Each table's primary key columns, by the name `test_decoding` prints (`schema.table`).
+async fn primary_keys(db: &Client) -> Result<HashMap<String, Vec<String>>, WitnessError> {
+    let rows = db
+        .query(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
+                    array_agg(a.attname::text ORDER BY k.ord)
+               FROM pg_constraint con
+               JOIN pg_class c ON c.oid = con.conrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+              WHERE con.contype = 'p'
+              GROUP BY 1",
+            &[],
+        )
+        .await
+        .map_err(sql("read the primary keys"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The `name[type]:value` columns of a `test_decoding` change, as (name, value).
+fn columns(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.peek() == Some(&' ') {
+            chars.next();
+        }
+        if chars.peek().is_none() {
+            return out;
+        }
+        let mut name = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                if c == '"' {
+                    if chars.peek() == Some(&'"') {
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                name.push(c);
+            }
+        }
+        for c in chars.by_ref() {
+            if c == '[' {
+                break;
+            }
+            name.push(c);
+        }
+        // The type, which may itself contain brackets (`integer[]`), ends at "]:".
+        let mut last = ' ';
+        for c in chars.by_ref() {
+            if last == ']' && c == ':' {
+                break;
+            }
+            last = c;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            value.push(chars.next().unwrap_or('\''));
+            while let Some(c) = chars.next() {
+                value.push(c);
+                if c == '\'' {
+                    if chars.peek() == Some(&'\'') {
+                        value.push(chars.next().unwrap_or('\''));
+                    } else {
+                        break;
+                    }
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == ' ' {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        out.push((name, value));
+    }
+}
+
+/// A change for people: its table, its operation and its key — never the other columns'
+/// values, which may hold personal data and end up in the status and Events.
+fn describe(change: &str, keys: &HashMap<String, Vec<String>>) -> String {
+    let mut parts = change.splitn(3, ": ");
+    let table = parts.next().unwrap_or_default();
+    let op = parts.next().unwrap_or_default();
+    let cols = parts.next().unwrap_or_default();
+    let key: Vec<String> = match keys.get(table) {
+        Some(key_columns) => columns(cols)
+            .into_iter()
+            .filter(|(name, _)| key_columns.contains(name))
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect(),
+        None => Vec::new(),
+    };
+    if key.is_empty() {
+        format!("{table} {op}")
+    } else {
+        format!("{table} {op} {}", key.join(", "))
+    }
+}
+
 /// Counts the changes of transactions that committed after `after`, leaving out the
 /// operator's own state table. `lines` are `test_decoding`'s output with `include-xids`.
-fn count(lines: &[(PgLsn, String)], after: PgLsn) -> Seen {
+fn count(lines: &[(PgLsn, String)], after: PgLsn, keys: &HashMap<String, Vec<String>>) -> Seen {
     let own = format!("table {STATE_SCHEMA}.");
     let mut open: HashMap<String, Vec<String>> = HashMap::new();
     let mut seen = Seen::default();
@@ -134,7 +242,7 @@ fn count(lines: &[(PgLsn, String)], after: PgLsn) -> Seen {
                 continue;
             }
             if let Some(xid) = &current {
-                let short: String = change.replacen(": ", " ", 2).chars().take(200).collect();
+                let short: String = describe(change, keys).chars().take(200).collect();
                 open.entry(xid.clone()).or_default().push(short);
             }
         }
@@ -190,15 +298,35 @@ mod tests {
         .map(|(l, d)| (l, d.to_owned()));
         // The sync point was at 15: transaction 700 committed before it (replicated), 701 is the
         // operator's own bookkeeping, 702 is a write green would miss.
-        let seen = count(&lines, lsn(15));
+        let keys = HashMap::from([
+            ("public.ledger".to_owned(), vec!["id".to_owned()]),
+            ("public.accounts".to_owned(), vec!["id".to_owned()]),
+        ]);
+        let seen = count(&lines, lsn(15), &keys);
         assert_eq!(seen.writes, 2);
         assert_eq!(
             seen.samples,
-            [
-                "public.ledger INSERT id[bigint]:9 client[integer]:1",
-                "public.accounts DELETE id[integer]:2"
-            ]
+            ["public.ledger INSERT id=9", "public.accounts DELETE id=2"]
         );
-        assert_eq!(count(&lines, lsn(40)).writes, 0);
+        assert_eq!(count(&lines, lsn(40), &keys).writes, 0);
+    }
+
+    #[test]
+    fn samples_name_the_key_and_no_other_value() {
+        let keys = HashMap::from([(
+            "public.\"Order Lines\"".to_owned(),
+            vec!["order id".to_owned(), "line".to_owned()],
+        )]);
+        let change = "public.\"Order Lines\": UPDATE: \"order id\"[integer]:7 line[text]:'a b''c' \
+                      secret[text]:'card 4111' tags[text[]]:'{x,y}'";
+        assert_eq!(
+            describe(change, &keys),
+            "public.\"Order Lines\" UPDATE order id=7, line='a b''c'"
+        );
+        // A table whose key is unknown shows no value at all.
+        assert_eq!(
+            describe("public.t: INSERT: a[integer]:1 b[text]:'x'", &keys),
+            "public.t INSERT"
+        );
     }
 }
