@@ -292,6 +292,9 @@ pub enum FreezeMethod {
 
 /// How thoroughly source and target are compared before the point of no return.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new(
+    "!has(self.mode) || self.mode != 'Online' || !has(self.checksums) || self.checksums == 'Full'"
+).message("verification.mode Online compares row hashes while the application writes; with checksums: RowCount set mode: InFreeze"))]
 #[serde(rename_all = "camelCase")]
 pub struct VerificationSpec {
     /// `Full` hashes every row on both sides (chunked by primary key, inside PostgreSQL);
@@ -303,10 +306,35 @@ pub struct VerificationSpec {
     #[serde(default = "default_parallelism")]
     #[schemars(range(min = 1, max = 64))]
     pub parallelism: i32,
+
+    /// `Online` (the default) compares every row during Replicating, while the application
+    /// still writes, and inside the write freeze only the keys that changed since they were
+    /// last proven equal (plus tables without a primary key): the freeze follows the write
+    /// rate, not the database's size. `InFreeze` hashes every row inside the freeze.
+    #[serde(default)]
+    pub mode: VerificationMode,
+
+    /// With `mode: Online`, Replicating moves to Freezing only once every key range has been
+    /// proven equal and at most this many changed keys wait to be compared again (they are
+    /// compared inside the freeze).
+    #[serde(default = "default_max_dirty_keys")]
+    #[schemars(range(min = 0))]
+    pub max_dirty_keys: i64,
+
+    /// What happens when the online comparison's evidence is lost before the freeze ends (a
+    /// change witness slot invalidated or dropped, the operator restarted during the freeze):
+    /// `VerifyInFreeze` (the default) hashes every row inside the freeze, as `mode: InFreeze`
+    /// does — never a weaker check; `Abort` stops the cutover instead.
+    #[serde(default)]
+    pub on_witness_loss: WitnessLoss,
 }
 
 fn default_parallelism() -> i32 {
     4
+}
+
+fn default_max_dirty_keys() -> i64 {
+    10_000
 }
 
 impl Default for VerificationSpec {
@@ -314,8 +342,31 @@ impl Default for VerificationSpec {
         Self {
             checksums: ChecksumMode::default(),
             parallelism: default_parallelism(),
+            mode: VerificationMode::default(),
+            max_dirty_keys: default_max_dirty_keys(),
+            on_witness_loss: WitnessLoss::default(),
         }
     }
+}
+
+/// When rows are compared.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VerificationMode {
+    /// While the application writes, then only what changed inside the freeze.
+    #[default]
+    Online,
+    /// Every row inside the freeze.
+    InFreeze,
+}
+
+/// What replaces a lost online comparison.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WitnessLoss {
+    /// Hash every row inside the freeze.
+    #[default]
+    VerifyInFreeze,
+    /// Abort the cutover.
+    Abort,
 }
 
 /// Verification depth.

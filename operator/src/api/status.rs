@@ -233,6 +233,63 @@ pub struct DatabaseCutoverStatus {
     /// it is a hypercare problem.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_writes: Option<SourceWrites>,
+
+    /// The comparison made while the application still writes (`verification.mode: Online`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_verification: Option<OnlineVerificationStatus>,
+}
+
+/// Progress of the online comparison.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OnlineVerificationStatus {
+    /// `Comparing` (the first pass), `Current` (every range proven; changed keys compared in
+    /// rounds), `Diverged`, `Restarting` (its evidence was lost or the operator restarted: a
+    /// new pass), `Paused` (the freeze began), `Unavailable` (cannot run: why in `lastError`).
+    pub state: String,
+    /// When this pass started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// Tables compared online.
+    #[serde(default)]
+    pub tables_online: i64,
+    /// Tables hashed whole inside the freeze, each with why (no primary key, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables_in_freeze: Vec<String>,
+    /// Their rows (the source's estimate): what the freeze will hash whole.
+    #[serde(default)]
+    pub rows_in_freeze: i64,
+    /// Key ranges of the online tables.
+    #[serde(default)]
+    pub ranges_total: i64,
+    /// Of which proven equal.
+    #[serde(default)]
+    pub ranges_proven: i64,
+    /// Rows in the proven ranges.
+    #[serde(default)]
+    pub rows_proven: i64,
+    /// Keys changed since they were last proven equal (compared again in rounds, and inside
+    /// the freeze).
+    #[serde(default)]
+    pub dirty_keys: i64,
+    /// Rounds done.
+    #[serde(default)]
+    pub rounds: i64,
+    /// Row changes the change witness saw on the source.
+    #[serde(default)]
+    pub changes_seen: i64,
+    /// How long the first complete pass took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass_seconds: Option<f64>,
+    /// New passes started (evidence lost, operator restarted).
+    #[serde(default)]
+    pub restarts: i64,
+    /// The last error (retried), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// A difference no later change explains: the cutover stops before the freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divergence: Option<String>,
 }
 
 /// Writes committed on the source after the freeze by anyone but the cutover.
@@ -480,6 +537,18 @@ pub struct VerificationStatus {
     /// Mismatches outside tables (sequences, schema), each named.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_mismatches: Vec<String>,
+    /// `Online` (rows compared before the freeze, the changed keys inside it) or `InFreeze`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Why the rows were hashed inside the freeze although `mode` is `Online`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    /// Seconds spent comparing inside the freeze.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_freeze_seconds: Option<f64>,
+    /// Keys compared again inside the freeze (changed since they were proven online).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_in_freeze: Option<i64>,
 }
 
 /// The comparison of one table.

@@ -88,6 +88,12 @@ pub enum ActionError {
     /// The change witness on the source could not be created or read.
     #[error(transparent)]
     Witness(#[from] crate::postgres::witness::WitnessError),
+    /// Online verification could not go on (its comparison inside the freeze failed).
+    #[error("online verification: {0}")]
+    Online(#[from] crate::postgres::verify::online::OnlineError),
+    /// The online comparison's evidence was lost and the plan says to abort then.
+    #[error("{0}")]
+    OnlineLost(String),
     /// The post-switch migration Job failed.
     #[error("post-switch migrations failed: {0}")]
     MigrationsFailed(String),
@@ -171,7 +177,9 @@ impl ActionError {
             ActionError::Sequences(_) | ActionError::Checkpoint(_) | ActionError::Witness(_) => {
                 Category::DatabaseError
             }
-            ActionError::Verify { .. } => Category::VerificationFailed,
+            ActionError::Verify { .. } | ActionError::Online(_) | ActionError::OnlineLost(_) => {
+                Category::VerificationFailed
+            }
             ActionError::Abort(_) | ActionError::Cleanup(_) => Category::CleanupFailed,
             ActionError::Roles(RolesError::Sql { .. }) => Category::DatabaseError,
             ActionError::Roles(_) => Category::RolesRefused,
@@ -192,7 +200,13 @@ impl ActionError {
     pub fn is_transient(&self) -> bool {
         match self {
             ActionError::MigrationsRunning => true,
-            ActionError::MigrationsFailed(_) | ActionError::Spec(_) => false,
+            ActionError::MigrationsFailed(_)
+            | ActionError::Spec(_)
+            | ActionError::OnlineLost(_) => false,
+            ActionError::Online(crate::postgres::verify::online::OnlineError::Behind(..)) => true,
+            ActionError::Online(crate::postgres::verify::online::OnlineError::WitnessLost(_)) => {
+                false
+            }
             ActionError::Replication(ReplicationError::Timeout { .. }) => true,
             ActionError::Platform(PlatformError::Unsupported(_)) => false,
             _ => transient_cause(self).unwrap_or(false),

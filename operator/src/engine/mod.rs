@@ -7,6 +7,7 @@
 //! `postgres` engines. Every action is idempotent: the databases' own catalogs say what is done.
 
 mod error;
+pub mod online;
 mod step;
 
 pub use error::{ActionError, Category, Side, sqlstate_transient, transient_cause};
@@ -17,7 +18,10 @@ use std::time::Instant;
 use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
-use crate::api::{DatabaseCutoverStatus, Milestone, ValidSpec, VerificationStatus};
+use crate::api::{
+    DatabaseCutoverStatus, Milestone, OnlineVerificationStatus, Phase, ValidSpec, VerificationMode,
+    VerificationStatus, WitnessLoss,
+};
 use crate::plan::{
     Action, CleanupScope, Failure, JobState, MigrationSet, Observations, Outcome,
     ReplicationObservation, WitnessObservation,
@@ -30,6 +34,7 @@ use crate::postgres::preflight::{self, PreflightOptions, preflight};
 use crate::postgres::replication::{self, Names, TableSelection};
 use crate::postgres::reverse;
 use crate::postgres::sync::copy_sequences;
+use crate::postgres::verify::online::{OnlineConfig, OnlineError};
 use crate::postgres::verify::{self, TableName, VerifyOptions};
 use crate::postgres::witness;
 use crate::postgres::{ConnectOptions, Dsn, connect};
@@ -161,6 +166,14 @@ impl<P: Platform> Engine<P> {
         if needs.rollouts {
             obs.rollout_problems = self.platform.rollout_problems().await?;
         }
+        if self.spec.verification.mode == VerificationMode::Online
+            && matches!(
+                status.phase,
+                Phase::Replicating | Phase::Freezing | Phase::FinalSync | Phase::Verifying
+            )
+        {
+            obs.online = online::view(&self.id).map(|v| online_status(&v));
+        }
         if needs.witness
             && let Some(after) = status.freeze_lsn.as_deref().and_then(parse_lsn)
         {
@@ -236,7 +249,13 @@ impl<P: Platform> Engine<P> {
                 .await?;
                 Outcome::Done
             }
+            Action::StartOnlineVerification => {
+                online::start(&self.id, self.online_config());
+                Outcome::Done
+            }
             Action::Freeze => {
+                // No comparison round runs in the freeze: the Verify step takes what is left.
+                online::pause(&self.id).await;
                 let blue = self.blue().await?;
                 let cfg = FreezeConfig {
                     cutover_id: self.id.clone(),
@@ -256,25 +275,7 @@ impl<P: Platform> Engine<P> {
                     lsn: lsn.to_string(),
                 }
             }
-            Action::Verify => {
-                let opts = VerifyOptions {
-                    tables: self
-                        .spec
-                        .replication
-                        .tables
-                        .iter()
-                        .filter_map(|t| TableName::parse(t).ok())
-                        .collect(),
-                    parallelism: usize::try_from(self.spec.verification.parallelism.max(1))
-                        .unwrap_or(1),
-                    connect: self.dbs.connect.clone(),
-                    // What the migrations added to green is not a difference.
-                    target_may_add: self.spec.migrations.is_some(),
-                    ..VerifyOptions::default()
-                };
-                let report = verify::verify(&self.dbs.blue, &self.dbs.green, &opts).await?;
-                Outcome::Verified(VerificationStatus::from(&report))
-            }
+            Action::Verify => Outcome::Verified(self.verify().await?),
             Action::PassPointOfNoReturn => Outcome::Done,
             Action::Do(m) => {
                 self.milestone(*m, status).await?;
@@ -282,18 +283,21 @@ impl<P: Platform> Engine<P> {
             }
             Action::Checkpoint(_) => Outcome::Checked(self.checkpoint(status).await?),
             Action::EndRehearsal | Action::FinishAbort => {
+                online::stop(&self.id).await;
                 let blue = self.blue().await?;
                 let green = self.green().await.ok();
                 cleanup::abort(&blue, green.as_ref(), &self.names, &self.id).await?;
                 Outcome::Done
             }
             Action::Complete => {
+                online::stop(&self.id).await;
                 let blue = self.blue().await.ok();
                 let green = self.green().await?;
                 cleanup::cleanup(blue.as_ref(), Some(&green), &self.names).await?;
                 Outcome::Done
             }
             Action::Finalize => {
+                online::stop(&self.id).await;
                 match crate::plan::cleanup_scope(status) {
                     CleanupScope::Nothing => {}
                     CleanupScope::ReplicationOnly => {
@@ -309,6 +313,109 @@ impl<P: Platform> Engine<P> {
                 }
                 Outcome::Done
             }
+        })
+    }
+
+    fn verify_options(&self) -> VerifyOptions {
+        VerifyOptions {
+            tables: self
+                .spec
+                .replication
+                .tables
+                .iter()
+                .filter_map(|t| TableName::parse(t).ok())
+                .collect(),
+            parallelism: usize::try_from(self.spec.verification.parallelism.max(1)).unwrap_or(1),
+            connect: self.dbs.connect.clone(),
+            // What the migrations added to green is not a difference.
+            target_may_add: self.spec.migrations.is_some(),
+            ..VerifyOptions::default()
+        }
+    }
+
+    fn online_config(&self) -> OnlineConfig {
+        let mut options = self.verify_options();
+        options.connect.application_name = "cutover-online-verify".into();
+        OnlineConfig {
+            source: self.dbs.blue.clone(),
+            target: self.dbs.green.clone(),
+            options,
+            source_slot: self.names.online_source_slot.clone(),
+            target_slot: self.names.online_target_slot.clone(),
+            subscription: self.names.subscription.clone(),
+            forward_slot: self.names.slot.clone(),
+            keys_per_round: 50_000,
+        }
+    }
+
+    /// The verification inside the freeze: with `mode: Online`, only what changed since the
+    /// online pass proved it (and the tables it cannot follow); every row otherwise, or when
+    /// the online evidence is gone (unless the plan says to abort then).
+    async fn verify(&self) -> Result<VerificationStatus, ActionError> {
+        let started = Instant::now();
+        let mut options = self.verify_options();
+        if self.spec.verification.mode == VerificationMode::InFreeze {
+            let report = verify::verify(&self.dbs.blue, &self.dbs.green, &options).await?;
+            return Ok(VerificationStatus {
+                method: Some("InFreeze".into()),
+                ..VerificationStatus::from(&report)
+            });
+        }
+        let fallback = match online::take(&self.id).await {
+            Some(mut verifier) => {
+                let p = verifier.progress().clone();
+                if p.divergence.is_some() || !p.pass_complete {
+                    Some(format!(
+                        "the online pass had not proven every range ({} of {})",
+                        p.ranges_proven, p.ranges_total
+                    ))
+                } else {
+                    let keys = p.dirty_keys;
+                    match verifier.finish().await {
+                        Ok(online_tables) => {
+                            options.hash_only = Some(verifier.tables_in_freeze());
+                            let mut report =
+                                verify::verify(&self.dbs.blue, &self.dbs.green, &options).await?;
+                            report.add_online(online_tables);
+                            online::stop(&self.id).await;
+                            return Ok(VerificationStatus {
+                                method: Some("Online".into()),
+                                in_freeze_seconds: Some(started.elapsed().as_secs_f64()),
+                                keys_in_freeze: i64::try_from(keys).ok(),
+                                ..VerificationStatus::from(&report)
+                            });
+                        }
+                        Err(OnlineError::WitnessLost(slot)) => Some(format!(
+                            "the change witness slot {slot} is gone or lost its WAL"
+                        )),
+                        Err(e) => {
+                            // Evidence intact: the step is retried with it.
+                            online::give_back(&self.id, verifier).await;
+                            return Err(e.into());
+                        }
+                    }
+                }
+            }
+            None => Some(
+                "no online comparison in this process (the operator restarted, or it could not \
+                 run)"
+                    .to_owned(),
+            ),
+        };
+        online::stop(&self.id).await;
+        let reason = fallback.unwrap_or_default();
+        if self.spec.verification.on_witness_loss == WitnessLoss::Abort {
+            return Err(ActionError::OnlineLost(format!(
+                "online verification's evidence is incomplete: {reason}; \
+                 verification.onWitnessLoss is Abort"
+            )));
+        }
+        tracing::warn!(cutover = %self.id, %reason, "verifying every row inside the freeze");
+        let report = verify::verify(&self.dbs.blue, &self.dbs.green, &options).await?;
+        Ok(VerificationStatus {
+            method: Some("InFreeze".into()),
+            fallback_reason: Some(reason),
+            ..VerificationStatus::from(&report)
         })
     }
 
@@ -527,6 +634,53 @@ impl<P: Platform> Engine<P> {
             unsettled,
             ..crate::api::CheckpointStatus::default()
         })
+    }
+}
+
+/// The status's view of an online verification run.
+fn online_status(view: &online::OnlineView) -> OnlineVerificationStatus {
+    let Some(p) = &view.progress else {
+        return OnlineVerificationStatus {
+            state: if view.unavailable.is_some() {
+                crate::plan::ONLINE_UNAVAILABLE.into()
+            } else {
+                "Starting".into()
+            },
+            restarts: i64::from(view.restarts),
+            last_error: view.unavailable.clone().or_else(|| view.last_error.clone()),
+            ..OnlineVerificationStatus::default()
+        };
+    };
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let state = if p.divergence.is_some() {
+        "Diverged"
+    } else if view.paused {
+        "Paused"
+    } else if p.pass_complete {
+        "Current"
+    } else {
+        "Comparing"
+    };
+    OnlineVerificationStatus {
+        state: state.into(),
+        started_at: view.started_at.map(|t| t.to_string()),
+        tables_online: count(p.tables_online),
+        tables_in_freeze: p
+            .tables_in_freeze
+            .iter()
+            .map(|(t, why)| format!("{t} ({why})"))
+            .collect(),
+        rows_in_freeze: p.rows_in_freeze,
+        ranges_total: count(p.ranges_total),
+        ranges_proven: count(p.ranges_proven),
+        rows_proven: p.rows_proven,
+        dirty_keys: count(p.dirty_keys),
+        rounds: i64::try_from(p.rounds).unwrap_or(i64::MAX),
+        changes_seen: i64::try_from(p.changes_seen).unwrap_or(i64::MAX),
+        pass_seconds: p.pass_seconds,
+        restarts: i64::from(view.restarts),
+        last_error: view.last_error.clone(),
+        divergence: p.divergence.clone(),
     }
 }
 

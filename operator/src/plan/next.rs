@@ -11,9 +11,12 @@ use std::time::Duration;
 use crate::api::units::parse_timestamp;
 use crate::api::{
     Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverStatus, Milestone, Mode,
-    Phase, Problem, ProblemKind, ReplicationStatus, RetryStatus, StepOutcome, StepRecord,
-    ValidSpec, VerificationStatus,
+    OnlineVerificationStatus, Phase, Problem, ProblemKind, ReplicationStatus, RetryStatus,
+    StepOutcome, StepRecord, ValidSpec, VerificationMode, VerificationStatus,
 };
+
+/// `status.onlineVerification.state` of a verification that cannot run online.
+pub const ONLINE_UNAVAILABLE: &str = "Unavailable";
 
 /// How often a waiting step looks again.
 pub const POLL: Duration = Duration::from_secs(5);
@@ -55,6 +58,9 @@ pub struct Observations {
     pub rollout_problems: Vec<String>,
     /// What the change witness saw on the source since it last looked.
     pub source_writes: Option<WitnessObservation>,
+    /// The online verification running in this process, if one does (`verification.mode:
+    /// Online`, from Replicating to Verifying).
+    pub online: Option<OnlineVerificationStatus>,
 }
 
 /// One look of the change witness on the source.
@@ -121,6 +127,8 @@ pub enum Action {
     LaunchMigrations(MigrationSet),
     /// Create the publication and the subscription (if they do not exist yet).
     StartReplication,
+    /// Start comparing rows while the application writes (a new pass, in this process).
+    StartOnlineVerification,
     /// Stop writes on the source and read its WAL position afterwards.
     Freeze,
     /// Compare source and target.
@@ -340,6 +348,24 @@ fn replicating(spec: &ValidSpec, obs: &Observations, now: jiff::Timestamp) -> Ac
     }
     if r.lag_bytes > spec.settings().max_lag_before_freeze {
         return Action::Wait(POLL);
+    }
+    if spec.verification.mode == VerificationMode::Online {
+        match &obs.online {
+            None => return Action::StartOnlineVerification,
+            Some(o) => {
+                if let Some(why) = &o.divergence {
+                    return Action::Abort(format!("online verification: {why}"));
+                }
+                // A verification that cannot run online is done inside the freeze instead.
+                let unavailable = o.state == ONLINE_UNAVAILABLE;
+                let current = o.started_at.is_some()
+                    && o.ranges_proven >= o.ranges_total
+                    && o.dirty_keys <= spec.verification.max_dirty_keys;
+                if !unavailable && !current {
+                    return Action::Wait(POLL);
+                }
+            }
+        }
     }
     if let Some(at) = spec.settings().freeze_at
         && now < at
@@ -759,6 +785,13 @@ pub fn record(
             recorded.checked_up_to = w.up_to.clone();
         }
     }
+    if let Some(online) = &obs.online {
+        let restarts = s.online_verification.as_ref().map_or(0, |o| o.restarts);
+        s.online_verification = Some(OnlineVerificationStatus {
+            restarts: restarts.max(online.restarts),
+            ..online.clone()
+        });
+    }
     refresh_problems(&mut s, obs);
     if let Outcome::Failed(failure) = &outcome {
         if failure.transient {
@@ -817,6 +850,15 @@ pub fn record(
             }
         }
         Action::LaunchMigrations(_) | Action::StartReplication => {}
+        Action::StartOnlineVerification => {
+            // A pass that ran in a process gone since is started again.
+            if let Some(o) = s.online_verification.as_mut()
+                && obs.online.is_none()
+            {
+                o.state = "Restarting".into();
+                o.restarts += 1;
+            }
+        }
         Action::Freeze => {
             if let Outcome::Frozen { lsn } = outcome {
                 s.frozen_at = Some(stamp.clone());

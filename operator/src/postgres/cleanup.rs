@@ -224,18 +224,23 @@ pub async fn cleanup(
         ("blue", "green"),
     )
     .await?;
-    match blue {
-        Some(b) => {
-            if drop_slot(b, &names.witness_slot, Duration::from_secs(5)).await? {
-                report
-                    .dropped
-                    .push(format!("replication slot {} on blue", names.witness_slot));
+    for (client, slot, side) in [
+        (blue, &names.witness_slot, "blue"),
+        (blue, &names.online_source_slot, "blue"),
+        (green, &names.online_target_slot, "green"),
+    ] {
+        match client {
+            Some(c) => {
+                if drop_slot(c, slot, Duration::from_secs(5)).await? {
+                    report
+                        .dropped
+                        .push(format!("replication slot {slot} on {side}"));
+                }
             }
+            None => report
+                .skipped
+                .push(format!("replication slot {slot} on {side} (unreachable)")),
         }
-        None => report.skipped.push(format!(
-            "replication slot {} on blue (unreachable)",
-            names.witness_slot
-        )),
     }
     for (client, publication, side) in [
         (blue, &names.publication, "blue"),

@@ -36,6 +36,11 @@ pub struct Names {
     /// Logical slot on blue through which the change witness reads what blue commits after
     /// the freeze.
     pub witness_slot: String,
+    /// Logical slot on blue through which online verification learns which keys changed.
+    pub online_source_slot: String,
+    /// Logical slot on green through which online verification sees any write to green that
+    /// replication did not make.
+    pub online_target_slot: String,
 }
 
 impl Names {
@@ -63,6 +68,8 @@ impl Names {
             subscription: base.clone(),
             slot: base.clone(),
             witness_slot: format!("{base}_wit"),
+            online_source_slot: format!("{base}_ovs"),
+            online_target_slot: format!("{base}_ovt"),
             reverse_publication: format!("{base}_rev"),
             reverse_subscription: format!("{base}_rev"),
             reverse_slot: format!("{base}_rev"),

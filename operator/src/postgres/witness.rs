@@ -109,7 +109,9 @@ pub async fn look(db: &Client, slot: &str, after: PgLsn) -> Result<Seen, Witness
 }
 
 /// Each table's primary key columns, by the name `test_decoding` prints (`schema.table`).
-async fn primary_keys(db: &Client) -> Result<HashMap<String, Vec<String>>, WitnessError> {
+pub(crate) async fn primary_keys(
+    db: &Client,
+) -> Result<HashMap<String, Vec<String>>, WitnessError> {
     let rows = db
         .query(
             "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
@@ -195,7 +197,7 @@ fn columns(text: &str) -> Vec<(String, String)> {
 
 /// A change for people: its table, its operation and its key — never the other columns'
 /// values, which may hold personal data and end up in the status and Events.
-fn describe(change: &str, keys: &HashMap<String, Vec<String>>) -> String {
+pub(crate) fn describe(change: &str, keys: &HashMap<String, Vec<String>>) -> String {
     let mut parts = change.splitn(3, ": ");
     let table = parts.next().unwrap_or_default();
     let op = parts.next().unwrap_or_default();
@@ -248,6 +250,145 @@ fn count(lines: &[(PgLsn, String)], after: PgLsn, keys: &HashMap<String, Vec<Str
         }
     }
     seen
+}
+
+/// What a change did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+/// One row change (or truncation) as `test_decoding` prints it: the tables (raw schema and
+/// name), the operation, and the tuples it shows — for an update that changed the key, the
+/// old key and the new tuple; otherwise the one tuple (a delete shows the old key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Change {
+    pub tables: Vec<(String, String)>,
+    pub op: Op,
+    pub tuples: Vec<Vec<(String, String)>>,
+}
+
+/// Reads one identifier (quoted or bare) from the front of `text`; returns it raw and the rest.
+fn identifier(text: &str) -> Option<(String, &str)> {
+    if let Some(rest) = text.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = rest.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == '"' {
+                if chars.peek().map(|(_, n)| *n) == Some('"') {
+                    chars.next();
+                    out.push('"');
+                } else {
+                    return Some((out, &rest[i + 1..]));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        None
+    } else {
+        let end = text.find(['.', ':', ',', ' ']).unwrap_or(text.len());
+        (end > 0).then(|| (text[..end].to_owned(), &text[end..]))
+    }
+}
+
+/// A value as `test_decoding` prints it, back to the type's text: quotes removed (`'a''b'` is
+/// `a'b`), bit strings without their `B'…'`.
+pub(crate) fn unquote(value: &str) -> String {
+    let inner = value
+        .strip_prefix("B'")
+        .or_else(|| value.strip_prefix('\''))
+        .and_then(|v| v.strip_suffix('\''));
+    match inner {
+        Some(v) => v.replace("''", "'"),
+        None => value.to_owned(),
+    }
+}
+
+/// Parses a `table …: OP: columns` line of `test_decoding` (without `include-xids` noise);
+/// `None` for anything else (BEGIN, COMMIT, messages).
+pub(crate) fn parse_change(data: &str) -> Option<Change> {
+    let mut rest = data.strip_prefix("table ")?;
+    let mut tables = Vec::new();
+    loop {
+        let (schema, after) = identifier(rest)?;
+        let after = after.strip_prefix('.')?;
+        let (name, after) = identifier(after)?;
+        tables.push((schema, name));
+        if let Some(more) = after.strip_prefix(", ") {
+            rest = more;
+            continue;
+        }
+        rest = after.strip_prefix(": ")?;
+        break;
+    }
+    let (op, body) = rest.split_once(':').unwrap_or((rest, ""));
+    let op = match op {
+        "INSERT" => Op::Insert,
+        "UPDATE" => Op::Update,
+        "DELETE" => Op::Delete,
+        "TRUNCATE" => Op::Truncate,
+        _ => return None,
+    };
+    let body = body.trim_start();
+    let parse = |text: &str| -> Vec<(String, String)> {
+        columns(text)
+            .into_iter()
+            .map(|(name, value)| (name, unquote(&value)))
+            .collect()
+    };
+    let tuples = if op == Op::Truncate || body.starts_with('(') {
+        // `(no-flags)`, `(no-tuple-data)`: nothing that names a row.
+        Vec::new()
+    } else if let Some(old) = body.strip_prefix("old-key: ") {
+        match old.split_once(" new-tuple: ") {
+            Some((old, new)) => vec![parse(old), parse(new)],
+            None => vec![parse(old)],
+        }
+    } else {
+        vec![parse(body)]
+    };
+    Some(Change { tables, op, tuples })
+}
+
+/// Every change committed before `upto`, from where the slot was last advanced, without
+/// consuming it: `(xid, test_decoding line)` of each row change. With `only_local`, changes
+/// that carry a replication origin (applied by a subscription) are left out.
+pub(crate) async fn peek(
+    db: &Client,
+    slot: &str,
+    upto: PgLsn,
+    only_local: bool,
+) -> Result<Vec<(u32, String)>, WitnessError> {
+    let local = if only_local { "1" } else { "0" };
+    let rows = db
+        .query(
+            "SELECT xid::text::bigint, data FROM pg_logical_slot_peek_changes($1, $2, NULL,
+                    'skip-empty-xacts', '1', 'only-local', $3)
+              WHERE data LIKE 'table %'",
+            &[&slot, &upto, &local],
+        )
+        .await
+        .map_err(sql("read the change witness"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (u32::try_from(r.get::<_, i64>(0)).unwrap_or(0), r.get(1)))
+        .collect())
+}
+
+/// Whether `slot` exists and still has the WAL it needs.
+pub(crate) async fn intact(db: &Client, slot: &str) -> Result<bool, WitnessError> {
+    let row = db
+        .query_opt(
+            "SELECT coalesce(wal_status, '') <> 'lost' FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql("look up the change witness slot"))?;
+    Ok(row.is_some_and(|r| r.get(0)))
 }
 
 /// Moves the slot past `to`, once what was seen up to there is recorded, so it holds no WAL
@@ -328,5 +469,36 @@ mod tests {
             describe("public.t: INSERT: a[integer]:1 b[text]:'x'", &keys),
             "public.t INSERT"
         );
+    }
+
+    #[test]
+    fn parses_changes_with_their_keys() {
+        let c = parse_change(
+            "table public.\"Order Lines\": UPDATE: old-key: id[integer]:1 new-tuple: id[integer]:2 v[text]:'a''b'",
+        )
+        .unwrap();
+        assert_eq!(c.tables, [("public".to_owned(), "Order Lines".to_owned())]);
+        assert_eq!(c.op, Op::Update);
+        assert_eq!(c.tuples[0], [("id".to_owned(), "1".to_owned())]);
+        assert_eq!(c.tuples[1][1], ("v".to_owned(), "a'b".to_owned()));
+        let t = parse_change("table a.b, \"x.y\".c: TRUNCATE: (no-flags)").unwrap();
+        assert_eq!(t.op, Op::Truncate);
+        assert_eq!(
+            t.tables,
+            [
+                ("a".to_owned(), "b".to_owned()),
+                ("x.y".to_owned(), "c".to_owned())
+            ]
+        );
+        let d = parse_change("table s.t: DELETE: k[bit(4)]:B'0101' n[text]:'x y'").unwrap();
+        assert_eq!(d.tuples[0][0].1, "0101");
+        assert_eq!(d.tuples[0][1].1, "x y");
+        assert!(
+            parse_change("table s.t: DELETE: (no-tuple-data)")
+                .unwrap()
+                .tuples
+                .is_empty()
+        );
+        assert_eq!(parse_change("BEGIN 5"), None);
     }
 }

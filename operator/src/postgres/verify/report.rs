@@ -38,6 +38,9 @@ pub enum Method {
     /// No primary key: one hash over the whole table; slower (one connection) and differing
     /// rows cannot be named.
     FullHash,
+    /// Compared while the application still wrote (key ranges, then the keys that changed),
+    /// the keys changed since compared again inside the freeze.
+    Online,
 }
 
 /// The comparison of one table.
@@ -286,6 +289,7 @@ impl VerifyReport {
             let method = match t.method {
                 Method::Chunked => "chunked",
                 Method::FullHash => "full hash",
+                Method::Online => "online",
             };
             let result = if t.matched {
                 "match".to_owned()
@@ -337,6 +341,20 @@ impl VerifyReport {
     }
 }
 
+impl VerifyReport {
+    /// Adds the tables compared online (and inside the freeze, by changed key) to this report
+    /// of the rest.
+    pub fn add_online(&mut self, tables: Vec<TableReport>) {
+        for t in tables {
+            self.matched &= t.matched;
+            self.source_rows += t.source_rows;
+            self.target_rows += t.target_rows;
+            self.tables.push(t);
+        }
+        self.tables.sort_by(|a, b| a.table.cmp(&b.table));
+    }
+}
+
 impl From<&VerifyReport> for VerificationStatus {
     fn from(report: &VerifyReport) -> Self {
         VerificationStatus {
@@ -372,6 +390,10 @@ impl From<&VerifyReport> for VerificationStatus {
                         .map(ToString::to_string),
                 )
                 .collect(),
+            method: None,
+            fallback_reason: None,
+            in_freeze_seconds: Some(report.elapsed_seconds),
+            keys_in_freeze: None,
         }
     }
 }

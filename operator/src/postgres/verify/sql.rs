@@ -80,6 +80,96 @@ impl TableSql {
         )
     }
 
+    /// Like [`Self::chunk_hash`] over the rows of `range` whose key is not among `excluded`:
+    /// the keys are bound as one `text[]` per key column, after the range's parameters
+    /// (online verification leaves out the keys it compares one by one).
+    pub fn chunk_hash_excluding(&self, range: &Range, excluded: &KeyList) -> (String, Params) {
+        let (predicate, mut params) = self.predicate(range);
+        let clause = self.not_in(excluded, params.len());
+        let joined = join_predicate(&predicate, &clause);
+        let sql = format!(
+            "SELECT count(*), coalesce(sum({}), 0)::text FROM {}{joined}",
+            self.row_hash, self.relation
+        );
+        let mut out: Params = params.drain(..).map(Param::Text).collect();
+        out.extend(excluded.arrays());
+        (sql, out)
+    }
+
+    /// Like [`Self::rows`] over the rows of `range` whose key is not among `excluded`.
+    pub fn rows_excluding(&self, range: &Range, excluded: &KeyList) -> (String, Params) {
+        let (predicate, mut params) = self.predicate(range);
+        let clause = self.not_in(excluded, params.len());
+        let joined = join_predicate(&predicate, &clause);
+        let keys: Vec<String> = self.key.iter().map(|k| format!("{k}::text")).collect();
+        let order: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("{}.{k}", self.relation))
+            .collect();
+        let sql = format!(
+            "SELECT {}, {} FROM {}{joined} ORDER BY {}",
+            keys.join(", "),
+            self.row_hash,
+            self.relation,
+            order.join(", ")
+        );
+        let mut out: Params = params.drain(..).map(Param::Text).collect();
+        out.extend(excluded.arrays());
+        (sql, out)
+    }
+
+    /// The row hash of each key of `keys` (bound as one `text[]` per key column), NULL where
+    /// the table has no such row. Rows come back as the keys were given (the given text,
+    /// then the hash), so they are matched by what was asked, whatever the type's output.
+    pub fn rows_for_keys(&self, keys: &KeyList) -> (String, Params) {
+        let names: Vec<String> = (0..self.key.len()).map(|i| format!("u{i}")).collect();
+        let unnest: Vec<String> = (0..self.key.len())
+            .map(|i| format!("${}::text[]", i + 1))
+            .collect();
+        let on: Vec<String> = self
+            .key
+            .iter()
+            .zip(&self.key_types)
+            .enumerate()
+            .map(|(i, (k, ty))| format!("t.{k} = CAST(u.u{i} AS {ty})"))
+            .collect();
+        let sql = format!(
+            "SELECT {names}, (SELECT {hash} FROM {rel} t WHERE {on}) \
+               FROM unnest({unnest}) AS u({names})",
+            names = names.join(", "),
+            hash = self.row_hash,
+            rel = self.relation,
+            on = on.join(" AND "),
+            unnest = unnest.join(", "),
+        );
+        (sql, keys.arrays())
+    }
+
+    /// ` NOT (key IN (the listed keys))`, the lists being parameters after the first `offset`.
+    fn not_in(&self, excluded: &KeyList, offset: usize) -> String {
+        if excluded.is_empty() {
+            return String::new();
+        }
+        let names: Vec<String> = (0..self.key.len()).map(|i| format!("u{i}")).collect();
+        let casts: Vec<String> = self
+            .key_types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("CAST(u.u{i} AS {ty})"))
+            .collect();
+        let unnest: Vec<String> = (0..self.key.len())
+            .map(|i| format!("${}::text[]", offset + i + 1))
+            .collect();
+        format!(
+            "NOT ({} IN (SELECT {} FROM unnest({}) AS u({})))",
+            tuple(&self.key),
+            casts.join(", "),
+            unnest.join(", "),
+            names.join(", ")
+        )
+    }
+
     /// Every `step`-th key of a range in key order (`step` is the last parameter, `$n::int8`):
     /// the bounds of sub-ranges of about `step` rows.
     pub fn split_points(&self, range: &Range) -> (String, Vec<String>) {
@@ -417,6 +507,64 @@ const TEXT_IS_OUTPUT: &[&str] = &["jsonb", "json"];
 
 /// `a` for one element (a plain comparison), `(a, b)` for more (a row comparison, which a
 /// composite primary key index serves).
+/// `predicate` (empty or ` WHERE …`) and one more clause (empty or a condition).
+fn join_predicate(predicate: &str, clause: &str) -> String {
+    match (predicate.is_empty(), clause.is_empty()) {
+        (_, true) => predicate.to_owned(),
+        (true, false) => format!(" WHERE {clause}"),
+        (false, false) => format!("{predicate} AND {clause}"),
+    }
+}
+
+/// A statement parameter: a key bound as text, or a list of keys' column as `text[]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Param {
+    Text(String),
+    Texts(Vec<String>),
+}
+
+/// A statement's parameters, in order.
+pub(crate) type Params = Vec<Param>;
+
+impl Param {
+    pub fn as_sql(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        match self {
+            Param::Text(t) => t,
+            Param::Texts(t) => t,
+        }
+    }
+}
+
+/// Keys of one table, as text, column by column.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct KeyList {
+    columns: Vec<Vec<String>>,
+}
+
+impl KeyList {
+    /// The keys (each as many values as the key has columns).
+    pub fn new<'a>(width: usize, keys: impl IntoIterator<Item = &'a Vec<String>>) -> Self {
+        let mut columns = vec![Vec::new(); width];
+        for key in keys {
+            for (column, value) in columns.iter_mut().zip(key) {
+                column.push(value.clone());
+            }
+        }
+        Self { columns }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.columns.first().is_none_or(Vec::is_empty)
+    }
+
+    fn arrays(&self) -> Vec<Param> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        self.columns.iter().cloned().map(Param::Texts).collect()
+    }
+}
+
 fn tuple(items: &[String]) -> String {
     if items.len() == 1 {
         items[0].clone()
