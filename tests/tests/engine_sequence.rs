@@ -196,6 +196,20 @@ async fn production_cutover_under_load_completes_losing_nothing() {
     );
     let verification = status.verification.as_ref().unwrap();
     assert!(verification.matched, "{verification:?}");
+    // Every row was compared while the load wrote; the freeze compared only what changed.
+    assert_eq!(
+        verification.method.as_deref(),
+        Some("Online"),
+        "{verification:?}"
+    );
+    assert!(verification.keys_in_freeze.is_some(), "{verification:?}");
+    let online = status.online_verification.as_ref().unwrap();
+    assert_eq!(online.ranges_proven, online.ranges_total, "{online:?}");
+    assert!(
+        online.changes_seen > 0,
+        "the witness saw the load: {online:?}"
+    );
+    assert!(online.pass_seconds.is_some(), "{online:?}");
     assert!(status.point_of_no_return_at.is_some());
     let freeze = status
         .write_freeze_seconds
@@ -329,8 +343,60 @@ async fn a_row_changed_on_green_aborts_before_the_point_of_no_return() {
         message.contains("9999"),
         "the differing key is named: {message}"
     );
+    // Found by the online comparison: blue was never frozen.
+    assert!(message.contains("online verification"), "{message}");
+    assert!(status.frozen_at.is_none(), "{status:?}");
     assert!(status.point_of_no_return_at.is_none());
     assert!(!dir.path().join("DATABASE_URL").exists());
+    assert_clean_and_writable(&bg).await;
+}
+
+/// Drops the online verification's witness on blue once the cutover is in Verifying (frozen,
+/// final sync done, nothing compared yet) and lets it finish.
+async fn lose_the_witness_in_the_freeze(
+    spec: DatabaseCutoverSpec,
+) -> (BlueGreen, DatabaseCutoverStatus) {
+    let bg = setup();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
+    let engine = engine(&bg, spec, dir.path());
+    let load = start_load(&bg);
+    let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
+        s.phase == Phase::Verifying
+    })
+    .await;
+    let slot = &engine.names().online_source_slot;
+    bg.blue
+        .execute(
+            APP,
+            &format!(
+                "SET default_transaction_read_only = off; SELECT pg_drop_replication_slot('{slot}')"
+            ),
+        )
+        .unwrap();
+    let status = step_until(&engine, status, |s| s.phase.is_terminal()).await;
+    load.stop().await;
+    (bg, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_witness_falls_back_to_verifying_every_row_in_the_freeze_or_aborts() {
+    let (bg, status) = lose_the_witness_in_the_freeze(spec(Mode::Production)).await;
+    assert_eq!(status.phase, Phase::Completed, "{:?}", status.message);
+    let v = status.verification.as_ref().unwrap();
+    assert!(v.matched, "{v:?}");
+    assert_eq!(v.method.as_deref(), Some("InFreeze"), "{v:?}");
+    let reason = v.fallback_reason.clone().unwrap_or_default();
+    assert!(reason.contains("gone or lost its WAL"), "{reason}");
+    assert_no_replication_left(&bg);
+
+    let mut strict = spec(Mode::Production);
+    strict.verification.on_witness_loss = cutover_operator::api::WitnessLoss::Abort;
+    let (bg, status) = lose_the_witness_in_the_freeze(strict).await;
+    assert_eq!(status.phase, Phase::Aborted);
+    let message = status.message.clone().unwrap_or_default();
+    assert!(message.contains("onWitnessLoss is Abort"), "{message}");
+    assert!(status.point_of_no_return_at.is_none());
     assert_clean_and_writable(&bg).await;
 }
 

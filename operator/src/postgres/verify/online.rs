@@ -1023,6 +1023,20 @@ impl OnlineVerifier {
     /// The tables followed only inside the freeze are not in it (see [`Self::tables_in_freeze`]).
     pub async fn finish(&mut self) -> Result<Vec<super::TableReport>, OnlineError> {
         let started = Instant::now();
+        // The freeze ended every session that predates it on the source, these included.
+        for side in [Side::Source, Side::Target] {
+            let conns = match side {
+                Side::Source => &self.source,
+                Side::Target => &self.target,
+            };
+            if conns.control.is_closed() || conns.conns.iter().any(Client::is_closed) {
+                let fresh = open_side(&self.cfg, side).await?;
+                match side {
+                    Side::Source => self.source = fresh,
+                    Side::Target => self.target = fresh,
+                }
+            }
+        }
         // A bounded number of rounds: each one proves or lists a batch of ranges, and the keys.
         while self.has_work() {
             self.round(true).await?;
