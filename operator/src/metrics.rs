@@ -43,6 +43,9 @@ pub struct Metrics {
     pub source_writes: IntGaugeVec,
     /// Tables that differed in the last verification.
     pub mismatched_tables: IntGaugeVec,
+    /// Online verification, by `what`: `ranges_total`, `ranges_proven`, `rows_proven`,
+    /// `dirty_keys`, `rounds`, `restarts`.
+    pub online_verification: IntGaugeVec,
     /// Problems hypercare sees now, by kind.
     pub hypercare_problems: IntGaugeVec,
 }
@@ -122,6 +125,14 @@ impl Metrics {
             &per_cutover,
         )
         .expect("valid metric");
+        let online_verification = IntGaugeVec::new(
+            Opts::new(
+                "online_verification",
+                "Online verification's progress: key ranges (total, proven), rows proven, keys changed since proven (dirty_keys), rounds, restarts",
+            ),
+            &["namespace", "name", "what"],
+        )
+        .expect("valid metric");
         let verified_rows = IntGaugeVec::new(
             Opts::new(
                 "verification_rows",
@@ -158,6 +169,7 @@ impl Metrics {
             Box::new(source_writes.clone()),
             Box::new(mismatched_tables.clone()),
             Box::new(hypercare_problems.clone()),
+            Box::new(online_verification.clone()),
         ] {
             registry
                 .register(collector)
@@ -176,6 +188,7 @@ impl Metrics {
             source_writes,
             mismatched_tables,
             hypercare_problems,
+            online_verification,
         }
     }
 
@@ -231,6 +244,13 @@ impl Metrics {
                 .with_label_values(&[namespace, name])
                 .set(w.count);
         }
+        if let Some(o) = &status.online_verification {
+            for (what, value) in online_values(o) {
+                self.online_verification
+                    .with_label_values(&[namespace, name, what])
+                    .set(value);
+            }
+        }
         if let Some(v) = &status.verification {
             self.verified_rows
                 .with_label_values(&[namespace, name])
@@ -279,6 +299,11 @@ impl Metrics {
             let _ = gauge.remove_label_values(&[namespace, name]);
         }
         let _ = self.write_freeze.remove_label_values(&[namespace, name]);
+        for (what, _) in online_values(&crate::api::OnlineVerificationStatus::default()) {
+            let _ = self
+                .online_verification
+                .remove_label_values(&[namespace, name, what]);
+        }
         for kind in ProblemKind::ALL {
             let _ = self
                 .hypercare_problems
@@ -357,6 +382,18 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
     }
+}
+
+/// The online verification gauges, by label.
+fn online_values(o: &crate::api::OnlineVerificationStatus) -> [(&'static str, i64); 6] {
+    [
+        ("ranges_total", o.ranges_total),
+        ("ranges_proven", o.ranges_proven),
+        ("rows_proven", o.rows_proven),
+        ("dirty_keys", o.dirty_keys),
+        ("rounds", o.rounds),
+        ("restarts", o.restarts),
+    ]
 }
 
 #[cfg(test)]

@@ -155,12 +155,28 @@ fn render_status(obj: &DatabaseCutover) -> String {
             r.lag.as_deref().unwrap_or("?")
         ));
     }
+    if let Some(o) = &status.online_verification {
+        out.push_str(&format!("{}\n", super::local::online_line(o)));
+        if let Some(d) = &o.divergence {
+            out.push_str(&format!("divergence: {d}\n"));
+        }
+    }
     if let Some(v) = &status.verification {
         out.push_str(&format!(
-            "verification: {} ({} rows compared)\n",
+            "verification: {} ({} rows compared{})\n",
             if v.matched { "matched" } else { "DIFFERENCES" },
-            v.rows_compared
+            v.rows_compared,
+            match (&v.method, v.keys_in_freeze) {
+                (Some(m), Some(k)) => format!(", {m}: {k} changed keys compared inside the freeze"),
+                (Some(m), None) => format!(", {m}"),
+                _ => String::new(),
+            }
         ));
+        if let Some(why) = &v.fallback_reason {
+            out.push_str(&format!(
+                "verified every row inside the freeze because {why}\n"
+            ));
+        }
     }
     if let Some(at) = &status.point_of_no_return_at {
         out.push_str(&format!("point of no return passed at {at}\n"));

@@ -216,6 +216,9 @@ impl Printer {
                     |b| human_bytes(u64::try_from(b).unwrap_or(0))
                 )
             );
+            if let Some(o) = &s.online_verification {
+                println!("           {}", online_line(o));
+            }
         }
         let problems: Vec<String> = s
             .hypercare
@@ -413,6 +416,25 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             status.message.unwrap_or_default()
         ),
     }
+}
+
+/// One line of online verification progress, for people.
+pub(crate) fn online_line(o: &crate::api::OnlineVerificationStatus) -> String {
+    let mut line = format!(
+        "online verification {}: {}/{} ranges proven ({} rows), {} changed keys to compare again, {} rounds",
+        o.state, o.ranges_proven, o.ranges_total, o.rows_proven, o.dirty_keys, o.rounds
+    );
+    if !o.tables_in_freeze.is_empty() {
+        line.push_str(&format!(
+            "; hashed whole inside the freeze: {} (~{} rows)",
+            o.tables_in_freeze.join(", "),
+            o.rows_in_freeze
+        ));
+    }
+    if let Some(e) = &o.last_error {
+        line.push_str(&format!("; last error: {e}"));
+    }
+    line
 }
 
 #[cfg(test)]

@@ -326,7 +326,10 @@ impl<P: Platform> Engine<P> {
                 .filter_map(|t| TableName::parse(t).ok())
                 .collect(),
             parallelism: usize::try_from(self.spec.verification.parallelism.max(1)).unwrap_or(1),
-            connect: self.dbs.connect.clone(),
+            connect: ConnectOptions {
+                application_name: "cutover-verify".into(),
+                ..self.dbs.connect.clone()
+            },
             // What the migrations added to green is not a difference.
             target_may_add: self.spec.migrations.is_some(),
             ..VerifyOptions::default()

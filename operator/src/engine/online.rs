@@ -91,8 +91,7 @@ pub async fn pause(id: &str) {
 pub async fn take(id: &str) -> Option<OnlineVerifier> {
     let run = get(id)?;
     run.paused.store(true, Ordering::SeqCst);
-    let taken = run.verifier.lock().await.take();
-    taken
+    run.verifier.lock().await.take()
 }
 
 /// Gives a verifier back after a comparison inside the freeze failed for a reason worth

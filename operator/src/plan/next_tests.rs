@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::next::*;
+use crate::api::OnlineVerificationStatus;
 use crate::api::{
     Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutover, DatabaseCutoverSpec,
     DatabaseCutoverStatus, Milestone, Mode, Phase, StepOutcome, StepRecord, TableVerification,
@@ -82,6 +83,14 @@ fn caught_up() -> Observations {
             tables_total: 3,
             lag_bytes: 1024,
             broken: None,
+        }),
+        online: Some(OnlineVerificationStatus {
+            state: "Current".into(),
+            started_at: Some("2026-01-01T00:00:00Z".into()),
+            ranges_total: 8,
+            ranges_proven: 8,
+            dirty_keys: 12,
+            ..OnlineVerificationStatus::default()
         }),
         ..Observations::default()
     }
@@ -198,6 +207,39 @@ fn replication_waits_for_copy_lag_and_schedule() {
     broken.replication.as_mut().unwrap().broken = Some("slot lost".into());
     assert!(abort_reason(next_action(&spec, &s, &broken, t(1))).contains("slot lost"));
 
+    // Online verification: started once caught up; the freeze waits for every range proven
+    // and few changed keys; a divergence aborts before the freeze.
+    let not_started = Observations {
+        online: None,
+        ..caught_up()
+    };
+    assert_eq!(
+        next_action(&spec, &s, &not_started, t(1)),
+        Action::StartOnlineVerification
+    );
+    let mut comparing = caught_up();
+    comparing.online.as_mut().unwrap().ranges_proven = 5;
+    assert_eq!(next_action(&spec, &s, &comparing, t(1)), Action::Wait(POLL));
+    let mut busy = caught_up();
+    busy.online.as_mut().unwrap().dirty_keys = spec.verification.max_dirty_keys + 1;
+    assert_eq!(next_action(&spec, &s, &busy, t(1)), Action::Wait(POLL));
+    let mut diverged = caught_up();
+    diverged.online.as_mut().unwrap().divergence = Some("public.t differs: id=7".into());
+    let why = abort_reason(next_action(&spec, &s, &diverged, t(1)));
+    assert!(
+        why.contains("online verification") && why.contains("id=7"),
+        "{why}"
+    );
+    let mut unavailable = caught_up();
+    unavailable.online = Some(OnlineVerificationStatus {
+        state: crate::plan::ONLINE_UNAVAILABLE.into(),
+        ..OnlineVerificationStatus::default()
+    });
+    assert_eq!(
+        next_action(&spec, &s, &unavailable, t(1)),
+        Action::Advance(Phase::Freezing)
+    );
+
     assert_eq!(
         next_action(&spec, &s, &caught_up(), t(1)),
         Action::Advance(Phase::Freezing)
@@ -265,6 +307,7 @@ fn verification_gates_and_names_the_difference() {
                 differences: vec!["changed on target: id=42".into()],
             }],
             other_mismatches: vec![],
+            ..VerificationStatus::default()
         })
     });
     let why = abort_reason(next_action(&spec, &mismatch, &none, t(1)));
@@ -808,6 +851,7 @@ fn invariants_hold_over_random_runs() {
         let mut source_frozen = false;
         let mut pnr: Option<String> = None;
         let mut replication_started = false;
+        let mut online_started = false;
         let mut jobs_launched: Vec<MigrationSet> = Vec::new();
         for _ in 0..300 {
             // Requests arrive at random.
@@ -851,6 +895,15 @@ fn invariants_hold_over_random_runs() {
                     up_to: None,
                     lost: false,
                 }),
+                online: online_started.then(|| OnlineVerificationStatus {
+                    state: "Current".into(),
+                    started_at: Some("2026-01-01T00:00:00Z".into()),
+                    ranges_total: 4,
+                    ranges_proven: if rng.chance(70) { 4 } else { 2 },
+                    dirty_keys: rng.below(20_000) as i64,
+                    divergence: (rng.below(1000) < 5).then(|| "public.t differs: id=1".into()),
+                    ..OnlineVerificationStatus::default()
+                }),
             };
             let action = next_action(&spec, &status, &obs, now);
             let fails = rng.chance(3);
@@ -888,6 +941,10 @@ fn invariants_hold_over_random_runs() {
                     }
                     Action::StartReplication => {
                         replication_started = true;
+                        Outcome::Done
+                    }
+                    Action::StartOnlineVerification => {
+                        online_started = true;
                         Outcome::Done
                     }
                     Action::LaunchMigrations(set) => {

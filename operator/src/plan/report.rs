@@ -35,6 +35,10 @@ pub struct TimingReport {
     pub total: Duration,
     /// Rows compared by verification.
     pub rows_verified: Option<i64>,
+    /// How long the online verification's first pass took (before the freeze).
+    pub online_verification: Option<Duration>,
+    /// How long verification took inside the freeze, and how many changed keys it compared.
+    pub in_freeze_verification: Option<(Duration, Option<i64>)>,
     /// Changes the change witness saw on the source after the freeze (`None`: not watched, or
     /// the witness was lost).
     pub source_writes: Option<i64>,
@@ -74,6 +78,16 @@ pub fn timing_report(status: &DatabaseCutoverStatus, now: jiff::Timestamp) -> Ti
         total,
         write_freeze: status.write_freeze_seconds.map(Duration::from_secs_f64),
         rows_verified: status.verification.as_ref().map(|v| v.rows_compared),
+        online_verification: status
+            .online_verification
+            .as_ref()
+            .and_then(|o| o.pass_seconds)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+        in_freeze_verification: status.verification.as_ref().and_then(|v| {
+            v.in_freeze_seconds
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .map(|d| (d, v.keys_in_freeze))
+        }),
         source_writes: status
             .source_writes
             .as_ref()
@@ -115,6 +129,21 @@ impl TimingReport {
         );
         if let Some(rows) = self.rows_verified {
             let _ = writeln!(out, "rows verified: {rows}");
+        }
+        if let Some(d) = self.online_verification {
+            let _ = writeln!(
+                out,
+                "verification online (before the freeze): {}",
+                format_duration(d)
+            );
+        }
+        if let Some((d, keys)) = self.in_freeze_verification {
+            let keys = keys.map_or_else(String::new, |k| format!(" ({k} changed keys)"));
+            let _ = writeln!(
+                out,
+                "verification inside the freeze: {}{keys}",
+                format_duration(d)
+            );
         }
         if let Some(n) = self.source_writes {
             let _ = writeln!(out, "writes on the source after the freeze: {n}");

@@ -89,7 +89,7 @@ pub async fn look(db: &Client, slot: &str, after: PgLsn) -> Result<Seen, Witness
         Some(_) => {}
     }
     let upto: PgLsn = db
-        .query_one("SELECT pg_current_wal_lsn()", &[])
+        .query_one("SELECT pg_current_wal_flush_lsn()", &[])
         .await
         .map_err(sql("read the WAL position"))?
         .get(0);

@@ -677,14 +677,19 @@ impl OnlineVerifier {
                 // An idle source sends nothing past `lsn`: one small logical message (no table
                 // is written) moves the walsender and the subscriber past it.
                 nudged = true;
-                let _ = self
+                // The freeze made new sessions read-only by default; this one writes no table.
+                // The message is transactional so that its commit is flushed (and sent) at once.
+                let _ = crate::postgres::shared::writable_session(&self.source.control).await;
+                let sent = self
                     .source
                     .control
-                    .execute(
-                        "SELECT pg_logical_emit_message(false, 'cutover', 'online verification')",
-                        &[],
+                    .batch_execute(
+                        "BEGIN; SELECT pg_logical_emit_message(true, 'cutover', 'online verification'); COMMIT",
                     )
                     .await;
+                if sent.is_err() {
+                    let _ = self.source.control.batch_execute("ROLLBACK").await;
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
