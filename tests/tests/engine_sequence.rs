@@ -370,7 +370,9 @@ async fn lose_the_witness_in_the_freeze(
         .execute(
             APP,
             &format!(
-                "SET default_transaction_read_only = off; SELECT pg_drop_replication_slot('{slot}')"
+                "SET default_transaction_read_only = off;
+                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                  WHERE slot_name LIKE '{slot}%'"
             ),
         )
         .unwrap();

@@ -172,7 +172,7 @@ impl<P: Platform> Engine<P> {
                 Phase::Replicating | Phase::Freezing | Phase::FinalSync | Phase::Verifying
             )
         {
-            obs.online = online::view(&self.id).map(|v| online_status(&v));
+            obs.online = online::view(&self.online_key()).map(|v| online_status(&v));
         }
         if needs.witness
             && let Some(after) = status.freeze_lsn.as_deref().and_then(parse_lsn)
@@ -250,12 +250,12 @@ impl<P: Platform> Engine<P> {
                 Outcome::Done
             }
             Action::StartOnlineVerification => {
-                online::start(&self.id, self.online_config());
+                online::start(&self.online_key(), self.online_config());
                 Outcome::Done
             }
             Action::Freeze => {
                 // No comparison round runs in the freeze: the Verify step takes what is left.
-                online::pause(&self.id).await;
+                online::pause(&self.online_key()).await;
                 let blue = self.blue().await?;
                 let cfg = FreezeConfig {
                     cutover_id: self.id.clone(),
@@ -283,21 +283,21 @@ impl<P: Platform> Engine<P> {
             }
             Action::Checkpoint(_) => Outcome::Checked(self.checkpoint(status).await?),
             Action::EndRehearsal | Action::FinishAbort => {
-                online::stop(&self.id).await;
+                online::stop(&self.online_key()).await;
                 let blue = self.blue().await?;
                 let green = self.green().await.ok();
                 cleanup::abort(&blue, green.as_ref(), &self.names, &self.id).await?;
                 Outcome::Done
             }
             Action::Complete => {
-                online::stop(&self.id).await;
+                online::stop(&self.online_key()).await;
                 let blue = self.blue().await.ok();
                 let green = self.green().await?;
                 cleanup::cleanup(blue.as_ref(), Some(&green), &self.names).await?;
                 Outcome::Done
             }
             Action::Finalize => {
-                online::stop(&self.id).await;
+                online::stop(&self.online_key()).await;
                 match crate::plan::cleanup_scope(status) {
                     CleanupScope::Nothing => {}
                     CleanupScope::ReplicationOnly => {
@@ -336,6 +336,12 @@ impl<P: Platform> Engine<P> {
         }
     }
 
+    /// Which online verification run is this cutover's: its id and the two servers (one
+    /// process may drive cutovers of the same name against other servers, as the tests do).
+    fn online_key(&self) -> String {
+        format!("{} {} {}", self.id, self.dbs.blue, self.dbs.green)
+    }
+
     fn online_config(&self) -> OnlineConfig {
         let mut options = self.verify_options();
         options.connect.application_name = "cutover-online-verify".into();
@@ -364,7 +370,7 @@ impl<P: Platform> Engine<P> {
                 ..VerificationStatus::from(&report)
             });
         }
-        let fallback = match online::take(&self.id).await {
+        let fallback = match online::take(&self.online_key()).await {
             Some(mut verifier) => {
                 let p = verifier.progress().clone();
                 if p.divergence.is_some() || !p.pass_complete {
@@ -380,7 +386,7 @@ impl<P: Platform> Engine<P> {
                             let mut report =
                                 verify::verify(&self.dbs.blue, &self.dbs.green, &options).await?;
                             report.add_online(online_tables);
-                            online::stop(&self.id).await;
+                            online::stop(&self.online_key()).await;
                             return Ok(VerificationStatus {
                                 method: Some("Online".into()),
                                 in_freeze_seconds: Some(started.elapsed().as_secs_f64()),
@@ -393,7 +399,7 @@ impl<P: Platform> Engine<P> {
                         )),
                         Err(e) => {
                             // Evidence intact: the step is retried with it.
-                            online::give_back(&self.id, verifier).await;
+                            online::give_back(&self.online_key(), verifier).await;
                             return Err(e.into());
                         }
                     }
@@ -405,7 +411,7 @@ impl<P: Platform> Engine<P> {
                     .to_owned(),
             ),
         };
-        online::stop(&self.id).await;
+        online::stop(&self.online_key()).await;
         let reason = fallback.unwrap_or_default();
         if self.spec.verification.on_witness_loss == WitnessLoss::Abort {
             return Err(ActionError::OnlineLost(format!(

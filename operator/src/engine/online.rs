@@ -15,6 +15,8 @@ use crate::postgres::verify::online::{OnlineConfig, OnlineError, OnlineProgress,
 
 /// A task no step has looked at for this long stops (its process no longer leads the cutover).
 const UNWATCHED: Duration = Duration::from_secs(120);
+/// A pass is (re)started only while a step looked at the run this recently.
+const START_WATCHED: Duration = Duration::from_secs(15);
 /// Pause between rounds when nothing is left to compare.
 const IDLE_ROUND: Duration = Duration::from_millis(500);
 
@@ -142,6 +144,11 @@ async fn run_rounds(id: String, run: Arc<Run>, cfg: OnlineConfig) {
             continue;
         }
         let outcome = match guard.as_mut() {
+            None if run.touched.lock().expect("touched poisoned").elapsed() > START_WATCHED => {
+                // Nobody asked for this pass lately (this process was paused, or lost the
+                // lead): create no slot.
+                break;
+            }
             None => {
                 let first = run.view.lock().expect("view poisoned").progress.is_none()
                     && run.view.lock().expect("view poisoned").last_error.is_none();
@@ -167,9 +174,13 @@ async fn run_rounds(id: String, run: Arc<Run>, cfg: OnlineConfig) {
                 match result {
                     Ok(()) => Ok(verifier.has_work()),
                     Err(OnlineError::WitnessLost(slot)) => {
-                        tracing::warn!(cutover = %id, %slot, "online verification lost its change witness; starting a new pass");
+                        // Nothing this pass proved can be trusted complete. The run ends; the
+                        // leader's next step starts a new pass (a process that lost the lead
+                        // creates nothing).
+                        tracing::warn!(cutover = %id, %slot, "online verification lost its change witness; a new pass starts at the next step");
                         *guard = None;
-                        Err(OnlineError::WitnessLost(slot))
+                        drop(guard);
+                        break;
                     }
                     Err(e) => {
                         // The evidence is intact: reconnect and go on where it was.
@@ -208,4 +219,9 @@ async fn run_rounds(id: String, run: Arc<Run>, cfg: OnlineConfig) {
         }
     }
     run.verifier.lock().await.take();
+    // Gone from the registry (unless a newer run replaced it): the next step starts afresh.
+    let mut runs = RUNS.lock().expect("online runs poisoned");
+    if runs.get(&id).is_some_and(|r| Arc::ptr_eq(r, &run)) {
+        runs.remove(&id);
+    }
 }

@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 use super::ident::quote_ident;
 use super::replication::Names;
 use super::shared::{STATE_SCHEMA, db_message, writable_session};
-use super::slots::{SlotError, drop_slot};
+use super::slots::{SlotError, drop_slot, drop_slots_named};
 
 /// Why cleanup failed.
 #[derive(Debug, Error)]
@@ -224,22 +224,35 @@ pub async fn cleanup(
         ("blue", "green"),
     )
     .await?;
-    for (client, slot, side) in [
-        (blue, &names.witness_slot, "blue"),
+    match blue {
+        Some(b) => {
+            if drop_slot(b, &names.witness_slot, Duration::from_secs(5)).await? {
+                report
+                    .dropped
+                    .push(format!("replication slot {} on blue", names.witness_slot));
+            }
+        }
+        None => report.skipped.push(format!(
+            "replication slot {} on blue (unreachable)",
+            names.witness_slot
+        )),
+    }
+    // Online verification's witnesses: one pair per pass, named by the prefix.
+    for (client, prefix, side) in [
         (blue, &names.online_source_slot, "blue"),
         (green, &names.online_target_slot, "green"),
     ] {
         match client {
             Some(c) => {
-                if drop_slot(c, slot, Duration::from_secs(5)).await? {
+                for slot in drop_slots_named(c, prefix, Duration::from_secs(5)).await? {
                     report
                         .dropped
                         .push(format!("replication slot {slot} on {side}"));
                 }
             }
-            None => report
-                .skipped
-                .push(format!("replication slot {slot} on {side} (unreachable)")),
+            None => report.skipped.push(format!(
+                "replication slots {prefix}* on {side} (unreachable)"
+            )),
         }
     }
     for (client, publication, side) in [

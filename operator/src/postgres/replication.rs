@@ -36,10 +36,11 @@ pub struct Names {
     /// Logical slot on blue through which the change witness reads what blue commits after
     /// the freeze.
     pub witness_slot: String,
-    /// Logical slot on blue through which online verification learns which keys changed.
+    /// Name prefix of the logical slots on blue through which online verification learns
+    /// which keys changed (one per pass: the prefix and four hex digits).
     pub online_source_slot: String,
-    /// Logical slot on green through which online verification sees any write to green that
-    /// replication did not make.
+    /// Name prefix of the logical slots on green through which online verification sees any
+    /// write to green that replication did not make.
     pub online_target_slot: String,
 }
 

@@ -35,6 +35,31 @@ fn sql(action: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SlotE
     move |source| SlotError::Sql { action, source }
 }
 
+/// Drops every replication slot whose name starts with `prefix` (each as [`drop_slot`] does);
+/// returns the names dropped.
+pub async fn drop_slots_named(
+    client: &Client,
+    prefix: &str,
+    patience: Duration,
+) -> Result<Vec<String>, SlotError> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots
+              WHERE left(slot_name::text, length($1)) = $1",
+            &[&prefix],
+        )
+        .await
+        .map_err(sql("list the replication slots"))?;
+    let mut dropped = Vec::new();
+    for row in rows {
+        let name: String = row.get(0);
+        if drop_slot(client, &name, patience).await? {
+            dropped.push(name);
+        }
+    }
+    Ok(dropped)
+}
+
 /// Drops the replication slot `slot` if it exists. An active slot (a walsender still streams
 /// from it) is waited for, and after `patience` its walsender is terminated.
 pub async fn drop_slot(client: &Client, slot: &str, patience: Duration) -> Result<bool, SlotError> {

@@ -49,7 +49,7 @@ use crate::postgres::catalog;
 use crate::postgres::connect::{Dsn, connect};
 use crate::postgres::ident::TableName;
 use crate::postgres::shared::{STATE_SCHEMA, db_message};
-use crate::postgres::slots::drop_slot;
+use crate::postgres::slots::drop_slots_named;
 use crate::postgres::witness::{self, Op};
 
 /// Where online verification runs and what it compares.
@@ -237,37 +237,43 @@ pub struct OnlineVerifier {
 const WAIT_APPLIED: Duration = Duration::from_secs(120);
 
 impl OnlineVerifier {
-    /// Creates the witnesses (dropping stale ones of the same name first), reads both catalogs
+    /// Creates the witnesses (dropping stale ones with the same prefixes first: `cfg`'s slot
+    /// names are prefixes, each pass adds its own suffix), reads both catalogs
     /// and splits every table followed online into key ranges. Nothing is compared yet.
     pub async fn start(cfg: OnlineConfig) -> Result<Self, OnlineError> {
-        let opts = &cfg.options;
         let (source, target) =
             tokio::try_join!(open_side(&cfg, Side::Source), open_side(&cfg, Side::Target))?;
         let (source_control, target_control) = (&source.control, &target.control);
-        // The witnesses exist before anything is hashed.
-        for (client, slot, action) in [
+        // The witnesses exist before anything is hashed. Each pass has its own pair (the
+        // prefixes and a suffix): a process that lost the lead and still runs an old pass
+        // finds its slots gone rather than reading this pass's.
+        let mut cfg = cfg;
+        let suffix = pass_suffix();
+        for (client, prefix, action) in [
             (
                 source_control,
-                &cfg.source_slot,
+                &mut cfg.source_slot,
                 "create the change witness on the source",
             ),
             (
                 target_control,
-                &cfg.target_slot,
+                &mut cfg.target_slot,
                 "create the change witness on the target",
             ),
         ] {
-            drop_slot(client, slot, Duration::from_secs(2))
+            drop_slots_named(client, prefix, Duration::from_secs(2))
                 .await
                 .map_err(|e| OnlineError::Witness {
                     action,
                     message: e.to_string(),
                     source: Some(Box::new(e)),
                 })?;
-            witness::ensure(client, slot)
+            prefix.push_str(&suffix);
+            witness::ensure(client, prefix)
                 .await
                 .map_err(OnlineError::witness(action))?;
         }
+        let opts = &cfg.options;
         let (source_catalog, target_catalog) = tokio::try_join!(
             async {
                 catalog::read(source_control)
@@ -1146,6 +1152,17 @@ fn compare_rows(
         }
     }
     out
+}
+
+/// Four hex digits that tell one pass's witness slots from another's.
+fn pass_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{:04x}",
+        (nanos ^ std::process::id().rotate_left(16)) & 0xffff
+    )
 }
 
 /// A side's control connection and its `parallelism` hashing connections, canonical sessions.
