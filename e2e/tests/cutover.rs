@@ -1520,6 +1520,16 @@ async fn a_paused_leader_resumed_after_a_takeover_acts_on_nothing_stale() {
     );
     let report = s.stop_load().await;
     s.assert_ledger(&s.bg.green, &report);
+    // A step the paused replica had begun may have started an online verification pass when it
+    // resumed; its background task sees the lead gone and drops that pass's slots.
+    eventually(
+        "the resumed replica leaves no slot behind",
+        Duration::from_secs(20),
+        || async {
+            (leftovers(&s.bg.blue).is_empty() && leftovers(&s.bg.green).is_empty()).then_some(())
+        },
+    )
+    .await;
     s.assert_nothing_left();
     eprintln!(
         "fenced: {} status versions seen, phases {phases:?}",

@@ -101,7 +101,7 @@ pub struct Context {
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<DatabaseCutover>, u32>>,
     /// Whether this replica holds the leader Lease (always, without leader election).
-    leading: AtomicBool,
+    leading: Arc<AtomicBool>,
     /// The leader Lease this replica must hold to act (none without leader election).
     lease: Option<LeaseIdentity>,
 }
@@ -135,7 +135,7 @@ impl Context {
             metrics,
             default_image,
             failures: Mutex::default(),
-            leading: AtomicBool::new(true),
+            leading: Arc::new(AtomicBool::new(true)),
             lease: None,
         }
     }
@@ -149,6 +149,12 @@ impl Context {
     /// Whether this replica may act now.
     pub fn is_leading(&self) -> bool {
         self.leading.load(Ordering::SeqCst)
+    }
+
+    /// The flag [`Self::is_leading`] reads, for work that runs beside the reconciles (online
+    /// verification stops when it turns false).
+    pub fn leading_flag(&self) -> Arc<AtomicBool> {
+        self.leading.clone()
     }
 
     fn set_leading(&self, leading: bool) {
@@ -495,7 +501,8 @@ async fn engine_for(obj: &DatabaseCutover, ctx: &Context) -> Result<Engine<KubeP
         spec,
         dbs,
         platform,
-    ))
+    )
+    .with_fence(ctx.leading_flag()))
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -66,6 +66,9 @@ pub struct Engine<P> {
     /// Kubernetes or local.
     pub platform: P,
     names: Names,
+    /// While set and false, this process may no longer act (it lost the lead): work running
+    /// beside the steps (online verification) stops.
+    fence: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<P: Platform> Engine<P> {
@@ -78,7 +81,14 @@ impl<P: Platform> Engine<P> {
             spec,
             dbs,
             platform,
+            fence: None,
         }
+    }
+
+    /// Stops background work when `flag` turns false (the controller's leadership).
+    pub fn with_fence(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.fence = Some(flag);
+        self
     }
 
     /// The names of this cutover's replication objects.
@@ -250,7 +260,7 @@ impl<P: Platform> Engine<P> {
                 Outcome::Done
             }
             Action::StartOnlineVerification => {
-                online::start(&self.online_key(), self.online_config());
+                online::start(&self.online_key(), self.online_config(), self.fence.clone());
                 Outcome::Done
             }
             Action::Freeze => {

@@ -53,7 +53,7 @@ fn get(id: &str) -> Option<Arc<Run>> {
 }
 
 /// Starts the online verification of cutover `id` in this process, unless it runs already.
-pub fn start(id: &str, cfg: OnlineConfig) {
+pub fn start(id: &str, cfg: OnlineConfig, fence: Option<Arc<AtomicBool>>) {
     let mut runs = RUNS.lock().expect("online runs poisoned");
     if runs.contains_key(id) {
         return;
@@ -66,7 +66,7 @@ pub fn start(id: &str, cfg: OnlineConfig) {
         stop: AtomicBool::new(false),
         task: Mutex::new(None),
     });
-    let handle = tokio::spawn(run_rounds(id.to_owned(), run.clone(), cfg));
+    let handle = tokio::spawn(run_rounds(id.to_owned(), run.clone(), cfg, fence));
     *run.task.lock().expect("task poisoned") = Some(handle);
     runs.insert(id.to_owned(), run);
 }
@@ -127,11 +127,12 @@ fn refused_for_good(code: &str) -> bool {
     matches!(code, "55000" | "53400" | "42501" | "42704" | "0A000")
 }
 
-async fn run_rounds(id: String, run: Arc<Run>, cfg: OnlineConfig) {
+async fn run_rounds(id: String, run: Arc<Run>, cfg: OnlineConfig, fence: Option<Arc<AtomicBool>>) {
     let mut backoff = Duration::from_millis(500);
     loop {
         if run.stop.load(Ordering::SeqCst)
             || run.touched.lock().expect("touched poisoned").elapsed() > UNWATCHED
+            || fence.as_ref().is_some_and(|f| !f.load(Ordering::SeqCst))
         {
             break;
         }
@@ -218,7 +219,13 @@ async fn run_rounds(id: String, run: Arc<Run>, cfg: OnlineConfig) {
             }
         }
     }
-    run.verifier.lock().await.take();
+    // This pass's slots go with it (a new pass, here or in the new leader, has its own); a
+    // cutover that ended had them dropped by its cleanup already.
+    if let Some(verifier) = run.verifier.lock().await.take()
+        && !run.stop.load(Ordering::SeqCst)
+    {
+        verifier.drop_slots().await;
+    }
     // Gone from the registry (unless a newer run replaced it): the next step starts afresh.
     let mut runs = RUNS.lock().expect("online runs poisoned");
     if runs.get(&id).is_some_and(|r| Arc::ptr_eq(r, &run)) {

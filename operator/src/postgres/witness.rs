@@ -88,11 +88,9 @@ pub async fn look(db: &Client, slot: &str, after: PgLsn) -> Result<Seen, Witness
         }
         Some(_) => {}
     }
-    let upto: PgLsn = db
-        .query_one("SELECT pg_current_wal_flush_lsn()", &[])
+    let upto: PgLsn = super::shared::flush_wal(db)
         .await
-        .map_err(sql("read the WAL position"))?
-        .get(0);
+        .map_err(sql("flush the WAL"))?;
     let rows = db
         .query(
             "SELECT lsn, data FROM pg_logical_slot_peek_changes($1, $2, NULL,

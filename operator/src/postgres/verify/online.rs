@@ -48,7 +48,7 @@ use super::{
 use crate::postgres::catalog;
 use crate::postgres::connect::{Dsn, connect};
 use crate::postgres::ident::TableName;
-use crate::postgres::shared::{STATE_SCHEMA, db_message};
+use crate::postgres::shared::{STATE_SCHEMA, db_message, flush_wal};
 use crate::postgres::slots::drop_slots_named;
 use crate::postgres::witness::{self, Op};
 
@@ -715,13 +715,11 @@ impl OnlineVerifier {
                 return Err(OnlineError::WitnessLost(slot.clone()));
             }
         }
-        let upto: PgLsn = self
-            .source
-            .control
-            .query_one("SELECT pg_current_wal_insert_lsn()", &[])
+        // Everything up to now, flushed (decoding waits for a record that straddles the
+        // flushed position; see `flush_wal`).
+        let upto: PgLsn = flush_wal(&self.source.control)
             .await
-            .map_err(OnlineError::db("read the WAL position"))?
-            .get(0);
+            .map_err(OnlineError::db("flush the source's WAL"))?;
         let changes = witness::peek(&self.source.control, &self.cfg.source_slot, upto, false)
             .await
             .map_err(OnlineError::witness(
@@ -737,13 +735,9 @@ impl OnlineVerifier {
                 "advance the change witness on the source",
             ))?;
 
-        let target_upto: PgLsn = self
-            .target
-            .control
-            .query_one("SELECT pg_current_wal_insert_lsn()", &[])
+        let target_upto: PgLsn = flush_wal(&self.target.control)
             .await
-            .map_err(OnlineError::db("read the target's WAL position"))?
-            .get(0);
+            .map_err(OnlineError::db("flush the target's WAL"))?;
         let local = witness::peek(
             &self.target.control,
             &self.cfg.target_slot,
@@ -1073,6 +1067,34 @@ impl OnlineVerifier {
             });
         }
         Ok(reports)
+    }
+
+    /// Drops this pass's witness slots (best effort: a slot that cannot be dropped now is
+    /// dropped by the cutover's cleanup, which drops every slot with the prefix).
+    pub async fn drop_slots(self) {
+        let cfg = self.cfg.clone();
+        for (side, slot) in [
+            (Side::Source, &cfg.source_slot),
+            (Side::Target, &cfg.target_slot),
+        ] {
+            let control = match side {
+                Side::Source => &self.source.control,
+                Side::Target => &self.target.control,
+            };
+            let fresh;
+            let client = if control.is_closed() {
+                match open_side(&cfg, side).await {
+                    Ok(s) => {
+                        fresh = s;
+                        &fresh.control
+                    }
+                    Err(_) => continue,
+                }
+            } else {
+                control
+            };
+            let _ = crate::postgres::slots::drop_slot(client, slot, Duration::from_secs(2)).await;
+        }
     }
 
     /// Opens fresh connections to both sides (after a connection broke). What was proven
