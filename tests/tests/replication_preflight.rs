@@ -83,6 +83,7 @@ async fn preflight_catches_what_would_break_the_cutover() {
         long_transaction: Duration::from_millis(10),
         application_roles: vec!["orders_app".into()],
         migrations_first: false,
+        online_verification: true,
     };
     let checks = preflight(&blue, &green, &opts).await;
     for c in &checks {
@@ -126,6 +127,17 @@ async fn preflight_catches_what_would_break_the_cutover() {
         "sequences",
         CheckOutcome::Fail,
         &["missing on green", "public.only_blue_seq"],
+    );
+    // Online verification names what it will hash whole inside the freeze.
+    expect(
+        &checks,
+        "verification-in-freeze",
+        CheckOutcome::Warn,
+        &[
+            "public.Audit Log (~",
+            "no primary key",
+            "inside the write freeze",
+        ],
     );
     expect(
         &checks,

@@ -234,6 +234,7 @@ impl<P: Platform> Engine<P> {
                     reverse: self.spec.replication.reverse_for_rollback,
                     application_roles: self.spec.application_roles.clone(),
                     migrations_first: self.spec.migrations.is_some(),
+                    online_verification: self.spec.verification.mode == VerificationMode::Online,
                     ..PreflightOptions::default()
                 };
                 Outcome::Preflight(preflight(&blue, &green, &opts).await)

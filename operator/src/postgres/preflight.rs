@@ -30,6 +30,9 @@ pub struct PreflightOptions {
     /// match blue yet, so a schema difference is a warning here and is checked again by
     /// [`schema_ready`] before replication starts.
     pub migrations_first: bool,
+    /// Online verification will run (`verification.mode: Online`): a witness slot on each
+    /// side, `wal_level = logical` on green, and the tables it cannot follow by key are named.
+    pub online_verification: bool,
 }
 
 impl Default for PreflightOptions {
@@ -40,6 +43,7 @@ impl Default for PreflightOptions {
             long_transaction: Duration::from_secs(60),
             application_roles: Vec::new(),
             migrations_first: false,
+            online_verification: false,
         }
     }
 }
@@ -75,11 +79,34 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
     out.push(wal_level(blue, "wal-level-blue", "blue").await);
     if opts.reverse {
         out.push(wal_level(green, "wal-level-green", "green (for reverse replication)").await);
+    } else if opts.online_verification {
+        // Without it, online verification cannot watch green: the freeze hashes every row.
+        let mut level =
+            wal_level(green, "wal-level-green", "green (for online verification)").await;
+        if level.outcome == CheckOutcome::Fail {
+            level.outcome = CheckOutcome::Warn;
+            level.message = format!(
+                "{}; without it verification runs inside the freeze (every row hashed there)",
+                level.message
+            );
+        }
+        out.push(level);
     }
-    // Blue holds the subscription's slot and, from the freeze on, the change witness's.
-    out.push(slots(blue, "replication-slots-blue", "blue", 2).await);
-    if opts.reverse {
-        out.push(slots(green, "replication-slots-green", "green", 1).await);
+    // Blue holds the subscription's slot, from the freeze on the change witness's, and during
+    // Replicating online verification's witness; green online verification's and reverse
+    // replication's.
+    let online = i32::from(opts.online_verification);
+    out.push(slots(blue, "replication-slots-blue", "blue", 2 + online).await);
+    if opts.reverse || opts.online_verification {
+        out.push(
+            slots(
+                green,
+                "replication-slots-green",
+                "green",
+                i32::from(opts.reverse) + online,
+            )
+            .await,
+        );
     }
     out.push(workers(green).await);
     out.push(privileges_blue(blue).await);
@@ -128,6 +155,9 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
         }
         out.push(sequences);
         out.extend(special_objects(blue, &tables).await);
+        if opts.online_verification {
+            out.push(hashed_in_freeze(blue, &tables).await);
+        }
     }
     out.push(long_transactions(blue, opts.long_transaction).await);
     out.push(slot_wal_limit(blue).await);
@@ -587,6 +617,58 @@ async fn replica_identity(blue: &Client, tables: &[TableName]) -> CheckResult {
             }
         }
         Err(e) => unreadable(NAME, "replica identities", &e),
+    }
+}
+
+/// What online verification cannot follow by key and will hash whole inside the freeze: tables
+/// without a primary key, and tables (or partitions) whose replica identity is not the key.
+async fn hashed_in_freeze(blue: &Client, tables: &[TableName]) -> CheckResult {
+    const NAME: &str = "verification-in-freeze";
+    let (s, r) = names(tables);
+    let q = format!(
+        "SELECT format('%s.%s', n.nspname, c.relname),
+                (SELECT coalesce(sum(greatest(p.reltuples, 0)), 0)::bigint FROM pg_class p
+                  WHERE p.oid = c.oid OR p.oid IN (SELECT relid FROM pg_partition_tree(c.oid))),
+                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                NOT EXISTS (SELECT 1 FROM pg_partition_tree(c.oid) t JOIN pg_class p ON p.oid = t.relid
+                             WHERE p.relkind = 'r' AND p.relreplident NOT IN ('d', 'f'))
+           FROM {TABLES} x JOIN pg_class c ON c.oid = x.oid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          ORDER BY 1"
+    );
+    match blue.query(&q, &[&s, &r]).await {
+        Ok(rows) => {
+            let mut whole = Vec::new();
+            let mut total: i64 = 0;
+            for row in &rows {
+                let (name, rows_est, pk, keyed): (String, i64, bool, bool) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                if !pk || !keyed {
+                    let why = if pk {
+                        "replica identity is not the key"
+                    } else {
+                        "no primary key"
+                    };
+                    whole.push(format!("{name} (~{rows_est} rows, {why})"));
+                    total += rows_est;
+                }
+            }
+            if whole.is_empty() {
+                pass(
+                    NAME,
+                    "every table is compared online; the freeze compares only the keys that changed",
+                )
+            } else {
+                warn(
+                    NAME,
+                    format!(
+                        "hashed whole inside the write freeze (~{total} rows): {}; give them a primary key to compare them online",
+                        list(whole.into_iter())
+                    ),
+                )
+            }
+        }
+        Err(e) => unreadable(NAME, "the tables' keys", &e),
     }
 }
 

@@ -94,14 +94,18 @@ impl CpuSampler {
         let (s, m) = (stop.clone(), seen.clone());
         let tick = procfs_ticks();
         let thread = std::thread::spawn(move || {
-            let Ok(mut client) = postgres_sync(&dsn) else {
-                return;
-            };
+            let mut client = postgres_sync(&dsn).ok();
             while !s.load(Ordering::SeqCst) {
-                if let Ok(rows) = client.query(
-                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-                    &[&app],
-                ) {
+                // The freeze ends every session that predates it, this one included.
+                if client.as_ref().is_none_or(|c| c.client.is_closed()) {
+                    client = postgres_sync(&dsn).ok();
+                }
+                if let Some(client) = client.as_mut()
+                    && let Ok(rows) = client.query(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                        &[&app],
+                    )
+                {
                     for row in rows {
                         let pid: i32 = row.get(0);
                         if let Some(cpu) = cpu_seconds(pid, tick) {
