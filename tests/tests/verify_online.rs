@@ -120,6 +120,10 @@ async fn every_row_is_proven_under_load_and_the_freeze_compares_only_what_change
     assert!(v.progress().rounds >= rounds + 3);
     assert!(v.progress().changes_seen > changed_before);
     assert_eq!(v.progress().divergence, None);
+    // A change on blue after the last round, before the freeze: compared inside it.
+    bg.blue
+        .execute(APP, "UPDATE scratch SET v = 'late' WHERE id = 250")
+        .unwrap();
 
     // Freeze: what changed since the last round is compared inside the freeze, and matches.
     let (blue, green) = engine_clients(&bg).await;
@@ -148,6 +152,16 @@ async fn every_row_is_proven_under_load_and_the_freeze_compares_only_what_change
     assert!(!report.acknowledged.is_empty());
     let dirty = v.progress().dirty_keys;
     let tables = v.finish().await.unwrap();
+    assert!(
+        v.progress().changes_seen > 0 && v.progress().rounds > rounds + 3,
+        "{:?}",
+        v.progress()
+    );
+    let scratch = tables
+        .iter()
+        .find(|t| t.table.name == "scratch")
+        .expect("scratch compared online");
+    assert!(scratch.matched, "{scratch:?}");
     assert_eq!(tables.len(), 3);
     for t in &tables {
         assert!(t.matched, "{t:?}");
@@ -199,6 +213,30 @@ async fn writes_to_green_outside_replication_are_divergences() {
         "{divergence}"
     );
     assert!(divergence.contains("2 row changes"), "{divergence}");
+    load.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_changed_on_green_in_a_key_the_load_keeps_updating_is_never_passed() {
+    let id = "shop/online-hot";
+    let (bg, load, cfg) = replicating(id).await;
+    let mut v = OnlineVerifier::start(cfg).await.unwrap();
+    until_current(&mut v, Duration::from_secs(60)).await;
+    assert_eq!(v.progress().divergence, None);
+    // Every account is updated by the transfers; one balance changes on green behind
+    // replication's back.
+    bg.green
+        .execute(
+            APP,
+            "UPDATE accounts SET balance = balance + 1 WHERE id = 1",
+        )
+        .unwrap();
+    v.round(false).await.unwrap();
+    let divergence = v.progress().divergence.clone().expect("a divergence");
+    assert!(
+        divergence.contains("public.accounts UPDATE id=1"),
+        "{divergence}"
+    );
     load.stop().await;
 }
 
