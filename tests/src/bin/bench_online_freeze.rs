@@ -92,7 +92,6 @@ impl CpuSampler {
         let seen: Arc<Mutex<HashMap<i32, f64>>> = Arc::default();
         let dsn = cluster.superuser_dsn(BlueGreen::DATABASE);
         let (s, m) = (stop.clone(), seen.clone());
-        let tick = procfs_ticks();
         let thread = std::thread::spawn(move || {
             let mut client = postgres_sync(&dsn).ok();
             while !s.load(Ordering::SeqCst) {
@@ -108,7 +107,7 @@ impl CpuSampler {
                 {
                     for row in rows {
                         let pid: i32 = row.get(0);
-                        if let Some(cpu) = cpu_seconds(pid, tick) {
+                        if let Some(cpu) = cpu_seconds(pid) {
                             m.lock().unwrap().insert(pid, cpu);
                         }
                     }
@@ -156,18 +155,17 @@ impl SyncClient {
     }
 }
 
-fn procfs_ticks() -> f64 {
-    100.0
-}
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+const TICKS: f64 = 100.0;
 
-fn cpu_seconds(pid: i32, tick: f64) -> Option<f64> {
+fn cpu_seconds(pid: i32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after the name.
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / tick)
+    Some((utime + stime) / TICKS)
 }
 
 struct RoundResult {

@@ -577,9 +577,8 @@ impl OnlineVerifier {
     ) -> Result<SideResult, OnlineError> {
         let mut jobs = Vec::new();
         for &(t, r) in work {
-            let (range, state) = &self.tables[t].ranges[r];
+            let range = &self.tables[t].ranges[r].0;
             let plan = &self.plans[self.tables[t].plan];
-            let _ = state;
             let (sql, params) = if self.listed(t, r) {
                 plan.sql.rows_excluding(range, &excluded[t])
             } else {
@@ -683,19 +682,8 @@ impl OnlineVerifier {
                 // An idle source sends nothing past `lsn`: one small logical message (no table
                 // is written) moves the walsender and the subscriber past it.
                 nudged = true;
-                // The freeze made new sessions read-only by default; this one writes no table.
-                // The message is transactional so that its commit is flushed (and sent) at once.
-                let _ = crate::postgres::shared::writable_session(&self.source.control).await;
-                let sent = self
-                    .source
-                    .control
-                    .batch_execute(
-                        "BEGIN; SELECT pg_logical_emit_message(true, 'cutover', 'online verification'); COMMIT",
-                    )
-                    .await;
-                if sent.is_err() {
-                    let _ = self.source.control.batch_execute("ROLLBACK").await;
-                }
+                // A committed message (no table written) is flushed and sent at once.
+                let _ = flush_wal(&self.source.control).await;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1027,7 +1015,6 @@ impl OnlineVerifier {
     /// key compared (the source no longer changes), then the report of the online tables.
     /// The tables followed only inside the freeze are not in it (see [`Self::tables_in_freeze`]).
     pub async fn finish(&mut self) -> Result<Vec<super::TableReport>, OnlineError> {
-        let started = Instant::now();
         // The freeze ended every session that predates it on the source, these included.
         for side in [Side::Source, Side::Target] {
             let conns = match side {
@@ -1042,12 +1029,10 @@ impl OnlineVerifier {
                 }
             }
         }
-        // A bounded number of rounds: each one proves or lists a batch of ranges, and the keys.
+        // Each round proves or lists a batch of ranges and compares every dirty key; with the
+        // source frozen nothing new becomes dirty.
         while self.has_work() {
             self.round(true).await?;
-            if started.elapsed() > Duration::from_secs(24 * 3600) {
-                break;
-            }
         }
         let mut reports = Vec::new();
         for table in &self.tables {
