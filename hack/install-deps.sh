@@ -27,6 +27,10 @@ fi
 if [ ! -x /usr/lib/cni/bridge ]; then
   missing+=(containernetworking-plugins)
 fi
+# hack/install-pg.sh fetches PostgreSQL 18 for the version matrix with pip.
+if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+  missing+=(python3 python3-pip)
+fi
 # The image build copies the libraries the binary links (ldd) and CA certificates.
 if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then
   missing+=(ca-certificates)

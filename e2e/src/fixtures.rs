@@ -41,11 +41,25 @@ fn quick_feedback(builder: PgClusterBuilder) -> PgClusterBuilder {
 /// Blue and green with the bank schema and the application role on both, and `accounts`
 /// accounts of 1000 on blue only.
 pub fn bank_databases(app_role: &str, app_password: &str, accounts: i64) -> BlueGreen {
-    let bg = BlueGreen::start_with(
-        quick_feedback(PgCluster::builder()),
-        quick_feedback(PgCluster::builder()),
-    )
-    .expect("start PostgreSQL");
+    bank_databases_of(app_role, app_password, accounts, (None, None))
+}
+
+/// [`bank_databases`] with the given major versions of blue and green (`None`: the machine's
+/// default PostgreSQL).
+pub fn bank_databases_of(
+    app_role: &str,
+    app_password: &str,
+    accounts: i64,
+    (blue, green): (Option<u32>, Option<u32>),
+) -> BlueGreen {
+    let of = |major: Option<u32>| {
+        let builder = quick_feedback(PgCluster::builder());
+        match major {
+            Some(m) => builder.major(m),
+            None => builder,
+        }
+    };
+    let bg = BlueGreen::start_with(of(blue), of(green)).expect("start PostgreSQL");
     for c in [&bg.blue, &bg.green] {
         c.create_role(app_role, app_password, "LOGIN").unwrap();
         c.execute(BlueGreen::DATABASE, workload::SCHEMA).unwrap();

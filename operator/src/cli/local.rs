@@ -19,7 +19,7 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use cutover_operator::api::units::human_bytes;
 use cutover_operator::api::{
-    DatabaseCutover, DatabaseCutoverStatus, Phase, SecretKeyRef, ValidSpec,
+    CheckOutcome, DatabaseCutover, DatabaseCutoverStatus, Phase, SecretKeyRef, ValidSpec,
 };
 use cutover_operator::engine::{Databases, Engine, Sink, drive};
 use cutover_operator::plan::{self, Action};
@@ -185,6 +185,27 @@ impl Printer {
                 self.started.elapsed().as_secs_f64(),
                 s.phase.as_str()
             );
+        }
+        if matches!(action, Action::RunPreflight) {
+            if let Some(v) = &s.server_versions {
+                println!("           {}", versions_line(v));
+            }
+            // Warnings are worth a look even when the run goes on; failures say why it stops.
+            for c in s
+                .preflight
+                .iter()
+                .filter(|c| c.outcome != CheckOutcome::Pass)
+            {
+                println!(
+                    "           preflight {} {}: {}",
+                    match c.outcome {
+                        CheckOutcome::Fail => "FAIL",
+                        _ => "warn",
+                    },
+                    c.name,
+                    c.message
+                );
+            }
         }
         let attempts = s.retry.as_ref().map(|r| r.attempts);
         if attempts != self.last_retry {
@@ -419,6 +440,22 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
 }
 
 /// One line of online verification progress, for people.
+/// `versions: blue 15.14 → green 18.6 (a major upgrade)`.
+pub(crate) fn versions_line(v: &cutover_operator::api::ServerVersions) -> String {
+    format!(
+        "versions: blue {} → green {} ({})",
+        v.blue,
+        v.green,
+        if v.major_upgrade {
+            "a major upgrade"
+        } else if v.green_major == v.blue_major {
+            "the same major"
+        } else {
+            "a downgrade"
+        }
+    )
+}
+
 pub(crate) fn online_line(o: &crate::api::OnlineVerificationStatus) -> String {
     let mut line = format!(
         "online verification {}: {}/{} ranges proven ({} rows), {} changed keys to compare again, {} rounds",

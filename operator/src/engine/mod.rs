@@ -237,7 +237,10 @@ impl<P: Platform> Engine<P> {
                     online_verification: self.spec.verification.mode == VerificationMode::Online,
                     ..PreflightOptions::default()
                 };
-                Outcome::Preflight(preflight(&blue, &green, &opts).await)
+                Outcome::Preflight {
+                    checks: preflight(&blue, &green, &opts).await,
+                    versions: preflight::server_versions(&blue, &green).await.ok(),
+                }
             }
             Action::LaunchMigrations(set) => {
                 self.platform.launch_migrations(*set).await?;

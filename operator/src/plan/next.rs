@@ -12,7 +12,7 @@ use crate::api::units::parse_timestamp;
 use crate::api::{
     Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverStatus, Milestone, Mode,
     OnlineVerificationStatus, Phase, Problem, ProblemKind, ReplicationStatus, RetryStatus,
-    StepOutcome, StepRecord, ValidSpec, VerificationMode, VerificationStatus,
+    ServerVersions, StepOutcome, StepRecord, ValidSpec, VerificationMode, VerificationStatus,
 };
 
 /// `status.onlineVerification.state` of a verification that cannot run online.
@@ -705,7 +705,12 @@ pub enum Outcome {
     /// The action is done (or there was nothing to do).
     Done,
     /// Preflight ran.
-    Preflight(Vec<CheckResult>),
+    Preflight {
+        /// One result per check.
+        checks: Vec<CheckResult>,
+        /// Both sides' versions, when they could be read.
+        versions: Option<ServerVersions>,
+    },
     /// The freeze is in place; the source's WAL position right after it.
     Frozen {
         /// `pg_current_wal_lsn()` read after the drain.
@@ -845,8 +850,9 @@ pub fn record(
             s.message = Some(why.clone());
         }
         Action::RunPreflight => {
-            if let Outcome::Preflight(results) = outcome {
-                s.preflight = results;
+            if let Outcome::Preflight { checks, versions } = outcome {
+                s.preflight = checks;
+                s.server_versions = versions;
             }
         }
         Action::LaunchMigrations(_) | Action::StartReplication => {}

