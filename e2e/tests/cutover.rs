@@ -724,10 +724,27 @@ async fn an_approval_deadline_passed_aborts_and_unfreezes_blue() {
 async fn a_row_changed_on_green_aborts_naming_table_and_key() {
     let mut s = Scenario::start("mismatch").await;
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
+    // Green starts empty (preflight checks it); once the copy is done it gets a row blue does
+    // not have, well before the freeze is due.
+    let mut plan = s.plan();
+    plan.spec.schedule.freeze_at = Some(
+        (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(60))
+            .to_string()
+            .into(),
+    );
+    s.apply(&plan).await;
+    let api = s.api();
+    eventually("the copy is done", Duration::from_secs(120), || async {
+        let status = api.get(NAME).await.ok()?.status?;
+        status
+            .milestones
+            .contains(&Milestone::TargetAnalyzed)
+            .then_some(())
+    })
+    .await;
     s.bg.green
         .execute(BlueGreen::DATABASE, "INSERT INTO accounts VALUES (9999, 1)")
         .unwrap();
-    s.apply(&s.plan()).await;
 
     let aborted = s.wait_phase(Phase::Aborted, Duration::from_secs(120)).await;
     let message = aborted.message.unwrap_or_default();

@@ -57,6 +57,10 @@ enum Command {
     Wait(cli::wait::WaitArgs),
     /// Flag dangerous DDL in a migrations directory.
     Lint(cli::lint::LintArgs),
+    /// Remove what a cutover left on both servers (after an abort that could not finish):
+    /// before its point of no return blue is unfrozen, its replication objects dropped and the
+    /// rows it copied into green's tables removed; past it, only the replication objects.
+    Cleanup(CleanupArgs),
     /// Show a cutover's phase, conditions, replication and verification (kubectl plugin verb).
     Status(cli::kubectl::Target),
     /// Pass the point of no return of a cutover with manual approval (kubectl plugin verb).
@@ -67,6 +71,31 @@ enum Command {
     Rollback(cli::kubectl::Target),
     /// Per-step durations, the write-freeze window and the slowest step (kubectl plugin verb).
     Report(cli::kubectl::Target),
+}
+
+#[derive(clap::Args, Debug)]
+struct CleanupArgs {
+    /// The plan file the cutover was run or applied from.
+    #[arg(short = 'f', long = "file")]
+    file: std::path::PathBuf,
+
+    /// Secrets as files, `DIR/<secret>/<key>` (else `CUTOVER_SECRET_<SECRET>_<KEY>`).
+    #[arg(long)]
+    secrets_dir: Option<std::path::PathBuf>,
+
+    /// The local run's state file (default: `<plan>.state.json` beside the plan).
+    #[arg(long)]
+    state_file: Option<std::path::PathBuf>,
+
+    /// The plan was applied to Kubernetes in this namespace: clean up the operator's cutover
+    /// of that name (its objects are named after namespace and name).
+    #[arg(long)]
+    namespace: Option<String>,
+
+    /// Also unfreeze blue when no local state says the cutover stopped before its point of no
+    /// return (green's rows are emptied only when the state says this attempt copied them).
+    #[arg(long)]
+    unfreeze: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -174,6 +203,17 @@ async fn main() -> anyhow::Result<()> {
                 secrets_dir: args.secrets_dir,
                 state_file: args.state_file,
                 abort: args.abort,
+            })
+            .await
+        }
+        Command::Cleanup(args) => {
+            init_tracing(cli.log_format, cli.log_color);
+            cli::local::cleanup(cli::local::CleanupArgs {
+                plan: args.file,
+                secrets_dir: args.secrets_dir,
+                state_file: args.state_file,
+                namespace: args.namespace,
+                unfreeze: args.unfreeze,
             })
             .await
         }

@@ -153,3 +153,67 @@ fn a_misspelt_field_is_refused_naming_it_before_anything_runs() {
         "{stderr}"
     );
 }
+
+/// A source that refuses (a wrong password, a database that does not exist, a malformed
+/// connection string) ends the run within seconds with the server's own words; nothing was
+/// created, so there is nothing to undo.
+#[test]
+fn a_misconfigured_source_ends_the_run_promptly_with_the_server_message() {
+    let bg = BlueGreen::start().expect("PostgreSQL");
+    for c in [&bg.blue, &bg.green] {
+        c.create_role("orders_app", "app-pw", "LOGIN").unwrap();
+        c.execute(
+            BlueGreen::DATABASE,
+            "CREATE TABLE orders (id bigserial PRIMARY KEY, item text NOT NULL, qty int NOT NULL);",
+        )
+        .unwrap();
+    }
+    for (blue_uri, expected) in [
+        (
+            bg.blue
+                .dsn("postgres", "not-the-password", BlueGreen::DATABASE),
+            "password authentication failed",
+        ),
+        (
+            bg.blue.superuser_dsn("no_such_db"),
+            "database \"no_such_db\" does not exist",
+        ),
+        ("postgres://postgres@[::1".to_owned(), "invalid"),
+    ] {
+        let secrets = tempfile::tempdir().unwrap();
+        put(secrets.path(), "orders-blue-admin", "uri", &blue_uri);
+        put(secrets.path(), "orders-green-admin", "uri", &bg.green_dsn());
+        put(
+            secrets.path(),
+            "orders-db",
+            "DATABASE_URL",
+            &bg.blue.dsn("orders_app", "app-pw", BlueGreen::DATABASE),
+        );
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args(["run", "-f"])
+            .arg(repo().join("cutover-plans/staging-rehearsal.yaml"))
+            .arg("--secrets-dir")
+            .arg(secrets.path())
+            .arg("--state-file")
+            .arg(secrets.path().join("state.json"))
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stdout}\n{stderr}");
+        assert!(
+            took < std::time::Duration::from_secs(30),
+            "{blue_uri}: took {took:?}\n{stdout}"
+        );
+        assert!(
+            stdout.contains(expected) || stderr.contains(expected),
+            "{expected:?} missing:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            !stdout.contains("not-the-password") && !stderr.contains("not-the-password"),
+            "a password was printed"
+        );
+    }
+}

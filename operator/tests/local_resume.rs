@@ -299,3 +299,71 @@ async fn abort_undoes_a_killed_run() {
     let Bed { load, .. } = bed;
     load.stop().await;
 }
+
+/// An abort that cannot reach green ends the run within seconds, saying what is left on green
+/// (the subscription, whose connection string holds blue's password, and the copied rows) and
+/// how to finish; `cutover cleanup` removes it once green is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_with_green_away_ends_naming_what_is_left_and_cleanup_removes_it() {
+    let mut bed = bed(true).await;
+    kill_when(&bed, Phase::Replicating, || {
+        std::fs::read_to_string(bed.state_file())
+            .is_ok_and(|t| t.contains("CopyStarted") && t.contains("TargetAnalyzed"))
+    });
+    bed.bg.green.stop().unwrap();
+    let started = Instant::now();
+    let out = bed.command().arg("--abort").output().unwrap();
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    for needle in [
+        "the abort could not finish",
+        "left to undo",
+        "subscription",
+        "on green",
+        "rows this attempt copied",
+        "cutover cleanup -f",
+    ] {
+        assert!(
+            stderr.contains(needle),
+            "{needle:?} missing:\n{stdout}\n{stderr}"
+        );
+    }
+    assert!(took < Duration::from_secs(90), "took {took:?}");
+    for secret in [bed.bg.blue.password(), bed.bg.green.password(), PASSWORD] {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret));
+    }
+    assert_eq!(bed.saved().phase, Phase::Aborting);
+    // Blue is undone already: writable, nothing of the cutover on it.
+    assert_eq!(slots_and_subscriptions(&bed.bg.blue), Vec::<String>::new());
+    let before = bed.load.commits();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed.load.commits() < before + 10 {
+        assert!(Instant::now() < deadline, "blue no longer takes writes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    bed.bg.green.restart().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["cleanup", "-f"])
+        .arg(&bed.plan)
+        .arg("--secrets-dir")
+        .arg(bed.secrets())
+        .arg("--state-file")
+        .arg(bed.state_file())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("removed subscription"), "{stdout}");
+    assert!(stdout.contains("removed the rows copied"), "{stdout}");
+    assert_eq!(slots_and_subscriptions(&bed.bg.green), Vec::<String>::new());
+    assert_eq!(count(&bed.bg.green, "SELECT count(*) FROM ledger"), 0);
+    let Bed { load, .. } = bed;
+    load.stop().await;
+}

@@ -11,6 +11,31 @@ use std::time::{Duration, Instant};
 use cutover_operator::engine::Databases;
 use cutover_operator::postgres::{ConnectOptions, Dsn};
 
+/// A benchmark's cluster builder for `side` (`"blue"` or `"green"`): the machine's default
+/// PostgreSQL, or the major version in `CUTOVER_BENCH_BLUE_MAJOR` / `CUTOVER_BENCH_GREEN_MAJOR`
+/// (`CUTOVER_BENCH_GREEN_MAJOR=18` measures a 15 → 18 upgrade). Panics on a value that is not a
+/// number, naming the variable.
+pub fn bench_builder(side: &str) -> PgClusterBuilder {
+    let var = format!("CUTOVER_BENCH_{}_MAJOR", side.to_ascii_uppercase());
+    match std::env::var(&var) {
+        Ok(v) => PgCluster::builder().major(
+            v.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{var}={v}: not a major version number")),
+        ),
+        Err(_) => PgCluster::builder(),
+    }
+}
+
+/// `blue PostgreSQL 15, green PostgreSQL 18`, for a benchmark's header.
+pub fn versions_of(bg: &BlueGreen) -> String {
+    format!(
+        "blue PostgreSQL {}, green PostgreSQL {}",
+        bg.blue.major(),
+        bg.green.major()
+    )
+}
+
 /// The engine's connections for a blue/green pair on this host: each side reaches the other at
 /// the address the operator uses.
 pub fn databases(bg: &BlueGreen) -> Databases {

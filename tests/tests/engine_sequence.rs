@@ -386,13 +386,17 @@ async fn rehearsal_undoes_the_freeze_and_leaves_the_application_alone() {
 async fn a_row_changed_on_green_aborts_before_the_point_of_no_return() {
     let bg = setup();
     let dir = tempfile::tempdir().unwrap();
-    // Green has a row blue does not: replication copies blue's rows next to it (no conflict
-    // on a key blue never uses), and verification must find it.
+    let engine = engine(&bg, spec(Mode::Production), dir.path());
+    // Once the copy is done, green gets a row blue does not have (on a key blue never uses, so
+    // the apply goes on): verification must find it.
+    let copied = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
+        s.milestones.contains(&Milestone::TargetAnalyzed)
+    })
+    .await;
     bg.green
         .execute(APP, "INSERT INTO accounts VALUES (9999, 1)")
         .unwrap();
-    let engine = engine(&bg, spec(Mode::Production), dir.path());
-    let (status, _) = run(&engine).await;
+    let status = step_until(&engine, copied, |s| s.phase.is_terminal()).await;
 
     assert_eq!(status.phase, Phase::Aborted);
     let message = status.message.clone().unwrap_or_default();

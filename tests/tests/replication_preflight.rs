@@ -86,6 +86,7 @@ async fn preflight_catches_what_would_break_the_cutover() {
         application_roles: vec!["orders_app".into()],
         migrations_first: false,
         online_verification: true,
+        large_objects: None,
     };
     let checks = preflight(&blue, &green, &opts).await;
     for c in &checks {
@@ -147,11 +148,12 @@ async fn preflight_catches_what_would_break_the_cutover() {
         CheckOutcome::Warn,
         &["public.scratch"],
     );
+    // Unset in the plan: a large object is a failure, naming the field that decides.
     expect(
         &checks,
         "large-objects",
-        CheckOutcome::Warn,
-        &["1 large objects"],
+        CheckOutcome::Fail,
+        &["1 large objects on blue", "replication.largeObjects"],
     );
     expect(&checks, "long-transactions", CheckOutcome::Warn, &["pid "]);
     expect(
@@ -270,6 +272,64 @@ async fn preflight_names_a_major_upgrade_and_refuses_a_downgrade() {
         );
         assert_eq!(v.major_upgrade, outcome == CheckOutcome::Pass, "{v:?}");
     }
+}
+
+/// Extensions are not replicated: one a replicated column needs fails preflight, one nothing
+/// replicated uses warns, and one at another version on green (across 15 → 18: citext 1.6 →
+/// 1.8) is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_names_extensions_green_lacks_or_has_at_another_version() {
+    let bg = blue_green_of(UPGRADE);
+    bg.blue
+        .execute(
+            APP,
+            "CREATE EXTENSION hstore; CREATE EXTENSION citext; CREATE EXTENSION pg_trgm;
+             CREATE TABLE t (id int PRIMARY KEY, h hstore, c citext);",
+        )
+        .unwrap();
+    bg.green
+        .execute(
+            APP,
+            "CREATE EXTENSION citext; CREATE TABLE t (id int PRIMARY KEY, h text, c citext);",
+        )
+        .unwrap();
+    let (blue, green) = engine_clients(&bg).await;
+    let checks = preflight(&blue, &green, &PreflightOptions::default()).await;
+    expect(
+        &checks,
+        "extensions",
+        CheckOutcome::Fail,
+        &[
+            "hstore (columns public.t.h)",
+            "CREATE EXTENSION them on green first",
+            "not on green (no replicated column uses them): pg_trgm",
+            "at another version on green: citext 1.6 → 1.8",
+        ],
+    );
+    // With migrations to run first, green may still get them.
+    let opts = PreflightOptions {
+        migrations_first: true,
+        ..PreflightOptions::default()
+    };
+    expect(
+        &preflight(&blue, &green, &opts).await,
+        "extensions",
+        CheckOutcome::Warn,
+        &["the migrations run first", "hstore"],
+    );
+
+    bg.green
+        .execute(APP, "CREATE EXTENSION hstore; CREATE EXTENSION pg_trgm;")
+        .unwrap();
+    let checks = preflight(&blue, &green, &PreflightOptions::default()).await;
+    expect(
+        &checks,
+        "extensions",
+        CheckOutcome::Pass,
+        &["at another version on green: citext 1.6 → 1.8"],
+    );
+    let found = find(&checks, "extensions");
+    assert!(!found.message.contains("hstore"), "{found:?}");
 }
 
 /// With migrations to run on green first, an empty green is expected at preflight: the schema

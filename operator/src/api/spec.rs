@@ -188,6 +188,23 @@ pub struct ReplicationSpec {
     /// loses nothing.
     #[serde(default)]
     pub reverse_for_rollback: bool,
+
+    /// What to do with the source's large objects (`pg_largeobject`), which logical replication
+    /// does not carry. Unset: preflight fails when the source has any, so none is lost unseen.
+    /// `Carry`: copied to the target inside the write freeze (after the final sync) and compared
+    /// by verification. `Ignore`: left behind on purpose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_objects: Option<LargeObjects>,
+}
+
+/// How large objects cross over.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LargeObjects {
+    /// Copy every large object (data and owner) inside the write freeze; verification compares
+    /// their contents.
+    Carry,
+    /// Leave them behind; the target gets none.
+    Ignore,
 }
 
 fn default_max_lag() -> ByteSize {
@@ -200,6 +217,7 @@ impl Default for ReplicationSpec {
             tables: Vec::new(),
             max_lag_before_freeze: default_max_lag(),
             reverse_for_rollback: false,
+            large_objects: None,
         }
     }
 }

@@ -417,8 +417,18 @@ pub struct CheckpointStatus {
 /// A one-shot action of the sequence.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Milestone {
+    /// The subscription was created on the target, whose replicated tables were empty: an abort
+    /// empties them again, so the next attempt starts clean.
+    CopyStarted,
+    /// Statistics gathered on the target (`ANALYZE` of the replicated tables) once the initial
+    /// copy was done: rows copied by replication carry no planner statistics, and a major
+    /// upgrade starts without any.
+    TargetAnalyzed,
     /// Every sequence copied from the source to the target.
     SequencesCopied,
+    /// Every large object copied from the source to the target (`replication.largeObjects:
+    /// Carry`).
+    LargeObjectsCopied,
     /// The source-to-target subscription dropped (before anything is written to the target).
     ForwardReplicationDropped,
     /// Post-switch migrations applied to the target.
@@ -541,6 +551,21 @@ pub struct ReplicationStatus {
     /// Lag of the reverse replication (target to source) during hypercare, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverse_lag_bytes: Option<i64>,
+    /// Failed attempts of the subscription's apply and table-sync workers on the target so far
+    /// (`pg_stat_subscription_stats`; PostgreSQL restarts a failed worker after
+    /// `wal_retrieve_retry_interval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_errors: Option<i64>,
+    /// When the current run of failures began (RFC 3339); unset once none came for a while.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_failing_since: Option<String>,
+    /// When the failure count last rose (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_failed_at: Option<String>,
+    /// Why the workers fail, as far as the catalogs tell (a table that differs after DDL on the
+    /// source, a key the target already holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_failure: Option<String>,
 }
 
 /// The comparison of source and target.

@@ -117,6 +117,7 @@ fn load_state(path: &Path, id: &str) -> anyhow::Result<Option<DatabaseCutoverSta
 /// Local mode's [`Sink`]: each status is saved to the state file (atomically, before the step's
 /// action runs when it is an intent) and shown as progress.
 struct LocalSink {
+    plan: PathBuf,
     state_file: PathBuf,
     cutover: String,
     last: Option<DatabaseCutoverStatus>,
@@ -145,6 +146,26 @@ impl Sink for LocalSink {
             })?;
             self.printer.show(status, action);
             self.last = Some(status.clone());
+        }
+        // An abort that keeps failing (a server away or refusing) does not hang the run: it
+        // ends, saying what is left and how to finish; the state file keeps the abort.
+        if status.phase == Phase::Aborting
+            && let Some(r) = status
+                .retry
+                .as_ref()
+                .filter(|r| r.attempts >= ABORT_ATTEMPTS)
+        {
+            bail!(
+                "the abort could not finish after {} attempts: {}\n\
+                 Writes on blue are allowed again unless blue itself is what cannot be reached. \
+                 Once the server is back (or its connection fixed), finish the abort with \
+                 `cutover run -f {plan} --abort`, or remove what is left with \
+                 `cutover cleanup -f {plan}` (the state is kept in {state}).",
+                r.attempts,
+                r.message,
+                plan = self.plan.display(),
+                state = self.state_file.display()
+            );
         }
         Ok(status.clone())
     }
@@ -291,41 +312,69 @@ impl Printer {
 
 /// Runs the plan to its end, resuming a run that was stopped (its state file says where), or
 /// with `abort`, undoing a stopped run before the point of no return.
-pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.plan)
-        .with_context(|| format!("failed to read {}", args.plan.display()))?;
-    // Read strictly: a misspelt field is refused, not ignored (`mdoe: Rehearsal` would run a
-    // Production cutover).
+/// Reads a plan file strictly: a misspelt field is refused, not ignored (`mdoe: Rehearsal` would
+/// run a Production cutover), and the spec must be valid.
+fn read_plan(path: &Path) -> anyhow::Result<DatabaseCutover> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
     let doc: serde_json::Value = serde_saphyr::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("failed to parse {}: {e}", args.plan.display()))?;
+        .map_err(|e| anyhow::anyhow!("failed to parse {}: {e}", path.display()))?;
     let unknown = cutover_operator::api::unknown_fields(&doc);
     if !unknown.is_empty() {
         bail!(
             "{} is not a valid plan:\n  - {}",
-            args.plan.display(),
+            path.display(),
             unknown.join("\n  - ")
         );
     }
-    let cutover: DatabaseCutover = serde_saphyr::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("failed to parse {}: {e}", args.plan.display()))?;
-    let invalid = |invalid: cutover_operator::api::InvalidSpec| {
-        anyhow::anyhow!(
-            "{} is not a valid plan:\n  - {}",
-            args.plan.display(),
-            invalid.0.join("\n  - ")
-        )
-    };
-    let mut spec = ValidSpec::new(cutover.spec.clone())
-        .map_err(invalid)?
-        .spec()
-        .clone();
-    let dir = args.secrets_dir.as_deref();
+    let cutover: DatabaseCutover = serde_json::from_value(doc)
+        .map_err(|e| anyhow::anyhow!("failed to parse {}: {e}", path.display()))?;
+    ValidSpec::new(cutover.spec.clone()).map_err(|invalid| invalid_plan(path, invalid))?;
+    Ok(cutover)
+}
+
+fn invalid_plan(path: &Path, invalid: cutover_operator::api::InvalidSpec) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} is not a valid plan:\n  - {}",
+        path.display(),
+        invalid.0.join("\n  - ")
+    )
+}
+
+/// The engine's connections from the plan's Secret references.
+fn databases(
+    spec: &cutover_operator::api::DatabaseCutoverSpec,
+    dir: Option<&Path>,
+) -> anyhow::Result<Databases> {
     let blue = Dsn::new(resolve(&spec.source.connection_secret_ref, dir)?);
     let green = Dsn::new(resolve(&spec.target.connection_secret_ref, dir)?);
     let ca = match &spec.source.ca_secret_ref {
         Some(r) => Some(resolve(r, dir)?.into_bytes()),
         None => None,
     };
+    Ok(Databases {
+        blue_from_green: blue.clone(),
+        green_from_blue: green.clone(),
+        blue,
+        green,
+        connect: ConnectOptions {
+            ca_pem: ca,
+            application_name: "cutover-local".into(),
+            ..ConnectOptions::default()
+        },
+    })
+}
+
+/// The failures in a row after which a local run stops retrying an abort that cannot finish
+/// and says what is left (the operator, which runs on, keeps retrying with backoff).
+const ABORT_ATTEMPTS: i32 = 4;
+
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    let cutover = read_plan(&args.plan)?;
+    let invalid = |invalid: cutover_operator::api::InvalidSpec| invalid_plan(&args.plan, invalid);
+    let mut spec = cutover.spec.clone();
+    let dir = args.secrets_dir.as_deref();
+    let dbs = databases(&spec, dir)?;
     let file_of = |r: &SecretKeyRef| dir.map(|d| d.join(&r.name).join(&r.key));
     let platform = LocalPlatform {
         secret_file: file_of(&spec.switch.secret_ref),
@@ -396,24 +445,14 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     }
     println!(
         "cutover {name}: {} → {} ({:?})",
-        blue.redacted(),
-        green.redacted(),
+        dbs.blue.redacted(),
+        dbs.green.redacted(),
         spec.mode
     );
-    let dbs = Databases {
-        blue_from_green: blue.clone(),
-        green_from_blue: green.clone(),
-        blue,
-        green,
-        connect: ConnectOptions {
-            ca_pem: ca,
-            application_name: "cutover-local".into(),
-            ..ConnectOptions::default()
-        },
-    };
     let spec = ValidSpec::new(spec).map_err(invalid)?;
     let engine = Engine::new(id.clone(), spec, dbs, platform);
     let mut sink = LocalSink {
+        plan: args.plan.clone(),
         state_file,
         cutover: id,
         last: Some(status.clone()),
@@ -439,7 +478,87 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     }
 }
 
-/// One line of online verification progress, for people.
+/// What `cutover cleanup` is given.
+#[derive(Debug)]
+pub struct CleanupArgs {
+    /// The plan file.
+    pub plan: PathBuf,
+    /// Where Secrets live as files.
+    pub secrets_dir: Option<PathBuf>,
+    /// The local run's state file (default: beside the plan).
+    pub state_file: Option<PathBuf>,
+    /// The plan was applied to Kubernetes in this namespace (the operator's cutover), not run
+    /// locally.
+    pub namespace: Option<String>,
+    /// Unfreeze blue although no state says the cutover stopped before its point of no return.
+    pub unfreeze: bool,
+}
+
+/// `cutover cleanup -f PLAN`: removes what a cutover left on both servers, from the catalogs —
+/// after an abort that could not finish, or when a cutover's state is lost. Before the point of
+/// no return (as the local state file says, or with `--unfreeze`) that is an abort's undo: blue
+/// unfrozen, every replication object dropped, the rows the attempt copied into green's tables
+/// removed. Past it, or with no state, only the replication objects (blue's freeze after a
+/// switch keeps the old database read-only on purpose).
+pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    let cutover = read_plan(&args.plan)?;
+    let spec = ValidSpec::new(cutover.spec.clone()).map_err(|i| invalid_plan(&args.plan, i))?;
+    let name = cutover
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_else(|| "plan".into());
+    let id = match &args.namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => format!("local/{name}"),
+    };
+    let state = match &args.namespace {
+        Some(_) => None,
+        None => load_state(
+            &args
+                .state_file
+                .clone()
+                .unwrap_or_else(|| default_state_file(&args.plan)),
+            &id,
+        )?,
+    };
+    let undo = match &state {
+        Some(s) => !s.phase.is_past_point_of_no_return(),
+        None => args.unfreeze,
+    };
+    let dbs = databases(spec.spec(), args.secrets_dir.as_deref())?;
+    println!(
+        "cleaning up cutover {id}: {} → {}",
+        dbs.blue.redacted(),
+        dbs.green.redacted()
+    );
+    let engine = Engine::new(id, spec, dbs, LocalPlatform::default());
+    let status = state.unwrap_or_default();
+    let removed = if undo {
+        engine.undo(&status).await
+    } else {
+        engine.remove_replication().await
+    };
+    match removed {
+        Ok(done) => {
+            for d in &done {
+                println!("  removed {d}");
+            }
+            if done.is_empty() {
+                println!("  nothing of it was left");
+            }
+            if !undo {
+                println!(
+                    "  blue's freeze (if any) was left as it is: the state says the cutover passed \
+                     its point of no return, or there is no state (pass --unfreeze to undo it too)"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => bail!("cleanup could not finish: {e}"),
+    }
+}
+
 /// `versions: blue 15.14 → green 18.6 (a major upgrade)`.
 pub(crate) fn versions_line(v: &cutover_operator::api::ServerVersions) -> String {
     format!(
@@ -456,6 +575,7 @@ pub(crate) fn versions_line(v: &cutover_operator::api::ServerVersions) -> String
     )
 }
 
+/// One line of online verification progress, for people.
 pub(crate) fn online_line(o: &crate::api::OnlineVerificationStatus) -> String {
     let mut line = format!(
         "online verification {}: {}/{} ranges proven ({} rows), {} changed keys to compare again, {} rounds",

@@ -100,6 +100,27 @@ pub enum ActionError {
     /// The post-switch migration Job has not finished yet.
     #[error("post-switch migrations have not finished")]
     MigrationsRunning,
+    /// Large objects could not be copied or compared.
+    #[error(transparent)]
+    LargeObjects(#[from] crate::postgres::large_objects::LargeObjectError),
+    /// Green's replicated tables already hold rows: a new copy would stop on duplicate keys.
+    #[error(
+        "green's replicated tables already hold rows: {}; the initial copy would stop on \
+         duplicate keys. Empty them on green (TRUNCATE) if an earlier attempt left them, or \
+         point the cutover at an empty database",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    TargetNotEmpty(Vec<crate::postgres::replication::TableName>),
+    /// An abort or a rehearsal's end undid what it could; a server it needs is unreachable or
+    /// refuses, and what is listed is still there.
+    #[error("{cause}; left to undo: {}", .left.join("; "))]
+    Incomplete {
+        /// Why a server could not be used.
+        #[source]
+        cause: Box<ActionError>,
+        /// What is still there, for people.
+        left: Vec<String>,
+    },
     /// A value of the spec does not parse (admission should have refused it).
     #[error("invalid spec: {0}")]
     Spec(#[from] crate::api::units::UnitError),
@@ -174,13 +195,16 @@ impl ActionError {
             }
             ActionError::Replication(_) => Category::ReplicationFailed,
             ActionError::Freeze(_) => Category::FreezeFailed,
-            ActionError::Sequences(_) | ActionError::Checkpoint(_) | ActionError::Witness(_) => {
-                Category::DatabaseError
-            }
+            ActionError::Sequences(_)
+            | ActionError::Checkpoint(_)
+            | ActionError::Witness(_)
+            | ActionError::LargeObjects(_) => Category::DatabaseError,
             ActionError::Verify { .. } | ActionError::Online(_) | ActionError::OnlineLost(_) => {
                 Category::VerificationFailed
             }
             ActionError::Abort(_) | ActionError::Cleanup(_) => Category::CleanupFailed,
+            ActionError::Incomplete { cause, .. } => cause.category(),
+            ActionError::TargetNotEmpty(_) => Category::SchemaMismatch,
             ActionError::Roles(RolesError::Sql { .. }) => Category::DatabaseError,
             ActionError::Roles(_) => Category::RolesRefused,
             ActionError::Platform(PlatformError::Unsupported(_)) => Category::Unsupported,
@@ -202,7 +226,9 @@ impl ActionError {
             ActionError::MigrationsRunning => true,
             ActionError::MigrationsFailed(_)
             | ActionError::Spec(_)
+            | ActionError::TargetNotEmpty(_)
             | ActionError::OnlineLost(_) => false,
+            ActionError::Incomplete { cause, .. } => cause.is_transient(),
             ActionError::Online(crate::postgres::verify::online::OnlineError::Behind(..)) => true,
             ActionError::Online(crate::postgres::verify::online::OnlineError::WitnessLost(_)) => {
                 false

@@ -19,17 +19,18 @@ use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
 use crate::api::{
-    DatabaseCutoverStatus, Milestone, OnlineVerificationStatus, Phase, ValidSpec, VerificationMode,
-    VerificationStatus, WitnessLoss,
+    DatabaseCutoverStatus, LargeObjects, Milestone, OnlineVerificationStatus, Phase, ValidSpec,
+    VerificationMode, VerificationStatus, WitnessLoss,
 };
 use crate::plan::{
-    Action, CleanupScope, Failure, JobState, MigrationSet, Observations, Outcome,
+    Action, ApplyObservation, CleanupScope, Failure, JobState, MigrationSet, Observations, Outcome,
     ReplicationObservation, WitnessObservation,
 };
 use crate::platform::Platform;
 use crate::postgres::checkpoint::{self, CountState, ReverseLink};
 use crate::postgres::cleanup;
 use crate::postgres::freeze::{self, FreezeConfig};
+use crate::postgres::large_objects;
 use crate::postgres::preflight::{self, PreflightOptions, preflight};
 use crate::postgres::replication::{self, Names, TableSelection};
 use crate::postgres::reverse;
@@ -108,6 +109,62 @@ impl<P: Platform> Engine<P> {
             .map_err(ActionError::connect(Side::Green))
     }
 
+    /// The forward subscription's apply: its failure count, and when the count rose since the
+    /// status recorded it, why (conflict statistics where PostgreSQL has them, and a comparison
+    /// of the replicated tables, since DDL run on blue only is the usual cause).
+    async fn observe_apply(
+        &self,
+        blue: &Client,
+        green: &Client,
+        status: &DatabaseCutoverStatus,
+        broken: Option<String>,
+    ) -> Result<ApplyObservation, ActionError> {
+        let health = replication::apply_health(green, &self.names.subscription).await?;
+        let recorded = status
+            .replication
+            .as_ref()
+            .and_then(|r| r.apply_errors)
+            .unwrap_or(0);
+        let cause = if health.errors > recorded {
+            let mut parts = Vec::new();
+            if !health.blocking_conflicts.is_empty() {
+                parts.push(format!(
+                    "a change would duplicate a key green already holds ({})",
+                    conflict_list(&health.blocking_conflicts)
+                ));
+            }
+            let selection = TableSelection::from_spec(&self.spec.replication.tables);
+            if let Ok(tables) = replication::resolve_tables(blue, &selection).await
+                && let Some(diff) = preflight::schema_difference(blue, green, &tables).await
+            {
+                parts.push(format!(
+                    "green's tables no longer match blue's — DDL run on blue is not replicated, \
+                     run the same change on green: {diff}"
+                ));
+            }
+            if parts.is_empty() {
+                parts
+                    .push("green's server log names the error of the subscription's worker".into());
+            }
+            Some(parts.join("; "))
+        } else {
+            None
+        };
+        let missing_rows = (!health.skipped_conflicts.is_empty()).then(|| {
+            format!(
+                "blue updated or deleted rows green lacks, which the apply skipped ({}, \
+                 pg_stat_subscription_stats)",
+                conflict_list(&health.skipped_conflicts)
+            )
+        });
+        Ok(ApplyObservation {
+            errors: u64::try_from(health.errors).unwrap_or(0),
+            cause,
+            missing_rows,
+            broken,
+        })
+    }
+
     /// Cheap reads that the next decision needs: exactly what `plan::observation_needs` asks.
     pub async fn observe(
         &self,
@@ -131,6 +188,7 @@ impl<P: Platform> Engine<P> {
                 let broken =
                     replication::health(&green, &blue, &self.names.subscription, &self.names.slot)
                         .await?;
+                obs.apply = Some(self.observe_apply(&blue, &green, status, None).await?);
                 obs.replication = Some(ReplicationObservation {
                     tables_ready: u32::try_from(progress.tables_ready).unwrap_or(0),
                     tables_total: u32::try_from(progress.tables_total).unwrap_or(0),
@@ -151,6 +209,13 @@ impl<P: Platform> Engine<P> {
                 replication::wait_applied_by(&blue, &green, &self.names, lsn, deadline)
                     .await
                     .is_ok();
+            if !obs.applied_past_freeze {
+                // Not there within a second: is the apply failing, or replication gone?
+                let broken =
+                    replication::health(&green, &blue, &self.names.subscription, &self.names.slot)
+                        .await?;
+                obs.apply = Some(self.observe_apply(&blue, &green, status, broken).await?);
+            }
         }
         if needs.reverse_lag || needs.reverse_health {
             let green = self.green().await?;
@@ -235,6 +300,7 @@ impl<P: Platform> Engine<P> {
                     application_roles: self.spec.application_roles.clone(),
                     migrations_first: self.spec.migrations.is_some(),
                     online_verification: self.spec.verification.mode == VerificationMode::Online,
+                    large_objects: self.spec.replication.large_objects,
                     ..PreflightOptions::default()
                 };
                 Outcome::Preflight {
@@ -252,6 +318,16 @@ impl<P: Platform> Engine<P> {
                 let selection = TableSelection::from_spec(&self.spec.replication.tables);
                 if self.spec.migrations.is_some() {
                     preflight::schema_ready(&blue, &green, &selection).await?;
+                }
+                // A new subscription copies into green's tables: they must be empty (rows of an
+                // earlier attempt would stop the copy on duplicate keys). A subscription that
+                // exists is this attempt's own, resumed.
+                if !replication::subscription_exists(&green, &self.names.subscription).await? {
+                    let tables = replication::resolve_tables(&blue, &selection).await?;
+                    let full = replication::tables_with_rows(&green, &tables).await?;
+                    if !full.is_empty() {
+                        return Err(ActionError::TargetNotEmpty(full));
+                    }
                 }
                 replication::ensure_publication(&blue, &self.names, &selection).await?;
                 replication::ensure_subscription(
@@ -296,11 +372,14 @@ impl<P: Platform> Engine<P> {
                 Outcome::Done
             }
             Action::Checkpoint(_) => Outcome::Checked(self.checkpoint(status).await?),
-            Action::EndRehearsal | Action::FinishAbort => {
-                online::stop(&self.online_key()).await;
-                let blue = self.blue().await?;
-                let green = self.green().await.ok();
-                cleanup::abort(&blue, green.as_ref(), &self.names, &self.id).await?;
+            Action::FinishAbort => {
+                self.undo(status).await?;
+                Outcome::Done
+            }
+            // A rehearsal keeps what it copied: the rehearsal Secret names green, for a look
+            // at the data (a new attempt on the same pair empties green's tables first).
+            Action::EndRehearsal => {
+                self.undo_keeping_rows(status).await?;
                 Outcome::Done
             }
             Action::Complete => {
@@ -320,14 +399,118 @@ impl<P: Platform> Engine<P> {
                         cleanup::cleanup(blue.as_ref(), green.as_ref(), &self.names).await?;
                     }
                     CleanupScope::Abort => {
-                        let blue = self.blue().await?;
-                        let green = self.green().await.ok();
-                        cleanup::abort(&blue, green.as_ref(), &self.names, &self.id).await?;
+                        self.undo(status).await?;
                     }
                 }
                 Outcome::Done
             }
         })
+    }
+
+    /// Undoes a cutover before the point of no return (an abort, a rehearsal's end, a deletion):
+    /// blue unfrozen, every replication object removed from both servers, and the rows this
+    /// attempt copied into green's tables (empty before it) removed, so that the next attempt
+    /// starts clean. A server that cannot be reached does not stop the rest: what could be
+    /// undone is, and the error lists what is left (the step is retried).
+    /// Returns what was removed, for people.
+    pub async fn undo(&self, status: &DatabaseCutoverStatus) -> Result<Vec<String>, ActionError> {
+        self.undo_with(status, true).await
+    }
+
+    /// [`undo`](Self::undo) without removing the copied rows (a rehearsal's end).
+    async fn undo_keeping_rows(
+        &self,
+        status: &DatabaseCutoverStatus,
+    ) -> Result<Vec<String>, ActionError> {
+        self.undo_with(status, false).await
+    }
+
+    async fn undo_with(
+        &self,
+        status: &DatabaseCutoverStatus,
+        remove_rows: bool,
+    ) -> Result<Vec<String>, ActionError> {
+        online::stop(&self.online_key()).await;
+        // Stopped at preflight: nothing was created on either server, so nothing needs one.
+        let created = status.steps.iter().any(|s| {
+            !matches!(
+                s.name,
+                Phase::Pending | Phase::Preflight | Phase::Aborting | Phase::Aborted
+            )
+        });
+        if !created {
+            return Ok(Vec::new());
+        }
+        let blue = self.blue().await;
+        let green = self.green().await;
+        let mut left = Vec::new();
+        // Which tables this attempt filled: blue knows what was published; without blue, the
+        // subscription on green still says (until it is dropped below).
+        let copied = if remove_rows && status.milestones.contains(&Milestone::CopyStarted) {
+            let selection = TableSelection::from_spec(&self.spec.replication.tables);
+            match (&blue, &green) {
+                (Ok(b), _) => Some(replication::resolve_tables(b, &selection).await?),
+                (Err(_), Ok(g)) => {
+                    Some(replication::subscription_tables(g, &self.names.subscription).await?)
+                        .filter(|t| !t.is_empty())
+                }
+                (Err(_), Err(_)) => None,
+            }
+        } else {
+            Some(Vec::new())
+        };
+        match &blue {
+            Ok(b) => {
+                freeze::unfreeze(b, &self.id).await?;
+            }
+            Err(_) => left.push(
+                "blue's freeze, if it was frozen (read-only settings, triggers cutover_freeze)"
+                    .to_owned(),
+            ),
+        }
+        let report = cleanup::cleanup(blue.as_ref().ok(), green.as_ref().ok(), &self.names).await?;
+        left.extend(report.skipped);
+        let mut removed = report.dropped;
+        if let Ok(g) = &green
+            && remove_rows
+            && status.milestones.contains(&Milestone::LargeObjectsCopied)
+        {
+            let n = large_objects::remove_all(g).await?;
+            removed.push(format!("{n} large objects copied to green"));
+        }
+        match (&green, copied) {
+            (Ok(g), Some(tables)) => {
+                replication::truncate(g, &tables).await?;
+                if !tables.is_empty() {
+                    removed.push(format!(
+                        "the rows copied into green's tables ({})",
+                        tables
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+            (_, None) | (Err(_), Some(_))
+                if remove_rows && status.milestones.contains(&Milestone::CopyStarted) =>
+            {
+                left.push("the rows this attempt copied into green's replicated tables".into());
+            }
+            _ => {}
+        }
+        incomplete(blue, green, left).map(|()| removed)
+    }
+
+    /// Removes every replication object of the cutover from both servers, leaving blue's
+    /// freeze and green's rows as they are (past the point of no return). Returns what was
+    /// removed.
+    pub async fn remove_replication(&self) -> Result<Vec<String>, ActionError> {
+        online::stop(&self.online_key()).await;
+        let blue = self.blue().await;
+        let green = self.green().await;
+        let report = cleanup::cleanup(blue.as_ref().ok(), green.as_ref().ok(), &self.names).await?;
+        incomplete(blue, green, report.skipped).map(|()| report.dropped)
     }
 
     fn verify_options(&self) -> VerifyOptions {
@@ -375,6 +558,20 @@ impl<P: Platform> Engine<P> {
     /// online pass proved it (and the tables it cannot follow); every row otherwise, or when
     /// the online evidence is gone (unless the plan says to abort then).
     async fn verify(&self) -> Result<VerificationStatus, ActionError> {
+        let mut status = self.verify_rows().await?;
+        if self.spec.replication.large_objects == Some(LargeObjects::Carry) {
+            let blue = self.blue().await?;
+            let green = self.green().await?;
+            let differences = large_objects::compare(&blue, &green).await?;
+            if !differences.is_empty() {
+                status.matched = false;
+                status.other_mismatches.extend(differences);
+            }
+        }
+        Ok(status)
+    }
+
+    async fn verify_rows(&self) -> Result<VerificationStatus, ActionError> {
         let started = Instant::now();
         let mut options = self.verify_options();
         if self.spec.verification.mode == VerificationMode::InFreeze {
@@ -449,6 +646,8 @@ impl<P: Platform> Engine<P> {
     ) -> Result<(), ActionError> {
         let rehearsal = self.spec.mode == crate::api::Mode::Rehearsal;
         match m {
+            // Recorded by StartReplication itself.
+            Milestone::CopyStarted => {}
             Milestone::ForwardReplicationDropped => {
                 let blue = self.blue().await.ok();
                 let green = self.green().await?;
@@ -491,6 +690,18 @@ impl<P: Platform> Engine<P> {
                     status.point_of_no_return_at.as_deref().unwrap_or("")
                 );
                 self.platform.restart_workloads(&generation).await?;
+            }
+            Milestone::TargetAnalyzed => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                let selection = TableSelection::from_spec(&self.spec.replication.tables);
+                let tables = replication::resolve_tables(&blue, &selection).await?;
+                replication::analyze(&green, &tables).await?;
+            }
+            Milestone::LargeObjectsCopied => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                large_objects::copy(&blue, &green).await?;
             }
             Milestone::SequencesCopied => {
                 let blue = self.blue().await?;
@@ -705,6 +916,30 @@ fn online_status(view: &online::OnlineView) -> OnlineVerificationStatus {
         last_error: view.last_error.clone(),
         divergence: p.divergence.clone(),
     }
+}
+
+/// An error listing `left` when either side could not be reached.
+fn incomplete(
+    blue: Result<Client, ActionError>,
+    green: Result<Client, ActionError>,
+    left: Vec<String>,
+) -> Result<(), ActionError> {
+    match (blue, green) {
+        (Err(e), _) | (_, Err(e)) => Err(ActionError::Incomplete {
+            cause: Box::new(e),
+            left,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `insert_exists 3, update_exists 1`.
+fn conflict_list(conflicts: &[(String, i64)]) -> String {
+    conflicts
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn parse_lsn(text: &str) -> Option<PgLsn> {

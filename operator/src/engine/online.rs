@@ -104,6 +104,10 @@ pub async fn give_back(id: &str, verifier: OnlineVerifier) {
     }
 }
 
+/// How long [`stop`] lets a round finish before cancelling it (a round may be waiting for green
+/// to catch up, which a failing apply never does).
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// Stops the run of cutover `id` and closes its connections, so that its slots can be dropped.
 pub async fn stop(id: &str) {
     let run = RUNS.lock().expect("online runs poisoned").remove(id);
@@ -111,9 +115,7 @@ pub async fn stop(id: &str) {
     run.stop.store(true, Ordering::SeqCst);
     let handle = run.task.lock().expect("task poisoned").take();
     if let Some(mut handle) = handle
-        && tokio::time::timeout(Duration::from_secs(30), &mut handle)
-            .await
-            .is_err()
+        && tokio::time::timeout(STOP_WAIT, &mut handle).await.is_err()
     {
         handle.abort();
         let _ = handle.await;

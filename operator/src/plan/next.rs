@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use crate::api::units::parse_timestamp;
 use crate::api::{
-    Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverStatus, Milestone, Mode,
-    OnlineVerificationStatus, Phase, Problem, ProblemKind, ReplicationStatus, RetryStatus,
-    ServerVersions, StepOutcome, StepRecord, ValidSpec, VerificationMode, VerificationStatus,
+    Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverStatus, LargeObjects,
+    Milestone, Mode, OnlineVerificationStatus, Phase, Problem, ProblemKind, ReplicationStatus,
+    RetryStatus, ServerVersions, StepOutcome, StepRecord, ValidSpec, VerificationMode,
+    VerificationStatus,
 };
 
 /// `status.onlineVerification.state` of a verification that cannot run online.
@@ -36,6 +37,15 @@ pub const REVERSE_CATCH_UP: Duration = Duration::from_secs(60);
 pub const FROZEN_RETRY_MIN: Duration = Duration::from_millis(200);
 /// The longest pause between retries while writes are frozen.
 pub const FROZEN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A run of apply failures on the target this long, the count still rising, aborts the cutover
+/// before the freeze (PostgreSQL would retry the failing change forever).
+pub const APPLY_FAILING_FOR: Duration = Duration::from_secs(30);
+/// The same while writes are frozen: the final sync cannot finish, so the freeze ends soon.
+pub const APPLY_FAILING_IN_FREEZE: Duration = Duration::from_secs(10);
+/// A run of apply failures ends after this long without a new one (a restart of either server
+/// costs a few failed attempts).
+pub const APPLY_QUIET: Duration = Duration::from_secs(15);
 
 /// What the IO layer saw just now (cheap reads only; never the result of an action).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -61,6 +71,23 @@ pub struct Observations {
     /// The online verification running in this process, if one does (`verification.mode:
     /// Online`, from Replicating to Verifying).
     pub online: Option<OnlineVerificationStatus>,
+    /// The forward subscription's apply on the target: during Replicating, and during the final
+    /// sync once green has not passed the sync point within [`SYNC_WAIT`].
+    pub apply: Option<ApplyObservation>,
+}
+
+/// The forward subscription's apply, as the target's statistics show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyObservation {
+    /// Failed attempts of its apply and table-sync workers so far (cumulative).
+    pub errors: u64,
+    /// Why they fail, read when the count rose since the status recorded it.
+    pub cause: Option<String>,
+    /// Rows the source updated or deleted that the target lacked, which PostgreSQL skips
+    /// silently (its conflict statistics, 18 and newer), for people.
+    pub missing_rows: Option<String>,
+    /// Set when the subscription or its slot is gone or disabled, with why.
+    pub broken: Option<String>,
 }
 
 /// One look of the change witness on the source.
@@ -197,16 +224,32 @@ pub fn next_action(
             Some(JobState::Failed(why)) => Action::Abort(format!("migrations failed: {why}")),
             Some(JobState::Succeeded) => Action::Advance(Phase::Replicating),
         },
-        Phase::Replicating => replicating(spec, obs, now),
+        Phase::Replicating => replicating(spec, status, obs, now),
         Phase::Freezing => match status.frozen_at {
             None => Action::Freeze,
             Some(_) => Action::Advance(Phase::FinalSync),
         },
         Phase::FinalSync => {
             if !obs.applied_past_freeze {
-                Action::Wait(FAST_POLL)
+                let apply = obs.apply.as_ref();
+                if let Some(why) = apply.and_then(|a| a.broken.as_ref()) {
+                    return Action::Abort(format!("the final sync cannot finish: {why}"));
+                }
+                if let Some(why) = apply.and_then(|a| a.missing_rows.as_ref()) {
+                    return Action::Abort(format!("green has diverged from blue: {why}"));
+                }
+                match apply_failing(status, now) {
+                    Some((failing_for, why)) if failing_for >= APPLY_FAILING_IN_FREEZE => {
+                        Action::Abort(format!("the final sync cannot finish: {why}"))
+                    }
+                    _ => Action::Wait(FAST_POLL),
+                }
             } else if !done(status, Milestone::SequencesCopied) {
                 Action::Do(Milestone::SequencesCopied)
+            } else if spec.replication.large_objects == Some(LargeObjects::Carry)
+                && !done(status, Milestone::LargeObjectsCopied)
+            {
+                Action::Do(Milestone::LargeObjectsCopied)
             } else {
                 Action::Advance(Phase::Verifying)
             }
@@ -313,6 +356,30 @@ fn elapsed(since: jiff::Timestamp, now: jiff::Timestamp) -> Duration {
     Duration::try_from(now.duration_since(since)).unwrap_or(Duration::ZERO)
 }
 
+/// How long the apply on the target has been failing, with why, while failures still come
+/// (the last within [`APPLY_QUIET`]).
+fn apply_failing(
+    status: &DatabaseCutoverStatus,
+    now: jiff::Timestamp,
+) -> Option<(Duration, String)> {
+    let r = status.replication.as_ref()?;
+    let since = parse_timestamp(r.apply_failing_since.as_deref()?).ok()?;
+    let last = parse_timestamp(r.apply_failed_at.as_deref()?).ok()?;
+    if elapsed(last, now) > APPLY_QUIET {
+        return None;
+    }
+    let failing_for = elapsed(since, now);
+    let why = format!(
+        "its workers keep failing ({} failed attempts, the first of this run {} ago): {}",
+        r.apply_errors.unwrap_or(0),
+        super::format_duration(failing_for),
+        r.apply_failure
+            .as_deref()
+            .unwrap_or("green's server log names the error")
+    );
+    Some((failing_for, why))
+}
+
 fn preflight(spec: &ValidSpec, status: &DatabaseCutoverStatus) -> Action {
     if status.preflight.is_empty() {
         return Action::RunPreflight;
@@ -336,15 +403,35 @@ fn preflight(spec: &ValidSpec, status: &DatabaseCutoverStatus) -> Action {
     })
 }
 
-fn replicating(spec: &ValidSpec, obs: &Observations, now: jiff::Timestamp) -> Action {
+fn replicating(
+    spec: &ValidSpec,
+    status: &DatabaseCutoverStatus,
+    obs: &Observations,
+    now: jiff::Timestamp,
+) -> Action {
     let Some(r) = &obs.replication else {
         return Action::StartReplication;
     };
     if let Some(why) = &r.broken {
         return Action::Abort(format!("replication is broken: {why}"));
     }
+    if let Some(why) = obs.apply.as_ref().and_then(|a| a.missing_rows.as_ref()) {
+        return Action::Abort(format!("green has diverged from blue: {why}"));
+    }
+    if let Some((failing_for, why)) = apply_failing(status, now) {
+        if failing_for >= APPLY_FAILING_FOR {
+            return Action::Abort(format!("replication cannot apply on green: {why}"));
+        }
+        // Never freeze while the apply fails: the final sync could not finish.
+        return Action::Wait(POLL);
+    }
     if r.tables_total == 0 || r.tables_ready < r.tables_total {
         return Action::Wait(POLL);
+    }
+    // The copy is done: green gets planner statistics while there is time, not after the
+    // switch when the application's first queries need them.
+    if !done(status, Milestone::TargetAnalyzed) {
+        return Action::Do(Milestone::TargetAnalyzed);
     }
     if r.lag_bytes > spec.settings().max_lag_before_freeze {
         return Action::Wait(POLL);
@@ -495,6 +582,11 @@ pub fn observation_needs(
     deleting: bool,
 ) -> Needs {
     if deleting || status.phase.is_terminal() {
+        return Needs::default();
+    }
+    // An abort requested before the point of no return needs nothing observed: a server that
+    // cannot be reached must not keep it from starting.
+    if spec.abort && !status.phase.is_past_point_of_no_return() {
         return Needs::default();
     }
     // The witness is looked at from the verification on: before the point of no return a write
@@ -757,6 +849,32 @@ impl Failure {
     }
 }
 
+/// Keeps the run of apply failures: it begins when the count rises after a quiet spell of
+/// [`APPLY_QUIET`] (or at the first failure) and ends after one.
+fn record_apply(s: &mut DatabaseCutoverStatus, a: &ApplyObservation, now: jiff::Timestamp) {
+    let stamp = now.to_string();
+    let r = s.replication.get_or_insert_default();
+    let errors = i64::try_from(a.errors).unwrap_or(i64::MAX);
+    let quiet = r
+        .apply_failed_at
+        .as_deref()
+        .and_then(|t| parse_timestamp(t).ok())
+        .is_none_or(|at| elapsed(at, now) > APPLY_QUIET);
+    if errors > r.apply_errors.unwrap_or(0) {
+        if quiet || r.apply_failing_since.is_none() {
+            r.apply_failing_since = Some(stamp.clone());
+        }
+        r.apply_failed_at = Some(stamp);
+        if let Some(cause) = &a.cause {
+            r.apply_failure = Some(cause.clone());
+        }
+    } else if quiet {
+        r.apply_failing_since = None;
+        r.apply_failure = None;
+    }
+    r.apply_errors = Some(errors);
+}
+
 /// The status after `action` ended with `outcome`, at `now`. Observations refresh the
 /// replication numbers shown by `kubectl get`.
 pub fn record(
@@ -778,6 +896,9 @@ pub fn record(
             reverse_lag_bytes: obs.reverse_lag_bytes.and_then(|b| i64::try_from(b).ok()),
             ..s.replication.take().unwrap_or_default()
         });
+    }
+    if let Some(a) = &obs.apply {
+        record_apply(&mut s, a, now);
     }
     if let Some(w) = &obs.source_writes {
         let (count, lost) = source_writes(&s, obs);
@@ -855,7 +976,8 @@ pub fn record(
                 s.server_versions = versions;
             }
         }
-        Action::LaunchMigrations(_) | Action::StartReplication => {}
+        Action::LaunchMigrations(_) => {}
+        Action::StartReplication => add_milestone(&mut s, Milestone::CopyStarted),
         Action::StartOnlineVerification => {
             // A pass that ran in a process gone since is started again.
             if let Some(o) = s.online_verification.as_mut()

@@ -189,15 +189,24 @@ fn migrations_follow_the_job() {
 #[test]
 fn replication_waits_for_copy_lag_and_schedule() {
     let mut spec = plan("rollback");
-    let s = in_phase(Phase::Replicating, 0);
+    let fresh = in_phase(Phase::Replicating, 0);
     assert_eq!(
-        next_action(&spec, &s, &Observations::default(), t(1)),
+        next_action(&spec, &fresh, &Observations::default(), t(1)),
         Action::StartReplication
     );
 
     let mut copying = caught_up();
     copying.replication.as_mut().unwrap().tables_ready = 1;
-    assert_eq!(next_action(&spec, &s, &copying, t(1)), Action::Wait(POLL));
+    assert_eq!(
+        next_action(&spec, &fresh, &copying, t(1)),
+        Action::Wait(POLL)
+    );
+    // The copy done, green gets its planner statistics first, once.
+    assert_eq!(
+        next_action(&spec, &fresh, &caught_up(), t(1)),
+        Action::Do(Milestone::TargetAnalyzed)
+    );
+    let s = with(fresh, |s| s.milestones.push(Milestone::TargetAnalyzed));
 
     let mut lagging = caught_up();
     lagging.replication.as_mut().unwrap().lag_bytes = 9 << 20; // the plan allows 8MiB
@@ -904,6 +913,11 @@ fn invariants_hold_over_random_runs() {
                     divergence: (rng.below(1000) < 5).then(|| "public.t differs: id=1".into()),
                     ..OnlineVerificationStatus::default()
                 }),
+                // Now and then a failed apply attempt (a blip): it holds the freeze a while.
+                apply: replication_started.then(|| ApplyObservation {
+                    errors: u64::from(rng.below(100) < 2),
+                    ..ApplyObservation::default()
+                }),
             };
             let action = next_action(&spec, &status, &obs, now);
             let fails = rng.chance(3);
@@ -1412,4 +1426,134 @@ fn a_step_that_must_finish_is_retried_with_backoff_not_in_a_tight_loop() {
         t(2),
     );
     assert_eq!(again.retry.as_ref().map(|r| r.attempts), Some(2));
+}
+
+/// Observations of the apply on green with `errors` failures so far.
+fn applying(errors: u64, cause: Option<&str>) -> Observations {
+    Observations {
+        apply: Some(ApplyObservation {
+            errors,
+            cause: cause.map(Into::into),
+            ..ApplyObservation::default()
+        }),
+        ..caught_up()
+    }
+}
+
+#[test]
+fn apply_failures_hold_the_freeze_then_abort_naming_the_cause() {
+    let spec = plan("rollback");
+    let mut s = with(in_phase(Phase::Replicating, 0), |s| {
+        s.milestones.push(Milestone::TargetAnalyzed)
+    });
+    let cause = "green's tables no longer match blue's: public.t: column note only on blue";
+    // Failures every 5 s (PostgreSQL's retry interval): the freeze waits, then the cutover
+    // aborts once they have gone on for APPLY_FAILING_FOR, naming the cause.
+    let mut aborted = None;
+    for i in 0..20u64 {
+        let now = t(1 + 5 * i as i64);
+        let obs = applying(i + 1, (i == 0).then_some(cause));
+        let action = next_action(&spec, &s, &obs, now);
+        if let Action::Abort(why) = &action {
+            aborted = Some((i, why.clone()));
+            break;
+        }
+        if i > 0 {
+            assert_eq!(action, Action::Wait(POLL), "failing: no freeze ({i})");
+        }
+        // The status is refreshed from the observation (the first action would be the freeze).
+        s = record(&spec, &s, &Action::Wait(POLL), Outcome::Done, &obs, now);
+    }
+    let (i, why) = aborted.expect("the cutover aborts");
+    let failing_for = Duration::from_secs(5 * i);
+    assert!(
+        failing_for >= APPLY_FAILING_FOR && failing_for <= APPLY_FAILING_FOR + POLL * 2,
+        "aborted after {failing_for:?}"
+    );
+    assert!(why.contains("column note only on blue"), "{why}");
+    assert!(why.contains("failed attempts"), "{why}");
+    let r = s.replication.as_ref().unwrap();
+    assert_eq!(r.apply_failure.as_deref(), Some(cause));
+
+    // A blip (green or blue restarting: a few failures, then none) holds the freeze only
+    // until a quiet spell has passed, and never aborts.
+    let mut s = with(in_phase(Phase::Replicating, 0), |s| {
+        s.milestones.push(Milestone::TargetAnalyzed)
+    });
+    for (i, errors) in [2u64, 3, 3, 3, 3, 3, 3, 3, 3, 3].into_iter().enumerate() {
+        let now = t(1 + 5 * i as i64);
+        let obs = applying(errors, None);
+        let action = next_action(&spec, &s, &obs, now);
+        assert!(!matches!(action, Action::Abort(_)), "{i}: {action:?}");
+        s = record(&spec, &s, &Action::Wait(POLL), Outcome::Done, &obs, now);
+    }
+    assert_eq!(
+        s.replication.as_ref().unwrap().apply_failing_since,
+        None,
+        "the run ended"
+    );
+    assert_eq!(
+        next_action(&spec, &s, &applying(3, None), t(60)),
+        Action::Advance(Phase::Freezing)
+    );
+}
+
+#[test]
+fn a_final_sync_that_cannot_progress_aborts_within_seconds() {
+    let spec = plan("rollback");
+    let frozen = with(in_phase(Phase::FinalSync, 0), |s| {
+        s.frozen_at = Some(t(0).to_string());
+        s.freeze_lsn = Some("0/3000000".into());
+    });
+    // Not applied past the freeze and the apply failing: aborted after
+    // APPLY_FAILING_IN_FREEZE, long before the step's budget.
+    let mut s = frozen.clone();
+    let mut at = None;
+    for i in 0..40u64 {
+        let now = t(1 + i as i64);
+        let obs = Observations {
+            apply: Some(ApplyObservation {
+                errors: i / 2 + 1,
+                cause: Some("a change would duplicate a key green already holds".into()),
+                ..ApplyObservation::default()
+            }),
+            ..Observations::default()
+        };
+        let action = next_action(&spec, &s, &obs, now);
+        if let Action::Abort(why) = action {
+            assert!(why.contains("the final sync cannot finish"), "{why}");
+            assert!(why.contains("duplicate a key"), "{why}");
+            at = Some(i);
+            break;
+        }
+        assert_eq!(action, Action::Wait(FAST_POLL));
+        s = record(&spec, &s, &action, Outcome::Done, &obs, now);
+    }
+    let at = at.expect("aborted");
+    assert!((10..=12).contains(&at), "aborted {at} s into the failures");
+
+    // Replication gone (the subscription disabled, the slot lost): at once.
+    let obs = Observations {
+        apply: Some(ApplyObservation {
+            broken: Some("subscription cutover_sub is disabled".into()),
+            ..ApplyObservation::default()
+        }),
+        ..Observations::default()
+    };
+    let why = abort_reason(next_action(&spec, &frozen, &obs, t(2)));
+    assert!(why.contains("is disabled"), "{why}");
+
+    // PostgreSQL 18 counts the changes it skipped for rows green lacks: divergence, at once.
+    let obs = Observations {
+        apply: Some(ApplyObservation {
+            missing_rows: Some("update_missing 2".into()),
+            ..ApplyObservation::default()
+        }),
+        ..Observations::default()
+    };
+    let why = abort_reason(next_action(&spec, &frozen, &obs, t(2)));
+    assert!(
+        why.contains("diverged") && why.contains("update_missing 2"),
+        "{why}"
+    );
 }

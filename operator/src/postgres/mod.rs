@@ -15,6 +15,7 @@ pub use ident::{quote_ident, quote_literal, quote_qualified};
 pub mod checkpoint;
 pub mod cleanup;
 pub mod freeze;
+pub mod large_objects;
 pub mod preflight;
 pub mod replication;
 pub mod reverse;

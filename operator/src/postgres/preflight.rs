@@ -33,6 +33,8 @@ pub struct PreflightOptions {
     /// Online verification will run (`verification.mode: Online`): a witness slot on each
     /// side, `wal_level = logical` on green, and the tables it cannot follow by key are named.
     pub online_verification: bool,
+    /// `replication.largeObjects`: unset, blue's large objects fail preflight.
+    pub large_objects: Option<crate::api::LargeObjects>,
 }
 
 impl Default for PreflightOptions {
@@ -44,6 +46,7 @@ impl Default for PreflightOptions {
             application_roles: Vec::new(),
             migrations_first: false,
             online_verification: false,
+            large_objects: None,
         }
     }
 }
@@ -154,7 +157,18 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
             );
         }
         out.push(sequences);
+        out.push(target_empty(green, &tables).await);
+        let mut extensions = extensions(blue, green, &tables).await;
+        if opts.migrations_first && extensions.outcome == CheckOutcome::Fail {
+            extensions.outcome = CheckOutcome::Warn;
+            extensions.message = format!(
+                "green lacks them yet; the migrations run first and must create them: {}",
+                extensions.message
+            );
+        }
+        out.push(extensions);
         out.extend(special_objects(blue, &tables).await);
+        out.push(large_objects(blue, green, opts.large_objects).await);
         if opts.online_verification {
             out.push(hashed_in_freeze(blue, &tables).await);
         }
@@ -793,6 +807,17 @@ pub async fn schema_ready(
     }
 }
 
+/// How green's replicated tables differ from blue's, when they do (the `schema-match` check's
+/// words): the usual reason an apply worker keeps failing is DDL run on blue only.
+pub async fn schema_difference(
+    blue: &Client,
+    green: &Client,
+    tables: &[TableName],
+) -> Option<String> {
+    let check = schema_match(blue, green, tables).await;
+    (check.outcome == CheckOutcome::Fail).then_some(check.message)
+}
+
 /// Why green's schema is not ready for replication.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -944,7 +969,6 @@ async fn special_objects(blue: &Client, tables: &[TableName]) -> Vec<CheckResult
            (SELECT array_agg(format('%s.%s', n.nspname, c.relname) ORDER BY 1) FROM pg_class c
               JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p') AND n.nspname NOT LIKE 'pg\\_%'),
-           (SELECT count(*) FROM pg_largeobject_metadata),
            (SELECT array_agg(format('%s.%s', n.nspname, c.relname) ORDER BY 1) FROM pg_class c
               JOIN pg_namespace n ON n.oid = c.relnamespace
              WHERE c.relkind = 'm' AND n.nspname NOT LIKE 'pg\\_%')"
@@ -990,16 +1014,7 @@ async fn special_objects(blue: &Client, tables: &[TableName]) -> Vec<CheckResult
             ),
         )
     });
-    let lobs: i64 = row.get(3);
-    out.push(if lobs == 0 {
-        pass("large-objects", "none")
-    } else {
-        warn(
-            "large-objects",
-            format!("{lobs} large objects on blue are not replicated (pg_largeobject); copy them by hand (pg_dump --large-objects) before the switch"),
-        )
-    });
-    let matviews = arr(4);
+    let matviews = arr(3);
     out.push(if matviews.is_empty() {
         pass("materialized-views", "none")
     } else {
@@ -1012,6 +1027,170 @@ async fn special_objects(blue: &Client, tables: &[TableName]) -> Vec<CheckResult
         )
     });
     out
+}
+
+/// Green's replicated tables must be empty: the initial copy inserts every row, and one already
+/// there (say from an earlier attempt) stops it on a duplicate key.
+async fn target_empty(green: &Client, tables: &[TableName]) -> CheckResult {
+    const NAME: &str = "target-empty";
+    match super::replication::tables_with_rows(green, tables).await {
+        Ok(full) if full.is_empty() => pass(NAME, "green's replicated tables are empty"),
+        Ok(full) => fail(
+            NAME,
+            format!(
+                "green's replicated tables already hold rows: {}; the initial copy would stop on \
+                 duplicate keys. Empty them on green (TRUNCATE) if an earlier attempt left them \
+                 (an abort empties what it copied), or point the cutover at an empty database",
+                list(full.iter().map(ToString::to_string))
+            ),
+        ),
+        Err(e) => fail(NAME, format!("failed to look into green's tables: {e}")),
+    }
+}
+
+/// Large objects are not carried by logical replication: blue's fail preflight unless the plan
+/// says what to do with them (`Carry`: green must hold none yet; `Ignore`: a warning).
+async fn large_objects(
+    blue: &Client,
+    green: &Client,
+    how: Option<crate::api::LargeObjects>,
+) -> CheckResult {
+    use crate::api::LargeObjects;
+    const NAME: &str = "large-objects";
+    let (b, g) = match (
+        super::large_objects::summary(blue).await,
+        super::large_objects::summary(green).await,
+    ) {
+        (Ok(b), Ok(g)) => (b, g),
+        (Err(e), _) | (_, Err(e)) => return fail(NAME, e.to_string()),
+    };
+    let size = crate::api::units::human_bytes(u64::try_from(b.bytes).unwrap_or(0));
+    match how {
+        _ if b.count == 0 && how != Some(LargeObjects::Carry) => pass(NAME, "none on blue"),
+        None => fail(
+            NAME,
+            format!(
+                "{} large objects on blue ({size} in pg_largeobject) are not carried by logical \
+                 replication: set replication.largeObjects to Carry (copied inside the write \
+                 freeze and verified) or Ignore (left behind)",
+                b.count
+            ),
+        ),
+        Some(LargeObjects::Ignore) => warn(
+            NAME,
+            format!(
+                "{} large objects on blue ({size}) are left behind (replication.largeObjects: \
+                 Ignore); green gets none",
+                b.count
+            ),
+        ),
+        Some(LargeObjects::Carry) if g.count > 0 => fail(
+            NAME,
+            format!(
+                "green already holds {} large objects; with largeObjects: Carry it must hold \
+                 none (an abort removes every large object on green)",
+                g.count
+            ),
+        ),
+        Some(LargeObjects::Carry) => pass(
+            NAME,
+            format!(
+                "{} large objects on blue ({size} in pg_largeobject) are copied inside the \
+                 write freeze and verified: the freeze grows with their size",
+                b.count
+            ),
+        ),
+    }
+}
+
+/// Extensions of blue's database that green's lacks: a `Fail` when a replicated table has a
+/// column of one of its types (the apply could not store it), a `Warn` otherwise. Extensions at
+/// another version on green (usual across a major upgrade) are named in a pass.
+async fn extensions(blue: &Client, green: &Client, tables: &[TableName]) -> CheckResult {
+    const NAME: &str = "extensions";
+    let (s, r) = names(tables);
+    let q = format!(
+        "SELECT e.extname::text, e.extversion,
+                (SELECT array_agg(DISTINCT format('%s.%s.%s', t.nspname, t.relname, a.attname))
+                   FROM {TABLES} t
+                   JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+                   JOIN pg_type ty ON ty.oid = a.atttypid
+                   JOIN pg_depend d ON d.classid = 'pg_type'::regclass
+                                   AND d.refclassid = 'pg_extension'::regclass
+                                   AND d.refobjid = e.oid AND d.deptype = 'e'
+                                   AND d.objid IN (ty.oid, ty.typelem))
+           FROM pg_extension e
+          WHERE e.extname <> 'plpgsql'
+          ORDER BY 1"
+    );
+    let on_blue = match blue.query(&q, &[&s, &r]).await {
+        Ok(rows) => rows,
+        Err(e) => return unreadable(NAME, "blue's extensions", &e),
+    };
+    let on_green: BTreeMap<String, String> = match green
+        .query("SELECT extname::text, extversion FROM pg_extension", &[])
+        .await
+    {
+        Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        Err(e) => return unreadable(NAME, "green's extensions", &e),
+    };
+    let (mut needed, mut missing, mut other_version) = (Vec::new(), Vec::new(), Vec::new());
+    for row in &on_blue {
+        let (name, version): (String, String) = (row.get(0), row.get(1));
+        let used: Vec<String> = row.get::<_, Option<Vec<String>>>(2).unwrap_or_default();
+        match on_green.get(&name) {
+            None if !used.is_empty() => {
+                needed.push(format!("{name} (columns {})", list(used.into_iter())));
+            }
+            None => missing.push(name),
+            Some(v) if *v != version => other_version.push(format!("{name} {version} → {v}")),
+            Some(_) => {}
+        }
+    }
+    let mut text = String::new();
+    if !needed.is_empty() {
+        let _ = write!(
+            text,
+            "replicated columns use extensions green's database lacks: {}; CREATE EXTENSION \
+             them on green first",
+            needed.join(", ")
+        );
+    }
+    if !missing.is_empty() {
+        if !text.is_empty() {
+            text.push_str("; ");
+        }
+        let _ = write!(
+            text,
+            "installed on blue but not on green (no replicated column uses them): {}",
+            missing.join(", ")
+        );
+    }
+    if !other_version.is_empty() {
+        if !text.is_empty() {
+            text.push_str("; ");
+        }
+        let _ = write!(
+            text,
+            "at another version on green: {}",
+            other_version.join(", ")
+        );
+    }
+    if !needed.is_empty() {
+        fail(NAME, text)
+    } else if !missing.is_empty() {
+        warn(NAME, text)
+    } else if text.is_empty() {
+        pass(
+            NAME,
+            format!(
+                "{} extensions of blue's database installed on green",
+                on_blue.len()
+            ),
+        )
+    } else {
+        pass(NAME, text)
+    }
 }
 
 async fn long_transactions(blue: &Client, threshold: Duration) -> CheckResult {

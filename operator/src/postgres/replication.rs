@@ -206,6 +206,98 @@ pub async fn resolve_tables(
 
 /// The tables a publication publishes (`pg_publication_tables` lists partitions' roots as
 /// themselves when `publish_via_partition_root` is on).
+/// Those of `tables` that exist on `client` and hold at least one row (one cheap probe each).
+pub async fn tables_with_rows(
+    client: &Client,
+    tables: &[TableName],
+) -> Result<Vec<TableName>, ReplicationError> {
+    let mut out = Vec::new();
+    for t in tables {
+        let exists: bool = client
+            .query_one(
+                "SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(sql("look up a replicated table"))?
+            .get(0);
+        if !exists {
+            continue;
+        }
+        let rows: bool = client
+            .query_one(&format!("SELECT EXISTS (SELECT FROM {})", t.quoted()), &[])
+            .await
+            .map_err(sql(format!("look into {t}")))?
+            .get(0);
+        if rows {
+            out.push(t.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// The tables subscription `name` replicates, from the subscriber's own catalog (when the
+/// publisher cannot be asked).
+pub async fn subscription_tables(
+    subscriber: &Client,
+    name: &str,
+) -> Result<Vec<TableName>, ReplicationError> {
+    let rows = subscriber
+        .query(
+            "SELECT n.nspname::text, c.relname::text
+               FROM pg_subscription s
+               JOIN pg_subscription_rel sr ON sr.srsubid = s.oid
+               JOIN pg_class c ON c.oid = sr.srrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE s.subname = $1
+              ORDER BY 1, 2",
+            &[&name],
+        )
+        .await
+        .map_err(sql("read the subscription's tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Empties `tables` on green in one statement: what an attempt's initial copy and streaming
+/// wrote, undone by its abort so that the next attempt starts from empty tables.
+pub async fn truncate(client: &Client, tables: &[TableName]) -> Result<(), ReplicationError> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    writable_session(client)
+        .await
+        .map_err(sql("make the session writable"))?;
+    let list = tables
+        .iter()
+        .map(TableName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
+    client
+        .batch_execute(&format!("TRUNCATE {list}"))
+        .await
+        .map_err(sql("empty the tables the copy filled on green"))
+}
+
+/// `ANALYZE` of `tables` (a partitioned table's partitions included), one statement: planner
+/// statistics for rows that arrived by replication.
+pub async fn analyze(client: &Client, tables: &[TableName]) -> Result<(), ReplicationError> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let list = tables
+        .iter()
+        .map(TableName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
+    client
+        .batch_execute(&format!("ANALYZE {list}"))
+        .await
+        .map_err(sql("analyze the replicated tables on green"))
+}
+
 pub async fn publication_tables(
     client: &Client,
     publication: &str,
@@ -558,6 +650,69 @@ pub async fn health(
             "replication slot {slot} lost WAL it needed (max_slot_wal_keep_size)"
         )),
         Some(_) => None,
+    })
+}
+
+/// What `pg_stat_subscription_stats` says of a subscription's apply: errors of its apply and
+/// table-sync workers, and on PostgreSQL 18 and newer the conflicts it met.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyHealth {
+    /// `apply_error_count + sync_error_count`: each failed attempt of a worker (PostgreSQL then
+    /// restarts it after `wal_retrieve_retry_interval`). Cumulative.
+    pub errors: i64,
+    /// Conflicts that stop the apply (18+): a change would duplicate a key green already holds
+    /// (`insert_exists`, `update_exists`, `multiple_unique_conflicts`), with counts.
+    pub blocking_conflicts: Vec<(String, i64)>,
+    /// Conflicts PostgreSQL skips silently (18+): blue updated or deleted a row green lacks
+    /// (`update_missing`, `delete_missing`) — green has diverged.
+    pub skipped_conflicts: Vec<(String, i64)>,
+}
+
+/// Reads [`ApplyHealth`] of `subscription` on the subscriber. The conflict columns are read only
+/// where they exist (PostgreSQL 18 and newer).
+pub async fn apply_health(
+    subscriber: &Client,
+    subscription: &str,
+) -> Result<ApplyHealth, ReplicationError> {
+    let version: i32 = subscriber
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(sql("read the server version"))?
+        .get(0);
+    let conflicts = if version >= 180_000 {
+        "confl_insert_exists, confl_update_exists, confl_multiple_unique_conflicts,
+         confl_update_missing, confl_delete_missing"
+    } else {
+        "0::int8, 0::int8, 0::int8, 0::int8, 0::int8"
+    };
+    let row = subscriber
+        .query_opt(
+            &format!(
+                "SELECT apply_error_count + sync_error_count, {conflicts}
+                   FROM pg_stat_subscription_stats WHERE subname = $1"
+            ),
+            &[&subscription],
+        )
+        .await
+        .map_err(sql("read the subscription's statistics"))?;
+    let Some(row) = row else {
+        return Ok(ApplyHealth::default());
+    };
+    let named = |names: &[(usize, &str)]| -> Vec<(String, i64)> {
+        names
+            .iter()
+            .map(|&(i, n)| (n.to_owned(), row.get::<_, i64>(i)))
+            .filter(|(_, c)| *c > 0)
+            .collect()
+    };
+    Ok(ApplyHealth {
+        errors: row.get(0),
+        blocking_conflicts: named(&[
+            (1, "insert_exists"),
+            (2, "update_exists"),
+            (3, "multiple_unique_conflicts"),
+        ]),
+        skipped_conflicts: named(&[(4, "update_missing"), (5, "delete_missing")]),
     })
 }
 

@@ -25,7 +25,7 @@ use cutover_operator::api::{
 use cutover_operator::engine::{Engine, Watch, drive};
 use cutover_operator::platform::LocalPlatform;
 use cutover_tests::workload::{self, Load, LoadConfig};
-use cutover_tests::{BlueGreen, PgCluster, wait_until};
+use cutover_tests::{BlueGreen, wait_until};
 
 const ROLE: &str = "bench_app";
 const PASSWORD: &str = "bench";
@@ -83,7 +83,11 @@ struct Round {
 }
 
 async fn round(tps: f64, clients: usize, dir: &std::path::Path) -> Result<Round> {
-    let bg = BlueGreen::start_with(PgCluster::builder(), PgCluster::builder())?;
+    let bg = BlueGreen::start_with(
+        cutover_tests::bench_builder("blue"),
+        cutover_tests::bench_builder("green"),
+    )?;
+    eprintln!("{}", cutover_tests::versions_of(&bg));
     for c in [&bg.blue, &bg.green] {
         c.create_role(ROLE, PASSWORD, "LOGIN")?;
         c.execute(BlueGreen::DATABASE, workload::SCHEMA)?;

@@ -20,7 +20,7 @@ use cutover_operator::postgres::freeze::{self, FreezeConfig};
 use cutover_operator::postgres::replication::{self, Names, TableSelection};
 use cutover_operator::postgres::{ConnectOptions, Dsn, connect, sync};
 use cutover_tests::workload::{self, Load, LoadConfig};
-use cutover_tests::{BlueGreen, PgCluster, wait_until};
+use cutover_tests::{BlueGreen, wait_until};
 
 const ROLE: &str = "bench_app";
 const PASSWORD: &str = "bench";
@@ -47,7 +47,11 @@ async fn main() -> Result<()> {
     let tps: f64 = args.get(1).map_or(Ok(500.0), |a| a.parse())?;
     let clients: usize = args.get(2).map_or(Ok(4), |a| a.parse())?;
 
-    let bg = BlueGreen::start_with(PgCluster::builder(), PgCluster::builder())?;
+    let bg = BlueGreen::start_with(
+        cutover_tests::bench_builder("blue"),
+        cutover_tests::bench_builder("green"),
+    )?;
+    eprintln!("{}", cutover_tests::versions_of(&bg));
     for c in [&bg.blue, &bg.green] {
         c.create_role(ROLE, PASSWORD, "LOGIN")?;
         c.execute("app", workload::SCHEMA)?;

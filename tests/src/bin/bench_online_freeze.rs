@@ -292,9 +292,10 @@ async fn main() -> Result<()> {
                 .setting("max_wal_size", "4GB")
         };
         let bg = BlueGreen::start_with(
-            settings(PgCluster::builder()),
-            settings(PgCluster::builder()),
+            settings(cutover_tests::bench_builder("blue")),
+            settings(cutover_tests::bench_builder("green")),
         )?;
+        eprintln!("{}", cutover_tests::versions_of(&bg));
         let mut init = pgbench(&bg.blue);
         init.args(["-i", "-q", "-s", &scale.to_string()])
             .arg(BlueGreen::DATABASE);

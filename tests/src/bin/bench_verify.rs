@@ -146,14 +146,15 @@ async fn main() -> Result<()> {
         "starting two clusters and loading {} rows on each…",
         args.rows
     );
-    let builder = || {
-        PgCluster::builder()
+    let builder = |side: &str| {
+        cutover_tests::bench_builder(side)
             .setting("shared_buffers", &args.shared_buffers)
             .setting("max_parallel_workers_per_gather", "0")
             .setting("autovacuum", "off")
             .start_timeout(Duration::from_secs(120))
     };
-    let bg = BlueGreen::start_with(builder(), builder())?;
+    let bg = BlueGreen::start_with(builder("blue"), builder("green"))?;
+    eprintln!("{}", cutover_tests::versions_of(&bg));
     let load = TABLE_SQL.replace("$ROWS", &args.rows.to_string());
     let started = Instant::now();
     // VACUUM sets hint bits and the visibility map, so no timed run pays for them.

@@ -154,6 +154,43 @@ pub async fn assert_clean_and_writable(bg: &BlueGreen) {
     assert_eq!(ro, "off");
 }
 
+/// `cutover-plans/production-with-rollback.yaml` made quick for the engine tests: production,
+/// the application role [`APP_ROLE`], automatic approval, a 2 s drain, a 1 MiB lag gate, one
+/// second of hypercare and no checkpoints.
+pub fn production_spec() -> cutover_operator::api::DatabaseCutoverSpec {
+    use cutover_operator::api::{Approval, DatabaseCutover, Mode};
+    let text = include_str!("../../../cutover-plans/production-with-rollback.yaml");
+    let mut spec = serde_saphyr::from_str::<DatabaseCutover>(text)
+        .unwrap()
+        .spec;
+    spec.mode = Mode::Production;
+    spec.application_roles = vec![APP_ROLE.into()];
+    spec.freeze.drain_timeout = "2s".into();
+    spec.replication.max_lag_before_freeze = "1MiB".into();
+    spec.point_of_no_return.approval = Approval::Automatic;
+    spec.schedule.hypercare = "1s".into();
+    spec.schedule.checkpoints = vec![];
+    spec
+}
+
+/// An engine for `bg` whose application Secret is `dir/DATABASE_URL`.
+pub fn local_engine(
+    id: &str,
+    bg: &BlueGreen,
+    spec: cutover_operator::api::DatabaseCutoverSpec,
+    dir: &std::path::Path,
+) -> cutover_operator::engine::Engine<cutover_operator::platform::LocalPlatform> {
+    cutover_operator::engine::Engine::new(
+        id,
+        cutover_operator::api::ValidSpec::new(spec).unwrap(),
+        cutover_tests::databases(bg),
+        cutover_operator::platform::LocalPlatform {
+            secret_file: Some(dir.join("DATABASE_URL")),
+            rehearsal_secret_file: None,
+        },
+    )
+}
+
 pub fn names(id: &str) -> Names {
     Names::for_cutover(id)
 }
