@@ -284,3 +284,54 @@ async fn kubectl_explain_shows_the_field_docs() {
         assert!(out.contains(doc), "kubectl explain lacks {doc:?}:\n{out}");
     }
 }
+
+/// `kubectl apply --validate=strict` of a plan with misspelt fields is refused by the API
+/// server, naming each field; nothing is created.
+#[tokio::test]
+async fn kubectl_apply_validate_strict_refuses_misspelt_fields() {
+    let (plane, ns) = setup("strict").await;
+    let text = std::fs::read_to_string(repo().join("cutover-plans/production-with-rollback.yaml"))
+        .unwrap()
+        .replacen("spec:\n", "spec:\n  mdoe: Rehearsal\n", 1)
+        .replacen("approval:", "aproval:", 1)
+        .replacen("namespace: billing", &format!("namespace: {ns}"), 1);
+    assert!(
+        text.contains("mdoe:") && text.contains("aproval:"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plan.yaml");
+    std::fs::write(&file, text).unwrap();
+    // The API server publishes a new CRD's schema a moment after it is Established.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stderr = loop {
+        let out = plane
+            .kubectl(["apply", "--validate=strict", "-n", &ns, "-f"])
+            .arg(&file)
+            .output()
+            .expect("run kubectl");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success(),
+            "a misspelt plan was applied: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if stderr.contains("unknown field") || Instant::now() > deadline {
+            break stderr;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        stderr.contains("unknown field \"spec.mdoe\"")
+            && stderr.contains("unknown field \"spec.pointOfNoReturn.aproval\""),
+        "{stderr}"
+    );
+    let api: Api<DatabaseCutover> = Api::namespaced(plane.client(), &ns);
+    assert!(
+        api.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}

@@ -155,7 +155,7 @@ fn a_misspelt_field_is_refused_naming_it_before_anything_runs() {
 }
 
 /// A source that refuses (a wrong password, a database that does not exist, a malformed
-/// connection string) ends the run within seconds with the server's own words; nothing was
+/// connection string, `verify-full` against a server without TLS) ends the run within seconds with the server's own words; nothing was
 /// created, so there is nothing to undo.
 #[test]
 fn a_misconfigured_source_ends_the_run_promptly_with_the_server_message() {
@@ -178,7 +178,18 @@ fn a_misconfigured_source_ends_the_run_promptly_with_the_server_message() {
             bg.blue.superuser_dsn("no_such_db"),
             "database \"no_such_db\" does not exist",
         ),
-        ("postgres://postgres@[::1".to_owned(), "invalid"),
+        (
+            "postgres://postgres@[::1".to_owned(),
+            "failed to parse the connection string",
+        ),
+        // `verify-full` against a server without TLS (and no CA given): refused, not hung.
+        (
+            format!(
+                "{}?sslmode=verify-full",
+                bg.blue.superuser_dsn(BlueGreen::DATABASE)
+            ),
+            "TLS",
+        ),
     ] {
         let secrets = tempfile::tempdir().unwrap();
         put(secrets.path(), "orders-blue-admin", "uri", &blue_uri);
@@ -216,4 +227,36 @@ fn a_misconfigured_source_ends_the_run_promptly_with_the_server_message() {
             "a password was printed"
         );
     }
+}
+
+/// `cutover verify` and `cutover migrate` refuse a misspelt flag, suggesting the one meant, and
+/// a migration file whose name is almost right is refused naming it rather than skipped.
+#[test]
+fn misspelt_verify_and_migrate_inputs_are_refused_naming_them() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["verify", "--tabel", "public.orders"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--tabel") && stderr.contains("--table"),
+        "{stderr}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("V1__create.sql"), "SELECT 1;").unwrap();
+    std::fs::write(dir.path().join("V2__add_column.SQL"), "SELECT 2;").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["migrate", "--dir"])
+        .arg(dir.path())
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("V2__add_column.SQL") && stderr.contains("ends in .sql"),
+        "{stderr}"
+    );
 }

@@ -332,6 +332,46 @@ async fn preflight_names_extensions_green_lacks_or_has_at_another_version() {
     assert!(!found.message.contains("hstore"), "{found:?}");
 }
 
+/// Defaults and constraints the catalogs show differently: a CHECK only green has fails (rows
+/// blue holds may break it and stop the apply); differing defaults warn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_compares_defaults_and_constraints() {
+    let bg = blue_green();
+    bg.blue
+        .execute(
+            APP,
+            "CREATE TABLE d (id int PRIMARY KEY, x int DEFAULT 0 CHECK (x >= 0), note text DEFAULT 'a')",
+        )
+        .unwrap();
+    bg.green
+        .execute(
+            APP,
+            "CREATE TABLE d (id int PRIMARY KEY, x int DEFAULT 1 CHECK (x >= 0) CHECK (x < 100), note text)",
+        )
+        .unwrap();
+    let (blue, green) = engine_clients(&bg).await;
+    let checks = preflight(&blue, &green, &PreflightOptions::default()).await;
+    expect(
+        &checks,
+        "defaults-and-constraints",
+        CheckOutcome::Fail,
+        &[
+            "public.d: check CHECK ((x < 100)) only on green",
+            "public.d.x: default 0 on blue, 1 on green",
+            "public.d.note: default 'a'::text on blue, none on green",
+        ],
+    );
+    bg.green
+        .execute(
+            APP,
+            "ALTER TABLE d DROP CONSTRAINT d_x_check1; ALTER TABLE d ALTER x SET DEFAULT 0;
+             ALTER TABLE d ALTER note SET DEFAULT 'a'",
+        )
+        .unwrap();
+    let checks = preflight(&blue, &green, &PreflightOptions::default()).await;
+    expect(&checks, "defaults-and-constraints", CheckOutcome::Pass, &[]);
+}
+
 /// With migrations to run on green first, an empty green is expected at preflight: the schema
 /// difference is a warning, and the same check runs again once the migrations are applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,6 +158,7 @@ pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -
         }
         out.push(sequences);
         out.push(target_empty(green, &tables).await);
+        out.push(definitions(blue, green, &tables).await);
         let mut extensions = extensions(blue, green, &tables).await;
         if opts.migrations_first && extensions.outcome == CheckOutcome::Fail {
             extensions.outcome = CheckOutcome::Warn;
@@ -1027,6 +1028,99 @@ async fn special_objects(blue: &Client, tables: &[TableName]) -> Vec<CheckResult
         )
     });
     out
+}
+
+/// Column defaults and CHECK / foreign-key constraints of the replicated tables, per side:
+/// `(table, kind, what) → definition`.
+async fn definitions_of(
+    client: &Client,
+    tables: &[TableName],
+) -> Result<BTreeMap<(String, &'static str, String), String>, tokio_postgres::Error> {
+    let (s, r) = names(tables);
+    let q = format!(
+        "SELECT format('%s.%s', t.nspname, t.relname), 'default', a.attname::text,
+                pg_get_expr(d.adbin, d.adrelid)
+           FROM {TABLES} t
+           JOIN pg_attrdef d ON d.adrelid = t.oid
+           JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.adnum
+          WHERE a.attgenerated = ''
+         UNION ALL
+         SELECT format('%s.%s', t.nspname, t.relname),
+                CASE con.contype WHEN 'c' THEN 'check' ELSE 'foreign key' END,
+                pg_get_constraintdef(con.oid), ''
+           FROM {TABLES} t
+           JOIN pg_constraint con ON con.conrelid = t.oid AND con.contype IN ('c', 'f')"
+    );
+    Ok(client
+        .query(&q, &[&s, &r])
+        .await?
+        .iter()
+        .map(|row| {
+            let kind: String = row.get(1);
+            let kind = match kind.as_str() {
+                "default" => "default",
+                "check" => "check",
+                _ => "foreign key",
+            };
+            ((row.get(0), kind, row.get(2)), row.get(3))
+        })
+        .collect())
+}
+
+/// Column defaults and constraints that differ: a CHECK constraint only green has may refuse
+/// rows the apply brings (the apply would stop), so it fails; the rest — defaults, constraints
+/// only blue has, foreign keys (the apply does not check them) — change what the application
+/// meets after the switch, so they warn.
+async fn definitions(blue: &Client, green: &Client, tables: &[TableName]) -> CheckResult {
+    const NAME: &str = "defaults-and-constraints";
+    let (b, g) = match (
+        definitions_of(blue, tables).await,
+        definitions_of(green, tables).await,
+    ) {
+        (Ok(b), Ok(g)) => (b, g),
+        (Err(e), _) | (_, Err(e)) => return unreadable(NAME, "defaults and constraints", &e),
+    };
+    let (mut problems, mut notes) = (Vec::new(), Vec::new());
+    for ((table, kind, what), def) in &b {
+        match (kind, g.get(&(table.clone(), kind, what.clone()))) {
+            (&"default", Some(gdef)) if gdef != def => notes.push(format!(
+                "{table}.{what}: default {def} on blue, {gdef} on green"
+            )),
+            (&"default", None) => {
+                notes.push(format!(
+                    "{table}.{what}: default {def} on blue, none on green"
+                ));
+            }
+            (_, None) if *kind != "default" => {
+                notes.push(format!("{table}: {kind} {what} only on blue"));
+            }
+            _ => {}
+        }
+    }
+    for ((table, kind, what), def) in &g {
+        if b.contains_key(&(table.clone(), kind, what.clone())) {
+            continue;
+        }
+        match *kind {
+            "default" => notes.push(format!("{table}.{what}: default {def} only on green")),
+            "check" => problems.push(format!(
+                "{table}: check {what} only on green (rows blue holds may break it and stop the \
+                 apply)"
+            )),
+            _ => notes.push(format!("{table}: {kind} {what} only on green")),
+        }
+    }
+    if !problems.is_empty() {
+        problems.extend(notes);
+        fail(NAME, list(problems.into_iter()))
+    } else if !notes.is_empty() {
+        warn(NAME, list(notes.into_iter()))
+    } else {
+        pass(
+            NAME,
+            "column defaults, CHECK and foreign-key constraints match",
+        )
+    }
 }
 
 /// Green's replicated tables must be empty: the initial copy inserts every row, and one already

@@ -225,13 +225,17 @@ impl Script {
     /// Parses a file; `Ok(None)` for names that are not `.sql` files (a ConfigMap may carry a
     /// README) and for hidden entries (a mounted ConfigMap's `..data` links).
     pub fn parse(file_name: &str, sql: String) -> Result<Option<Self>, LoadError> {
-        if file_name.starts_with('.') || !file_name.ends_with(".sql") {
-            return Ok(None);
-        }
         let bad = |reason: &str| LoadError::BadName {
             file: file_name.to_owned(),
             reason: reason.to_owned(),
         };
+        // `V1__x.SQL` or `V2__y.sq` would otherwise be skipped without a word.
+        if looks_like_migration(file_name) && !file_name.ends_with(".sql") {
+            return Err(bad("a migration file's name ends in .sql"));
+        }
+        if file_name.starts_with('.') || !file_name.ends_with(".sql") {
+            return Ok(None);
+        }
         let stem = &file_name[..file_name.len() - ".sql".len()];
         let kind = match stem.chars().next() {
             Some('V') => ScriptKind::Versioned,
@@ -262,6 +266,12 @@ impl Script {
     }
 }
 
+/// `V<digit>…` or `R<digit>…`: meant as a migration, whatever its extension.
+fn looks_like_migration(file_name: &str) -> bool {
+    let mut chars = file_name.chars();
+    matches!(chars.next(), Some('V' | 'R')) && chars.next().is_some_and(|c| c.is_ascii_digit())
+}
+
 /// Reads every migration file in `dir` (not recursive). Symbolic links are followed, so a
 /// mounted ConfigMap works; hidden entries and non-`.sql` files are skipped.
 pub fn load_dir(dir: &Path) -> Result<MigrationSet, LoadError> {
@@ -274,7 +284,7 @@ pub fn load_dir(dir: &Path) -> Result<MigrationSet, LoadError> {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with('.') || !name.ends_with(".sql") {
+        if name.starts_with('.') || !(name.ends_with(".sql") || looks_like_migration(name)) {
             continue;
         }
         let path = entry.path();
@@ -338,7 +348,15 @@ mod tests {
         assert!(!r.no_transaction);
         assert!(Script::parse("README.md", String::new()).unwrap().is_none());
         assert!(Script::parse("..data", String::new()).unwrap().is_none());
-        for bad in ["v1__x.sql", "V1_x.sql", "Vx__y.sql", "V1__.sql", "init.sql"] {
+        for bad in [
+            "v1__x.sql",
+            "V1_x.sql",
+            "Vx__y.sql",
+            "V1__.sql",
+            "init.sql",
+            "V1__x.SQL",
+            "R2__y.sq",
+        ] {
             assert!(
                 matches!(
                     Script::parse(bad, String::new()),
