@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use cutover_operator::api::{
-    Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, FreezeMethod, Mode,
-    Phase, ValidSpec,
+    DatabaseCutoverSpec, DatabaseCutoverStatus, FreezeMethod, Phase, ValidSpec,
 };
 use cutover_operator::engine::{Engine, NoSink};
 use cutover_operator::platform::LocalPlatform;
@@ -28,18 +27,8 @@ enum Side {
 }
 
 fn spec() -> DatabaseCutoverSpec {
-    let text = include_str!("../../cutover-plans/production-with-rollback.yaml");
-    let mut spec = serde_saphyr::from_str::<DatabaseCutover>(text)
-        .unwrap()
-        .spec;
-    spec.mode = Mode::Production;
-    spec.application_roles = vec![APP_ROLE.into()];
+    let mut spec = production_spec();
     spec.freeze.method = FreezeMethod::ReadOnly;
-    spec.freeze.drain_timeout = "2s".into();
-    spec.replication.max_lag_before_freeze = "1MiB".into();
-    spec.point_of_no_return.approval = Approval::Automatic;
-    spec.schedule.hypercare = "1s".into();
-    spec.schedule.checkpoints = vec![];
     spec
 }
 

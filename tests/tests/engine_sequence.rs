@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use common::*;
 use cutover_operator::api::conditions::ConditionType;
-use cutover_operator::api::{
-    Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Mode, Phase,
-    ValidSpec,
-};
 use cutover_operator::api::{CheckpointStatus, ProblemKind};
+use cutover_operator::api::{
+    DatabaseCutoverSpec, DatabaseCutoverStatus, Milestone, Mode, Phase, ValidSpec,
+};
 use cutover_operator::engine::{Engine, NoSink, Watch, drive};
 use cutover_operator::plan::{self, Action, Outcome};
 use cutover_operator::platform::LocalPlatform;
@@ -24,18 +23,9 @@ use cutover_tests::BlueGreen;
 use cutover_tests::workload::{self, Load, LoadConfig};
 
 fn spec(mode: Mode) -> DatabaseCutoverSpec {
-    let text = include_str!("../../cutover-plans/production-with-rollback.yaml");
-    let mut spec = serde_saphyr::from_str::<DatabaseCutover>(text)
-        .unwrap()
-        .spec;
+    let mut spec = production_spec();
     spec.mode = mode;
-    spec.application_roles = vec![APP_ROLE.into()];
     spec.freeze.method = cutover_operator::api::FreezeMethod::Strict;
-    spec.freeze.drain_timeout = "2s".into();
-    spec.replication.max_lag_before_freeze = "1MiB".into();
-    spec.point_of_no_return.approval = Approval::Automatic;
-    spec.schedule.hypercare = "1s".into();
-    spec.schedule.checkpoints = vec![];
     spec
 }
 

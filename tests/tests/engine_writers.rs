@@ -10,26 +10,15 @@ use std::time::Duration;
 
 use common::*;
 use cutover_operator::api::{
-    Approval, DatabaseCutover, DatabaseCutoverSpec, DatabaseCutoverStatus, FreezeMethod, Mode,
-    Phase, ValidSpec,
+    Approval, DatabaseCutoverSpec, DatabaseCutoverStatus, FreezeMethod, Phase, ValidSpec,
 };
 use cutover_operator::engine::{Engine, NoSink};
 use cutover_operator::platform::LocalPlatform;
 use cutover_tests::workload::{self, Load, LoadConfig};
 
 fn spec(method: FreezeMethod) -> DatabaseCutoverSpec {
-    let text = include_str!("../../cutover-plans/production-with-rollback.yaml");
-    let mut spec = serde_saphyr::from_str::<DatabaseCutover>(text)
-        .unwrap()
-        .spec;
-    spec.mode = Mode::Production;
-    spec.application_roles = vec![APP_ROLE.into()];
+    let mut spec = production_spec();
     spec.freeze.method = method;
-    spec.freeze.drain_timeout = "2s".into();
-    spec.replication.max_lag_before_freeze = "1MiB".into();
-    spec.point_of_no_return.approval = Approval::Automatic;
-    spec.schedule.hypercare = "1s".into();
-    spec.schedule.checkpoints = vec![];
     spec
 }
 

@@ -270,15 +270,19 @@ pub async fn truncate(client: &Client, tables: &[TableName]) -> Result<(), Repli
     writable_session(client)
         .await
         .map_err(sql("make the session writable"))?;
-    let list = tables
+    client
+        .batch_execute(&format!("TRUNCATE {}", quoted_list(tables)))
+        .await
+        .map_err(sql("empty the tables the copy filled on green"))
+}
+
+/// `"s"."t", "s"."u"`: the tables as one statement names them.
+fn quoted_list(tables: &[TableName]) -> String {
+    tables
         .iter()
         .map(TableName::quoted)
         .collect::<Vec<_>>()
-        .join(", ");
-    client
-        .batch_execute(&format!("TRUNCATE {list}"))
-        .await
-        .map_err(sql("empty the tables the copy filled on green"))
+        .join(", ")
 }
 
 /// `ANALYZE` of `tables` (a partitioned table's partitions included), one statement: planner
@@ -287,13 +291,8 @@ pub async fn analyze(client: &Client, tables: &[TableName]) -> Result<(), Replic
     if tables.is_empty() {
         return Ok(());
     }
-    let list = tables
-        .iter()
-        .map(TableName::quoted)
-        .collect::<Vec<_>>()
-        .join(", ");
     client
-        .batch_execute(&format!("ANALYZE {list}"))
+        .batch_execute(&format!("ANALYZE {}", quoted_list(tables)))
         .await
         .map_err(sql("analyze the replicated tables on green"))
 }
@@ -335,11 +334,7 @@ pub async fn ensure_publication_named(
         .await
         .map_err(sql("look up the publication"))?
         .is_some();
-    let list = tables
-        .iter()
-        .map(TableName::quoted)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = quoted_list(tables);
     if !exists {
         let stmt = if tables.is_empty() {
             format!(
