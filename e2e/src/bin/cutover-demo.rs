@@ -4,12 +4,14 @@
 //! Completed. Ends with a summary: the write-freeze window, rows verified, writes acknowledged
 //! and writes lost (counted on green, not assumed).
 //!
-//! `--keep` leaves everything running until Ctrl-C and prints how to reach it.
+//! `--keep` leaves everything running until Ctrl-C and prints how to reach it. `--upgrade`
+//! runs green on PostgreSQL 18 (blue stays on the machine's 15): the major upgrade a cutover is
+//! usually for (`make demo DEMO_ARGS=--upgrade`).
 
 use std::time::{Duration, Instant};
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::fixtures::{bank_databases, repo};
+use cutover_e2e::fixtures::{bank_databases_of, repo};
 use cutover_e2e::operator::OperatorProcess;
 use cutover_tests::workload::{Load, LoadConfig};
 use cutover_tests::{BlueGreen, PgCluster};
@@ -55,12 +57,20 @@ fn count(c: &PgCluster, sql: &str) -> i64 {
 #[tokio::main]
 async fn main() {
     let keep = std::env::args().any(|a| a == "--keep");
+    let upgrade = std::env::args().any(|a| a == "--upgrade");
     let started = Instant::now();
 
     say("starting two PostgreSQL clusters: blue (the source) and green (the target, schema only)");
-    let dbs = tokio::task::spawn_blocking(|| bank_databases(APP_ROLE, APP_PASSWORD, 1000))
-        .await
-        .unwrap();
+    let majors = if upgrade {
+        (Some(15), Some(18))
+    } else {
+        (None, None)
+    };
+    let dbs = tokio::task::spawn_blocking(move || {
+        bank_databases_of(APP_ROLE, APP_PASSWORD, 1000, majors)
+    })
+    .await
+    .unwrap();
     for (label, c) in [("blue ", &dbs.blue), ("green", &dbs.green)] {
         println!(
             "{label} 127.0.0.1:{}  PostgreSQL {}  wal_level={}  accounts={}",
@@ -243,16 +253,19 @@ async fn main() {
             "dbcut",
             NAME,
             "-o",
-            "jsonpath={.status.switchedAt} {.status.writeFreezeSeconds} {.status.verification.rowsCompared}",
+            "jsonpath={.status.switchedAt} {.status.writeFreezeSeconds} {.status.verification.rowsCompared} {.status.serverVersions.blue} {.status.serverVersions.green}",
         ],
     );
     let mut fields = recorded.split_whitespace();
-    let (points_at_green, freeze, rows) = (
+    let (points_at_green, freeze, rows, blue_version, green_version) = (
+        fields.next().unwrap_or("-"),
+        fields.next().unwrap_or("-"),
         fields.next().unwrap_or("-"),
         fields.next().unwrap_or("-"),
         fields.next().unwrap_or("-"),
     );
     println!("result:              {phase}");
+    println!("PostgreSQL:          blue {blue_version} → green {green_version}");
     println!("write freeze:        {freeze} s");
     println!("rows verified:       {rows}");
     println!("writes acknowledged: {}", report.acknowledged.len());
