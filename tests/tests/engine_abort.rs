@@ -6,12 +6,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use cutover_operator::api::{DatabaseCutoverStatus, Milestone, Phase};
-use cutover_operator::engine::{Engine, NoSink};
-use cutover_operator::platform::LocalPlatform;
+
 use cutover_tests::BlueGreen;
 use cutover_tests::workload;
 
@@ -26,29 +23,6 @@ fn bank() -> BlueGreen {
         )
         .unwrap();
     bg
-}
-
-/// Steps `engine` until `done` holds (failing after a minute).
-async fn step_until(
-    engine: &Engine<LocalPlatform>,
-    mut status: DatabaseCutoverStatus,
-    what: &str,
-    done: impl Fn(&DatabaseCutoverStatus) -> bool,
-) -> DatabaseCutoverStatus {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done(&status) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting until {what}: {} {:?} {:?}",
-            status.phase,
-            status.message,
-            status.retry
-        );
-        let step = engine.step(&status, false, &mut NoSink).await.unwrap();
-        status = step.status;
-        tokio::time::sleep(step.pause.min(Duration::from_millis(200))).await;
-    }
-    status
 }
 
 fn copied(s: &DatabaseCutoverStatus) -> bool {
@@ -73,18 +47,12 @@ async fn an_aborted_attempt_empties_green_and_the_next_one_completes() {
 
     // The first attempt copies everything, then is aborted.
     let first = local_engine("shop/again", &bg, held_in_replicating(), dir.path());
-    let status = step_until(
-        &first,
-        DatabaseCutoverStatus::default(),
-        "the copy is done",
-        copied,
-    )
-    .await;
+    let status = step_until(&first, DatabaseCutoverStatus::default(), copied).await;
     assert_eq!(count(&bg.green, "SELECT count(*) FROM ledger"), 300);
     let mut abort = held_in_replicating();
     abort.abort = true;
     let aborting = local_engine("shop/again", &bg, abort, dir.path());
-    let status = step_until(&aborting, status, "aborted", |s| s.phase == Phase::Aborted).await;
+    let status = step_until(&aborting, status, |s| s.phase == Phase::Aborted).await;
     assert_clean_and_writable(&bg).await;
     assert_eq!(
         count(
@@ -98,12 +66,9 @@ async fn an_aborted_attempt_empties_green_and_the_next_one_completes() {
 
     // A new attempt from scratch completes, every row copied once.
     let second = local_engine("shop/again", &bg, production_spec(), dir.path());
-    let done = step_until(
-        &second,
-        DatabaseCutoverStatus::default(),
-        "the second attempt ends",
-        |s| s.phase.is_terminal(),
-    )
+    let done = step_until(&second, DatabaseCutoverStatus::default(), |s| {
+        s.phase.is_terminal()
+    })
     .await;
     assert_eq!(done.phase, Phase::Completed, "{:?}", done.message);
     assert_eq!(count(&bg.green, "SELECT count(*) FROM ledger"), 300);
@@ -122,7 +87,7 @@ async fn rows_already_on_green_are_refused_at_preflight_naming_the_tables() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
     let engine = local_engine("shop/full", &bg, production_spec(), dir.path());
-    let done = step_until(&engine, DatabaseCutoverStatus::default(), "it ends", |s| {
+    let done = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
         s.phase.is_terminal()
     })
     .await;
@@ -145,13 +110,7 @@ async fn an_abort_with_green_away_lists_what_is_left_and_finishes_once_it_is_bac
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
     let engine = local_engine("shop/away", &bg, held_in_replicating(), dir.path());
-    let status = step_until(
-        &engine,
-        DatabaseCutoverStatus::default(),
-        "the copy is done",
-        copied,
-    )
-    .await;
+    let status = step_until(&engine, DatabaseCutoverStatus::default(), copied).await;
     let mut abort = held_in_replicating();
     abort.abort = true;
     let aborting = local_engine("shop/away", &bg, abort, dir.path());
@@ -160,11 +119,7 @@ async fn an_abort_with_green_away_lists_what_is_left_and_finishes_once_it_is_bac
     // Two steps: into Aborting, then the abort itself, which cannot reach green.
     let mut status = status;
     for _ in 0..2 {
-        status = aborting
-            .step(&status, false, &mut NoSink)
-            .await
-            .unwrap()
-            .status;
+        status = step_once(&aborting, status).await;
     }
     assert_eq!(status.phase, Phase::Aborting);
     let retry = status.retry.clone().expect("the abort is retried");
@@ -180,7 +135,7 @@ async fn an_abort_with_green_away_lists_what_is_left_and_finishes_once_it_is_bac
     assert_eq!(leftovers(&bg.blue), Vec::<String>::new(), "left on blue");
 
     bg.green.restart().unwrap();
-    let status = step_until(&aborting, status, "aborted", |s| s.phase == Phase::Aborted).await;
+    let status = step_until(&aborting, status, |s| s.phase == Phase::Aborted).await;
     assert!(status.retry.is_none());
     assert_clean_and_writable(&bg).await;
     // No catalog row holds a connection string any more, and green is empty again.

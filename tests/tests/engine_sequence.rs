@@ -62,27 +62,6 @@ fn start_load(bg: &BlueGreen) -> Load {
     })
 }
 
-/// Steps the cutover one step at a time (as `drive` does) until `stop` holds for the status.
-async fn step_until(
-    engine: &Engine<LocalPlatform>,
-    mut status: DatabaseCutoverStatus,
-    stop: impl Fn(&DatabaseCutoverStatus) -> bool,
-) -> DatabaseCutoverStatus {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !stop(&status) {
-        assert!(
-            std::time::Instant::now() < deadline && !status.phase.is_terminal(),
-            "stopped in {} without reaching the condition: {:?}",
-            status.phase,
-            status.message
-        );
-        let step = engine.step(&status, false, &mut NoSink).await.unwrap();
-        status = step.status;
-        tokio::time::sleep(step.pause.min(Duration::from_millis(200))).await;
-    }
-    status
-}
-
 fn last_checkpoint(s: &DatabaseCutoverStatus) -> CheckpointStatus {
     s.hypercare
         .as_ref()

@@ -4,13 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use cutover_operator::api::{
     CheckOutcome, DatabaseCutoverSpec, DatabaseCutoverStatus, LargeObjects, Milestone, Phase,
 };
-use cutover_operator::engine::NoSink;
 use cutover_operator::postgres::large_objects;
 use cutover_tests::BlueGreen;
 use cutover_tests::workload;
@@ -58,20 +55,10 @@ async fn run(bg: &BlueGreen, spec: DatabaseCutoverSpec) -> DatabaseCutoverStatus
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
     let engine = local_engine("shop/lobs", bg, spec, dir.path());
-    let mut status = DatabaseCutoverStatus::default();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !status.phase.is_terminal() {
-        assert!(
-            Instant::now() < deadline,
-            "stuck in {}: {:?}",
-            status.phase,
-            status.message
-        );
-        let step = engine.step(&status, false, &mut NoSink).await.unwrap();
-        status = step.status;
-        tokio::time::sleep(step.pause.min(Duration::from_millis(200))).await;
-    }
-    status
+    step_until(&engine, DatabaseCutoverStatus::default(), |s| {
+        s.phase.is_terminal()
+    })
+    .await
 }
 
 fn contents(c: &cutover_tests::PgCluster) -> Vec<Vec<Option<String>>> {

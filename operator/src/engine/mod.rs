@@ -31,7 +31,7 @@ use crate::postgres::checkpoint::{self, CountState, ReverseLink};
 use crate::postgres::cleanup;
 use crate::postgres::freeze::{self, FreezeConfig};
 use crate::postgres::large_objects;
-use crate::postgres::preflight::{self, PreflightOptions, preflight};
+use crate::postgres::preflight::{self, PreflightOptions};
 use crate::postgres::replication::{self, Names, TableSelection};
 use crate::postgres::reverse;
 use crate::postgres::sync::copy_sequences;
@@ -92,6 +92,11 @@ impl<P: Platform> Engine<P> {
         self
     }
 
+    /// The tables the plan replicates.
+    fn selection(&self) -> TableSelection {
+        TableSelection::from_spec(&self.spec.replication.tables)
+    }
+
     /// The names of this cutover's replication objects.
     pub fn names(&self) -> &Names {
         &self.names
@@ -133,7 +138,7 @@ impl<P: Platform> Engine<P> {
                     conflict_list(&health.blocking_conflicts)
                 ));
             }
-            let selection = TableSelection::from_spec(&self.spec.replication.tables);
+            let selection = self.selection();
             if let Ok(tables) = replication::resolve_tables(blue, &selection).await
                 && let Some(diff) = preflight::schema_difference(blue, green, &tables).await
             {
@@ -295,7 +300,7 @@ impl<P: Platform> Engine<P> {
                 let blue = self.blue().await?;
                 let green = self.green().await?;
                 let opts = PreflightOptions {
-                    tables: TableSelection::from_spec(&self.spec.replication.tables),
+                    tables: self.selection(),
                     reverse: self.spec.replication.reverse_for_rollback,
                     application_roles: self.spec.application_roles.clone(),
                     migrations_first: self.spec.migrations.is_some(),
@@ -303,10 +308,8 @@ impl<P: Platform> Engine<P> {
                     large_objects: self.spec.replication.large_objects,
                     ..PreflightOptions::default()
                 };
-                Outcome::Preflight {
-                    checks: preflight(&blue, &green, &opts).await,
-                    versions: preflight::server_versions(&blue, &green).await.ok(),
-                }
+                let (checks, versions) = preflight::run(&blue, &green, &opts).await;
+                Outcome::Preflight { checks, versions }
             }
             Action::LaunchMigrations(set) => {
                 self.platform.launch_migrations(*set).await?;
@@ -315,7 +318,7 @@ impl<P: Platform> Engine<P> {
             Action::StartReplication => {
                 let blue = self.blue().await?;
                 let green = self.green().await?;
-                let selection = TableSelection::from_spec(&self.spec.replication.tables);
+                let selection = self.selection();
                 if self.spec.migrations.is_some() {
                     preflight::schema_ready(&blue, &green, &selection).await?;
                 }
@@ -447,7 +450,7 @@ impl<P: Platform> Engine<P> {
         // Which tables this attempt filled: blue knows what was published; without blue, the
         // subscription on green still says (until it is dropped below).
         let copied = if remove_rows && status.milestones.contains(&Milestone::CopyStarted) {
-            let selection = TableSelection::from_spec(&self.spec.replication.tables);
+            let selection = self.selection();
             match (&blue, &green) {
                 (Ok(b), _) => Some(replication::resolve_tables(b, &selection).await?),
                 (Err(_), Ok(g)) => {
@@ -694,7 +697,7 @@ impl<P: Platform> Engine<P> {
             Milestone::TargetAnalyzed => {
                 let blue = self.blue().await?;
                 let green = self.green().await?;
-                let selection = TableSelection::from_spec(&self.spec.replication.tables);
+                let selection = self.selection();
                 let tables = replication::resolve_tables(&blue, &selection).await?;
                 replication::analyze(&green, &tables).await?;
             }
@@ -812,11 +815,7 @@ impl<P: Platform> Engine<P> {
         let tables = if reverse_started {
             replication::publication_tables(&green, &self.names.reverse_publication).await
         } else {
-            replication::resolve_tables(
-                &green,
-                &TableSelection::from_spec(&self.spec.replication.tables),
-            )
-            .await
+            replication::resolve_tables(&green, &self.selection()).await
         }?;
         let link = blue.as_ref().map(|source| ReverseLink {
             source,

@@ -77,8 +77,28 @@ fn unreadable(name: &str, what: &str, e: &tokio_postgres::Error) -> CheckResult 
 
 /// Runs every check. The tables are resolved on blue; if that fails, the table checks fail.
 pub async fn preflight(blue: &Client, green: &Client, opts: &PreflightOptions) -> Vec<CheckResult> {
+    run(blue, green, opts).await.0
+}
+
+/// [`preflight`], with both sides' versions as it read them (when it could).
+pub async fn run(
+    blue: &Client,
+    green: &Client,
+    opts: &PreflightOptions,
+) -> (Vec<CheckResult>, Option<ServerVersions>) {
+    let read = server_versions(blue, green).await;
+    let versions = read.as_ref().ok().cloned();
+    (checks(blue, green, opts, read).await, versions)
+}
+
+async fn checks(
+    blue: &Client,
+    green: &Client,
+    opts: &PreflightOptions,
+    versions: Result<ServerVersions, tokio_postgres::Error>,
+) -> Vec<CheckResult> {
     let mut out = Vec::new();
-    out.push(versions(blue, green).await);
+    out.push(versions_check(versions));
     out.push(wal_level(blue, "wal-level-blue", "blue").await);
     if opts.reverse {
         out.push(wal_level(green, "wal-level-green", "green (for reverse replication)").await);
@@ -267,9 +287,9 @@ pub fn judge_versions(v: &ServerVersions) -> (CheckOutcome, String) {
     }
 }
 
-async fn versions(blue: &Client, green: &Client) -> CheckResult {
+fn versions_check(read: Result<ServerVersions, tokio_postgres::Error>) -> CheckResult {
     const NAME: &str = "server-versions";
-    match server_versions(blue, green).await {
+    match read {
         Ok(v) => {
             let (outcome, message) = judge_versions(&v);
             check(NAME, outcome, message)
@@ -1241,35 +1261,27 @@ async fn extensions(blue: &Client, green: &Client, tables: &[TableName]) -> Chec
             Some(_) => {}
         }
     }
-    let mut text = String::new();
+    let mut parts = Vec::new();
     if !needed.is_empty() {
-        let _ = write!(
-            text,
+        parts.push(format!(
             "replicated columns use extensions green's database lacks: {}; CREATE EXTENSION \
              them on green first",
             needed.join(", ")
-        );
+        ));
     }
     if !missing.is_empty() {
-        if !text.is_empty() {
-            text.push_str("; ");
-        }
-        let _ = write!(
-            text,
+        parts.push(format!(
             "installed on blue but not on green (no replicated column uses them): {}",
             missing.join(", ")
-        );
+        ));
     }
     if !other_version.is_empty() {
-        if !text.is_empty() {
-            text.push_str("; ");
-        }
-        let _ = write!(
-            text,
+        parts.push(format!(
             "at another version on green: {}",
             other_version.join(", ")
-        );
+        ));
     }
+    let text = parts.join("; ");
     if !needed.is_empty() {
         fail(NAME, text)
     } else if !missing.is_empty() {

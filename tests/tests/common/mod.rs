@@ -191,6 +191,40 @@ pub fn local_engine(
     )
 }
 
+/// One step of `engine` from `status` (as `drive` takes it).
+pub async fn step_once(
+    engine: &cutover_operator::engine::Engine<cutover_operator::platform::LocalPlatform>,
+    status: cutover_operator::api::DatabaseCutoverStatus,
+) -> cutover_operator::api::DatabaseCutoverStatus {
+    let step = engine
+        .step(&status, false, &mut cutover_operator::engine::NoSink)
+        .await
+        .unwrap();
+    tokio::time::sleep(step.pause.min(Duration::from_millis(200))).await;
+    step.status
+}
+
+/// Steps `engine` from `status` until `stop` holds (failing after two minutes, or when the
+/// cutover ends without it).
+pub async fn step_until(
+    engine: &cutover_operator::engine::Engine<cutover_operator::platform::LocalPlatform>,
+    mut status: cutover_operator::api::DatabaseCutoverStatus,
+    stop: impl Fn(&cutover_operator::api::DatabaseCutoverStatus) -> bool,
+) -> cutover_operator::api::DatabaseCutoverStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !stop(&status) {
+        assert!(
+            Instant::now() < deadline && !status.phase.is_terminal(),
+            "stopped in {} without reaching the condition: {:?} {:?}",
+            status.phase,
+            status.message,
+            status.retry
+        );
+        status = step_once(engine, status).await;
+    }
+    status
+}
+
 pub fn names(id: &str) -> Names {
     Names::for_cutover(id)
 }
