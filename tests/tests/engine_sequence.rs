@@ -184,10 +184,77 @@ async fn a_downgrade_is_refused_at_preflight_and_changes_nothing() {
     );
 }
 
+/// The same production cutover with the operator's parallel initial copy: the ledger already
+/// holds 200 000 rows, split into key ranges copied by three workers inside the slot's exported
+/// snapshot while the load writes; green's unique constraint is set aside and built again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_initial_copy_under_load_completes_losing_nothing() {
+    let bg = setup();
+    bg.blue
+        .execute(
+            APP,
+            "INSERT INTO ledger (client, seq, amount)
+             SELECT 1000 + g / 1000, g, 0 FROM generate_series(1, 200000) g",
+        )
+        .unwrap();
+    let constraints_before = constraint_definitions(&bg.green);
+    let status = production_cutover_with(&bg, |spec| {
+        spec.replication.initial_copy = cutover_operator::api::InitialCopy::Parallel;
+        spec.replication.copy_parallelism = 3;
+        spec.replication.copy_split_size = "2MiB".into();
+    })
+    .await;
+    let r = status.replication.as_ref().unwrap();
+    let copy = r.initial_copy.as_ref().expect("the parallel copy reported");
+    assert_eq!(copy.stage, "Done", "{copy:?}");
+    assert_eq!((copy.tables_done, copy.tables_total), (2, 2), "{copy:?}");
+    assert!(copy.rows_copied >= 200_050, "{copy:?}");
+    assert!(copy.consistent_point.is_some(), "{copy:?}");
+    let ledger = copy
+        .tables
+        .iter()
+        .find(|t| t.table == "public.ledger")
+        .unwrap();
+    assert!(ledger.chunks > 1, "the ledger was split: {ledger:?}");
+    assert_eq!(ledger.chunks_done, ledger.chunks);
+    assert_eq!(
+        r.deferred_indexes
+            .iter()
+            .map(|d| (d.name.as_str(), d.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [("ledger_client_seq_key", "Constraint")]
+    );
+    assert!(status.milestones.contains(&Milestone::IndexesDeferred));
+    // Green's schema is as it was: the constraint set aside is back, defined alike.
+    assert_eq!(constraint_definitions(&bg.green), constraints_before);
+}
+
+/// Every index and constraint of the public schema with its definition.
+fn constraint_definitions(c: &cutover_tests::PgCluster) -> Vec<Vec<Option<String>>> {
+    c.query(
+        APP,
+        "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid), indisvalid::text
+           FROM pg_index WHERE indrelid::regclass::text IN ('accounts', 'ledger')
+         UNION ALL
+         SELECT conname, pg_get_constraintdef(oid), convalidated::text
+           FROM pg_constraint WHERE conrelid::regclass::text IN ('accounts', 'ledger')
+         ORDER BY 1, 2",
+    )
+    .unwrap()
+}
+
 /// A production cutover under the bank load, checked end to end; returns the final status.
 async fn production_cutover(bg: BlueGreen) -> DatabaseCutoverStatus {
+    production_cutover_with(&bg, |_| {}).await
+}
+
+/// [`production_cutover`] with the plan changed by `tweak`.
+async fn production_cutover_with(
+    bg: &BlueGreen,
+    tweak: impl FnOnce(&mut DatabaseCutoverSpec),
+) -> DatabaseCutoverStatus {
     let dir = tempfile::tempdir().unwrap();
-    let load = start_load(&bg);
+    let load = start_load(bg);
     wait_for("the load commits", Duration::from_secs(30), || async {
         load.commits() > 20
     })
@@ -197,7 +264,8 @@ async fn production_cutover(bg: BlueGreen) -> DatabaseCutoverStatus {
     let mut spec = spec(Mode::Production);
     spec.schedule.checkpoints = vec!["1s".into()];
     spec.schedule.hypercare = "2s".into();
-    let engine = engine(&bg, spec, dir.path());
+    tweak(&mut spec);
+    let engine = engine(bg, spec, dir.path());
     let (status, phases) = run(&engine).await;
     let report = load.stop().await;
 
@@ -302,7 +370,7 @@ async fn production_cutover(bg: BlueGreen) -> DatabaseCutoverStatus {
     );
 
     // Nothing of ours is left on either server after completion.
-    assert_no_replication_left(&bg);
+    assert_no_replication_left(bg);
     status
 }
 

@@ -44,6 +44,8 @@ pub struct Settings {
     pub checkpoints: Vec<Duration>,
     /// `replication.maxLagBeforeFreeze` in bytes.
     pub max_lag_before_freeze: u64,
+    /// `replication.copySplitSize` in bytes.
+    pub copy_split_size: u64,
     /// `schedule.freezeAt`.
     pub freeze_at: Option<jiff::Timestamp>,
     /// `pointOfNoReturn.deadline`.
@@ -163,6 +165,16 @@ impl ValidSpec {
                 0
             }
         };
+        let copy_split_size = match spec.replication.copy_split_size.parse() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                problems.push(format!("spec.replication.copySplitSize: {e}"));
+                0
+            }
+        };
+        if !(1..=64).contains(&spec.replication.copy_parallelism) {
+            problems.push("spec.replication.copyParallelism must be between 1 and 64".into());
+        }
         let freeze_at = match spec.schedule.freeze_at.as_ref().map(Rfc3339::parse) {
             Some(Ok(t)) => Some(t),
             Some(Err(e)) => {
@@ -209,6 +221,7 @@ impl ValidSpec {
                 hypercare,
                 checkpoints,
                 max_lag_before_freeze,
+                copy_split_size,
                 freeze_at,
                 approval_deadline,
                 drain_timeout,

@@ -195,6 +195,47 @@ pub struct ReplicationSpec {
     /// by verification. `Ignore`: left behind on purpose.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub large_objects: Option<LargeObjects>,
+
+    /// How the rows already on the source reach the target. `Native`: the subscription's own
+    /// copy (`copy_data`), one table at a time per table-sync worker, into the target's schema
+    /// with every index in place. `Parallel`: the operator creates the slot with an exported
+    /// snapshot, copies every table inside it with `copyParallelism` workers (large tables split
+    /// into key ranges), builds the target's secondary indexes and constraints afterwards, then
+    /// streams from the slot's consistent point. Choose `Native` where the source forbids a
+    /// replication-protocol session for the operator (some managed services).
+    #[serde(default)]
+    pub initial_copy: InitialCopy,
+
+    /// Workers copying tables at once with `initialCopy: Parallel` (and indexes built at once).
+    #[serde(default = "default_copy_parallelism")]
+    #[schemars(range(min = 1, max = 64))]
+    pub copy_parallelism: i32,
+
+    /// With `initialCopy: Parallel`, tables larger than this on the source are split into key
+    /// ranges of about this size (primary keys whose first column is an integer), copied by
+    /// several workers at once.
+    #[serde(default = "default_copy_split_size")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(SIZE_RULE).message(SIZE_MESSAGE))]
+    pub copy_split_size: ByteSize,
+}
+
+/// How the initial copy is made.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InitialCopy {
+    /// The subscription's own copy (`copy_data = true`).
+    #[default]
+    Native,
+    /// The operator's parallel copy from a snapshot exported with the slot, indexes after.
+    Parallel,
+}
+
+fn default_copy_parallelism() -> i32 {
+    4
+}
+
+fn default_copy_split_size() -> ByteSize {
+    "256MiB".into()
 }
 
 /// How large objects cross over.
@@ -218,6 +259,9 @@ impl Default for ReplicationSpec {
             max_lag_before_freeze: default_max_lag(),
             reverse_for_rollback: false,
             large_objects: None,
+            initial_copy: InitialCopy::default(),
+            copy_parallelism: default_copy_parallelism(),
+            copy_split_size: default_copy_split_size(),
         }
     }
 }

@@ -420,6 +420,9 @@ pub enum Milestone {
     /// The subscription was created on the target, whose replicated tables were empty: an abort
     /// empties them again, so the next attempt starts clean.
     CopyStarted,
+    /// The target's secondary indexes and constraints were listed in
+    /// `status.replication.deferredIndexes` (parallel copy), before any was dropped.
+    IndexesDeferred,
     /// Statistics gathered on the target (`ANALYZE` of the replicated tables) once the initial
     /// copy was done: rows copied by replication carry no planner statistics, and a major
     /// upgrade starts without any.
@@ -566,6 +569,87 @@ pub struct ReplicationStatus {
     /// source, a key the target already holds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apply_failure: Option<String>,
+    /// The operator's own initial copy (`replication.initialCopy: Parallel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_copy: Option<InitialCopyStatus>,
+    /// The target's secondary indexes and constraints set aside for the parallel copy and built
+    /// again after it (an abort builds them again too), exactly as they were defined.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred_indexes: Vec<DeferredIndex>,
+}
+
+/// The progress of the operator's parallel initial copy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InitialCopyStatus {
+    /// `CreatingSlot`, `Copying`, `Indexing`, `Done` or `Failed`.
+    pub stage: String,
+    /// Tables copied completely, of `tablesTotal`.
+    pub tables_done: i32,
+    /// Tables to copy.
+    pub tables_total: i32,
+    /// Bytes streamed from the source so far.
+    pub bytes_copied: i64,
+    /// The source's size of the copied tables (heap and TOAST), the basis of the estimate.
+    pub bytes_total: i64,
+    /// Rows committed on the target.
+    pub rows_copied: i64,
+    /// Seconds left at the rate so far, while rows are copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    /// Deferred indexes and constraints built again so far, of `indexesTotal`.
+    #[serde(default)]
+    pub indexes_built: i32,
+    /// Deferred indexes and constraints in all.
+    #[serde(default)]
+    pub indexes_total: i32,
+    /// The WAL position the exported snapshot pairs with: the subscription streams from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_point: Option<String>,
+    /// Times the whole copy started over (its process was restarted, its snapshot lost).
+    #[serde(default)]
+    pub restarts: i32,
+    /// Why the last attempt failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// Each table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<TableCopyStatus>,
+}
+
+/// One table of the parallel copy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TableCopyStatus {
+    /// `schema.table`.
+    pub table: String,
+    /// Bytes streamed from the source.
+    pub bytes: i64,
+    /// Its size on the source.
+    pub bytes_total: i64,
+    /// Rows committed on the target.
+    pub rows: i64,
+    /// Key ranges it was split into.
+    pub chunks: i32,
+    /// Ranges committed.
+    pub chunks_done: i32,
+    /// Ranges tried again after a failure.
+    #[serde(default)]
+    pub retries: i32,
+}
+
+/// A secondary index or constraint of the target set aside during the parallel copy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeferredIndex {
+    /// `schema.table` it belongs to.
+    pub table: String,
+    /// Its name.
+    pub name: String,
+    /// `Index`, `Constraint` (unique or exclusion) or `ForeignKey`.
+    pub kind: String,
+    /// Its definition (`pg_get_indexdef` / `pg_get_constraintdef`).
+    pub definition: String,
 }
 
 /// The comparison of source and target.

@@ -91,6 +91,17 @@ pub enum ActionError {
     /// Online verification could not go on (its comparison inside the freeze failed).
     #[error("online verification: {0}")]
     Online(#[from] crate::postgres::verify::online::OnlineError),
+    /// The parallel initial copy failed (its run ended; the next attempt starts over).
+    #[error("the parallel initial copy failed: {message}")]
+    Copy {
+        /// Why.
+        message: String,
+        /// Whether starting it over may succeed.
+        transient: bool,
+    },
+    /// A step of the parallel copy's preparation failed.
+    #[error(transparent)]
+    CopySetup(#[from] crate::postgres::copy::CopyError),
     /// The online comparison's evidence was lost and the plan says to abort then.
     #[error("{0}")]
     OnlineLost(String),
@@ -193,7 +204,8 @@ impl ActionError {
             ActionError::Replication(ReplicationError::Sql { .. }) | ActionError::Schema(_) => {
                 Category::DatabaseError
             }
-            ActionError::Replication(_) => Category::ReplicationFailed,
+            ActionError::Replication(_) | ActionError::Copy { .. } => Category::ReplicationFailed,
+            ActionError::CopySetup(_) => Category::DatabaseError,
             ActionError::Freeze(_) => Category::FreezeFailed,
             ActionError::Sequences(_)
             | ActionError::Checkpoint(_)
@@ -224,6 +236,8 @@ impl ActionError {
     pub fn is_transient(&self) -> bool {
         match self {
             ActionError::MigrationsRunning => true,
+            ActionError::Copy { transient, .. } => *transient,
+            ActionError::CopySetup(e) => e.is_transient(),
             ActionError::MigrationsFailed(_)
             | ActionError::Spec(_)
             | ActionError::TargetNotEmpty(_)

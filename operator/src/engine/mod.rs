@@ -6,6 +6,7 @@
 //! Secret, workload restarts — sits behind [`Platform`]; everything that talks SQL is the
 //! `postgres` engines. Every action is idempotent: the databases' own catalogs say what is done.
 
+mod copy;
 mod error;
 pub mod online;
 mod step;
@@ -19,16 +20,18 @@ use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
 
 use crate::api::{
-    DatabaseCutoverStatus, LargeObjects, Milestone, OnlineVerificationStatus, Phase, ValidSpec,
-    VerificationMode, VerificationStatus, WitnessLoss,
+    DatabaseCutoverStatus, InitialCopy, InitialCopyStatus, LargeObjects, Milestone,
+    OnlineVerificationStatus, Phase, TableCopyStatus, ValidSpec, VerificationMode,
+    VerificationStatus, WitnessLoss,
 };
 use crate::plan::{
-    Action, ApplyObservation, CleanupScope, Failure, JobState, MigrationSet, Observations, Outcome,
-    ReplicationObservation, WitnessObservation,
+    Action, ApplyObservation, CleanupScope, CopyObservation, Failure, JobState, MigrationSet,
+    Observations, Outcome, ReplicationObservation, WitnessObservation,
 };
 use crate::platform::Platform;
 use crate::postgres::checkpoint::{self, CountState, ReverseLink};
 use crate::postgres::cleanup;
+use crate::postgres::copy::CopyConfig;
 use crate::postgres::freeze::{self, FreezeConfig};
 use crate::postgres::large_objects;
 use crate::postgres::preflight::{self, PreflightOptions};
@@ -202,6 +205,9 @@ impl<P: Platform> Engine<P> {
                 });
             }
         }
+        if needs.replication && self.spec.replication.initial_copy == InitialCopy::Parallel {
+            obs.copy = copy::view(&self.online_key()).map(|v| copy_observation(&v));
+        }
         if needs.applied_past_freeze
             && let Some(lsn) = status.freeze_lsn.as_deref().and_then(parse_lsn)
         {
@@ -315,6 +321,18 @@ impl<P: Platform> Engine<P> {
                 self.platform.launch_migrations(*set).await?;
                 Outcome::Done
             }
+            Action::DeferIndexes => {
+                let blue = self.blue().await?;
+                let green = self.green().await?;
+                let tables = replication::resolve_tables(&blue, &self.selection()).await?;
+                Outcome::Deferred(crate::postgres::copy::deferrable(&green, &tables).await?)
+            }
+            Action::StartReplication
+                if self.spec.replication.initial_copy == InitialCopy::Parallel =>
+            {
+                self.start_parallel_copy(status).await?;
+                Outcome::Done
+            }
             Action::StartReplication => {
                 let blue = self.blue().await?;
                 let green = self.green().await?;
@@ -387,6 +405,7 @@ impl<P: Platform> Engine<P> {
             }
             Action::Complete => {
                 online::stop(&self.online_key()).await;
+                copy::stop(&self.online_key()).await;
                 let blue = self.blue().await.ok();
                 let green = self.green().await?;
                 cleanup::cleanup(blue.as_ref(), Some(&green), &self.names).await?;
@@ -394,6 +413,7 @@ impl<P: Platform> Engine<P> {
             }
             Action::Finalize => {
                 online::stop(&self.online_key()).await;
+                copy::stop(&self.online_key()).await;
                 match crate::plan::cleanup_scope(status) {
                     CleanupScope::Nothing => {}
                     CleanupScope::ReplicationOnly => {
@@ -408,6 +428,84 @@ impl<P: Platform> Engine<P> {
                 Outcome::Done
             }
         })
+    }
+
+    /// Starts the parallel copy (or, when a run of this process failed, reports its failure
+    /// after clearing what it left, so that the next attempt starts clean). A subscription that
+    /// exists means the copy is done.
+    async fn start_parallel_copy(&self, status: &DatabaseCutoverStatus) -> Result<(), ActionError> {
+        let key = self.online_key();
+        let view = copy::view(&key);
+        if view.as_ref().is_some_and(|v| v.failure.is_none()) {
+            return Ok(());
+        }
+        let blue = self.blue().await?;
+        let green = self.green().await?;
+        let selection = self.selection();
+        if self.spec.migrations.is_some() {
+            preflight::schema_ready(&blue, &green, &selection).await?;
+        }
+        if replication::subscription_exists(&green, &self.names.subscription).await? {
+            return Ok(());
+        }
+        copy::stop(&key).await;
+        let tables = replication::resolve_tables(&blue, &selection).await?;
+        // What an earlier attempt of this cutover left: its slot (and snapshot, gone with its
+        // session) and its rows. Both go; the copy starts over from a new snapshot.
+        crate::postgres::slots::drop_slot(
+            &blue,
+            &self.names.slot,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .map_err(replication::ReplicationError::from)?;
+        if status.milestones.contains(&Milestone::CopyStarted) {
+            replication::truncate(&green, &tables).await?;
+        }
+        if let Some((why, transient)) = view.and_then(|v| v.failure) {
+            return Err(ActionError::Copy {
+                message: why,
+                transient,
+            });
+        }
+        let full = replication::tables_with_rows(&green, &tables).await?;
+        if !full.is_empty() {
+            return Err(ActionError::TargetNotEmpty(full));
+        }
+        replication::ensure_publication(&blue, &self.names, &selection).await?;
+        let deferred = status
+            .replication
+            .as_ref()
+            .map(|r| r.deferred_indexes.clone())
+            .unwrap_or_default();
+        crate::postgres::copy::drop_deferred(&green, &deferred).await?;
+        let parallelism =
+            usize::try_from(self.spec.replication.copy_parallelism.max(1)).unwrap_or(1);
+        let cfg = CopyConfig {
+            blue: self.dbs.blue.clone(),
+            green: self.dbs.green.clone(),
+            connect: ConnectOptions {
+                application_name: "cutover-copy".into(),
+                ..self.dbs.connect.clone()
+            },
+            tables,
+            slot: self.names.slot.clone(),
+            parallelism,
+            split_bytes: i64::try_from(self.spec.settings().copy_split_size).unwrap_or(i64::MAX),
+            deferred,
+            slot_wait: COPY_SLOT_WAIT,
+        };
+        copy::start(
+            &key,
+            cfg,
+            copy::Subscribe {
+                name: self.names.subscription.clone(),
+                publication: self.names.publication.clone(),
+                publisher: self.dbs.blue_from_green.clone(),
+            },
+            self.fence.clone(),
+        );
+        Ok(())
     }
 
     /// Undoes a cutover before the point of no return (an abort, a rehearsal's end, a deletion):
@@ -434,6 +532,7 @@ impl<P: Platform> Engine<P> {
         remove_rows: bool,
     ) -> Result<Vec<String>, ActionError> {
         online::stop(&self.online_key()).await;
+        copy::stop(&self.online_key()).await;
         // Stopped at preflight: nothing was created on either server, so nothing needs one.
         let created = status.steps.iter().any(|s| {
             !matches!(
@@ -481,9 +580,15 @@ impl<P: Platform> Engine<P> {
             let n = large_objects::remove_all(g).await?;
             removed.push(format!("{n} large objects copied to green"));
         }
+        let deferred = status
+            .replication
+            .as_ref()
+            .map(|r| r.deferred_indexes.as_slice())
+            .unwrap_or_default();
         match (&green, copied) {
             (Ok(g), Some(tables)) => {
                 replication::truncate(g, &tables).await?;
+
                 if !tables.is_empty() {
                     removed.push(format!(
                         "the rows copied into green's tables ({})",
@@ -502,6 +607,13 @@ impl<P: Platform> Engine<P> {
             }
             _ => {}
         }
+        // Indexes and constraints set aside for a parallel copy are green's schema: they are
+        // built again (on the emptied tables, cheaply), whatever else happened.
+        if let Ok(g) = &green
+            && !deferred.is_empty()
+        {
+            crate::postgres::copy::restore(g, deferred).await?;
+        }
         incomplete(blue, green, left).map(|()| removed)
     }
 
@@ -510,6 +622,7 @@ impl<P: Platform> Engine<P> {
     /// removed.
     pub async fn remove_replication(&self) -> Result<Vec<String>, ActionError> {
         online::stop(&self.online_key()).await;
+        copy::stop(&self.online_key()).await;
         let blue = self.blue().await;
         let green = self.green().await;
         let report = cleanup::cleanup(blue.as_ref().ok(), green.as_ref().ok(), &self.names).await?;
@@ -649,8 +762,8 @@ impl<P: Platform> Engine<P> {
     ) -> Result<(), ActionError> {
         let rehearsal = self.spec.mode == crate::api::Mode::Rehearsal;
         match m {
-            // Recorded by StartReplication itself.
-            Milestone::CopyStarted => {}
+            // Recorded by StartReplication and DeferIndexes themselves.
+            Milestone::CopyStarted | Milestone::IndexesDeferred => {}
             Milestone::ForwardReplicationDropped => {
                 let blue = self.blue().await.ok();
                 let green = self.green().await?;
@@ -871,6 +984,51 @@ impl<P: Platform> Engine<P> {
 }
 
 /// The status's view of an online verification run.
+/// How long the parallel copy's slot creation waits for transactions running on the source
+/// before it gives up, naming them (the step is retried).
+const COPY_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The parallel copy as the status shows it.
+fn copy_observation(view: &copy::CopyView) -> CopyObservation {
+    let p = &view.progress;
+    let i32_of = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    let stage = if view.failure.is_some() {
+        "Failed"
+    } else {
+        p.stage.as_str()
+    };
+    CopyObservation {
+        status: InitialCopyStatus {
+            stage: stage.into(),
+            tables_done: i32_of(p.tables_done()),
+            tables_total: i32_of(p.tables.len()),
+            bytes_copied: p.bytes(),
+            bytes_total: p.bytes_total(),
+            rows_copied: p.rows(),
+            eta_seconds: p.eta_seconds().map(|s| s.round()),
+            indexes_built: i32::try_from(p.indexes_built).unwrap_or(i32::MAX),
+            indexes_total: i32::try_from(p.indexes_total).unwrap_or(i32::MAX),
+            consistent_point: p.consistent_point.clone(),
+            restarts: 0,
+            failure: view.failure.as_ref().map(|(why, _)| why.clone()),
+            tables: p
+                .tables
+                .iter()
+                .map(|t| TableCopyStatus {
+                    table: t.table.clone(),
+                    bytes: t.bytes,
+                    bytes_total: t.bytes_total,
+                    rows: t.rows,
+                    chunks: i32::try_from(t.chunks).unwrap_or(i32::MAX),
+                    chunks_done: i32::try_from(t.chunks_done).unwrap_or(i32::MAX),
+                    retries: i32::try_from(t.retries).unwrap_or(i32::MAX),
+                })
+                .collect(),
+        },
+        running: view.failure.is_none() && !view.finished,
+    }
+}
+
 fn online_status(view: &online::OnlineView) -> OnlineVerificationStatus {
     let Some(p) = &view.progress else {
         return OnlineVerificationStatus {

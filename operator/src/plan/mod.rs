@@ -12,10 +12,11 @@ pub mod report;
 
 pub use next::{
     APPLY_FAILING_FOR, APPLY_FAILING_IN_FREEZE, APPLY_QUIET, Action, ApplyObservation,
-    CHECKPOINT_CATCH_UP, CleanupScope, FAST_POLL, FROZEN_RETRY_MAX, FROZEN_RETRY_MIN, Failure,
-    IDLE, JobState, MigrationSet, Needs, ONLINE_UNAVAILABLE, Observations, Outcome, POLL,
-    REVERSE_CATCH_UP, ReplicationObservation, SYNC_WAIT, WitnessObservation, checkpoint_offsets,
-    cleanup_scope, next_action, observation_needs, record, record_intent,
+    CHECKPOINT_CATCH_UP, CleanupScope, CopyObservation, FAST_POLL, FROZEN_RETRY_MAX,
+    FROZEN_RETRY_MIN, Failure, IDLE, JobState, MigrationSet, Needs, ONLINE_UNAVAILABLE,
+    Observations, Outcome, POLL, REVERSE_CATCH_UP, ReplicationObservation, SYNC_WAIT,
+    WitnessObservation, checkpoint_offsets, cleanup_scope, next_action, observation_needs, record,
+    record_intent,
 };
 pub use report::{TimingReport, format_duration, timing_report};
 

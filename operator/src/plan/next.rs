@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use crate::api::units::parse_timestamp;
 use crate::api::{
-    Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverStatus, LargeObjects,
-    Milestone, Mode, OnlineVerificationStatus, Phase, Problem, ProblemKind, ReplicationStatus,
-    RetryStatus, ServerVersions, StepOutcome, StepRecord, ValidSpec, VerificationMode,
-    VerificationStatus,
+    Approval, CheckOutcome, CheckResult, CheckpointStatus, DatabaseCutoverStatus, DeferredIndex,
+    InitialCopy, InitialCopyStatus, LargeObjects, Milestone, Mode, OnlineVerificationStatus, Phase,
+    Problem, ProblemKind, ReplicationStatus, RetryStatus, ServerVersions, StepOutcome, StepRecord,
+    ValidSpec, VerificationMode, VerificationStatus,
 };
 
 /// `status.onlineVerification.state` of a verification that cannot run online.
@@ -74,6 +74,18 @@ pub struct Observations {
     /// The forward subscription's apply on the target: during Replicating, and during the final
     /// sync once green has not passed the sync point within [`SYNC_WAIT`].
     pub apply: Option<ApplyObservation>,
+    /// The operator's parallel initial copy running (or ended) in this process, until the
+    /// subscription exists (`replication.initialCopy: Parallel`).
+    pub copy: Option<CopyObservation>,
+}
+
+/// The parallel initial copy, as this process sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CopyObservation {
+    /// Its progress, as the status shows it.
+    pub status: InitialCopyStatus,
+    /// Still at work (not failed, not finished).
+    pub running: bool,
 }
 
 /// The forward subscription's apply, as the target's statistics show it.
@@ -152,7 +164,11 @@ pub enum Action {
     RunPreflight,
     /// Create the migration Job of this set (if it does not exist yet).
     LaunchMigrations(MigrationSet),
-    /// Create the publication and the subscription (if they do not exist yet).
+    /// List green's secondary indexes and constraints to set aside during the parallel copy
+    /// (recorded before any is dropped).
+    DeferIndexes,
+    /// Create the publication and the subscription (if they do not exist yet); with the
+    /// parallel copy, start the copy, which creates the subscription when it is done.
     StartReplication,
     /// Start comparing rows while the application writes (a new pass, in this process).
     StartOnlineVerification,
@@ -410,6 +426,14 @@ fn replicating(
     now: jiff::Timestamp,
 ) -> Action {
     let Some(r) = &obs.replication else {
+        if spec.replication.initial_copy == InitialCopy::Parallel {
+            if !done(status, Milestone::IndexesDeferred) {
+                return Action::DeferIndexes;
+            }
+            if obs.copy.as_ref().is_some_and(|c| c.running) {
+                return Action::Wait(POLL);
+            }
+        }
         return Action::StartReplication;
     };
     if let Some(why) = &r.broken {
@@ -810,6 +834,8 @@ pub enum Outcome {
     },
     /// Verification ran.
     Verified(VerificationStatus),
+    /// Green's indexes and constraints to set aside during the parallel copy.
+    Deferred(Vec<DeferredIndex>),
     /// A hypercare checkpoint ran (its number and time are filled in by [`record`]).
     Checked(CheckpointStatus),
     /// The action (or the observation before it) failed. A transient failure is retried
@@ -900,6 +926,15 @@ pub fn record(
     if let Some(a) = &obs.apply {
         record_apply(&mut s, a, now);
     }
+    if let Some(c) = &obs.copy {
+        let r = s.replication.get_or_insert_default();
+        let restarts = r.initial_copy.as_ref().map_or(0, |p| p.restarts);
+        r.bytes_copied = Some(c.status.bytes_copied);
+        r.initial_copy = Some(InitialCopyStatus {
+            restarts: restarts.max(c.status.restarts),
+            ..c.status.clone()
+        });
+    }
     if let Some(w) = &obs.source_writes {
         let (count, lost) = source_writes(&s, obs);
         let samples = source_write_samples(&s, obs);
@@ -977,7 +1012,22 @@ pub fn record(
             }
         }
         Action::LaunchMigrations(_) => {}
-        Action::StartReplication => add_milestone(&mut s, Milestone::CopyStarted),
+        Action::DeferIndexes => {
+            if let Outcome::Deferred(list) = outcome {
+                s.replication.get_or_insert_default().deferred_indexes = list;
+            }
+            add_milestone(&mut s, Milestone::IndexesDeferred);
+        }
+        Action::StartReplication => {
+            // A parallel copy started again after its process (and snapshot) was lost.
+            if let Some(c) = s.replication.as_mut().and_then(|r| r.initial_copy.as_mut())
+                && done(status, Milestone::CopyStarted)
+            {
+                c.restarts += 1;
+                c.stage = "Restarting".into();
+            }
+            add_milestone(&mut s, Milestone::CopyStarted);
+        }
         Action::StartOnlineVerification => {
             // A pass that ran in a process gone since is started again.
             if let Some(o) = s.online_verification.as_mut()

@@ -186,6 +186,92 @@ fn migrations_follow_the_job() {
     assert!(why.contains("BackoffLimitExceeded"));
 }
 
+/// With the parallel copy, green's indexes are recorded first, then the copy starts, the plan
+/// waits while it runs, starts it again once it has ended without a subscription, and goes on as
+/// with the native copy once the subscription exists; its progress lands in the status.
+#[test]
+fn a_parallel_copy_records_green_indexes_first_and_waits_for_the_copy() {
+    let mut spec = plan("rollback");
+    spec.replication.initial_copy = crate::api::InitialCopy::Parallel;
+    let fresh = in_phase(Phase::Replicating, 0);
+    let none = Observations::default();
+    assert_eq!(
+        next_action(&spec, &fresh, &none, t(1)),
+        Action::DeferIndexes
+    );
+    let index = crate::api::DeferredIndex {
+        table: "public.t".into(),
+        name: "t_v_idx".into(),
+        kind: "Index".into(),
+        definition: "CREATE INDEX t_v_idx ON public.t USING btree (v)".into(),
+    };
+    let deferred = record(
+        &spec,
+        &fresh,
+        &Action::DeferIndexes,
+        Outcome::Deferred(vec![index.clone()]),
+        &none,
+        t(1),
+    );
+    assert!(deferred.milestones.contains(&Milestone::IndexesDeferred));
+    assert_eq!(
+        deferred.replication.as_ref().unwrap().deferred_indexes,
+        [index]
+    );
+    assert_eq!(
+        next_action(&spec, &deferred, &none, t(2)),
+        Action::StartReplication
+    );
+    let started = record(
+        &spec,
+        &deferred,
+        &Action::StartReplication,
+        Outcome::Done,
+        &none,
+        t(2),
+    );
+    let copying = Observations {
+        copy: Some(CopyObservation {
+            status: crate::api::InitialCopyStatus {
+                stage: "Copying".into(),
+                bytes_copied: 10,
+                ..Default::default()
+            },
+            running: true,
+        }),
+        ..Observations::default()
+    };
+    assert_eq!(
+        next_action(&spec, &started, &copying, t(3)),
+        Action::Wait(POLL)
+    );
+    let seen = record(
+        &spec,
+        &started,
+        &Action::Wait(POLL),
+        Outcome::Done,
+        &copying,
+        t(3),
+    );
+    let r = seen.replication.as_ref().unwrap();
+    assert_eq!(r.initial_copy.as_ref().unwrap().stage, "Copying");
+    assert_eq!(r.bytes_copied, Some(10));
+    // Ended without a subscription (failed, or its process gone): started again, counted.
+    assert_eq!(
+        next_action(&spec, &seen, &none, t(4)),
+        Action::StartReplication
+    );
+    let again = record(
+        &spec,
+        &seen,
+        &Action::StartReplication,
+        Outcome::Done,
+        &none,
+        t(4),
+    );
+    assert_eq!(again.replication.unwrap().initial_copy.unwrap().restarts, 1);
+}
+
 #[test]
 fn replication_waits_for_copy_lag_and_schedule() {
     let mut spec = plan("rollback");
@@ -852,7 +938,7 @@ impl Rng {
 #[test]
 fn invariants_hold_over_random_runs() {
     let mut endings = std::collections::BTreeMap::new();
-    for seed in 1..=600u64 {
+    for seed in 1..=1000u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut spec = plan(["rollback", "manual", "rehearsal"][rng.below(3) as usize]);
         let mut status = DatabaseCutoverStatus::default();
@@ -860,6 +946,13 @@ fn invariants_hold_over_random_runs() {
         let mut source_frozen = false;
         let mut pnr: Option<String> = None;
         let mut replication_started = false;
+        // With the parallel copy, StartReplication starts a copy whose end creates the
+        // subscription some steps later (or which fails, and is started again).
+        if rng.chance(50) {
+            spec.replication.initial_copy = crate::api::InitialCopy::Parallel;
+        }
+        let parallel = spec.replication.initial_copy == crate::api::InitialCopy::Parallel;
+        let mut copy_started = false;
         let mut online_started = false;
         let mut jobs_launched: Vec<MigrationSet> = Vec::new();
         for _ in 0..300 {
@@ -875,7 +968,14 @@ fn invariants_hold_over_random_runs() {
             {
                 r.requested = r.readiness;
             }
+            if copy_started && !replication_started && rng.chance(50) {
+                replication_started = true;
+            }
             let obs = Observations {
+                copy: (copy_started && !replication_started).then(|| CopyObservation {
+                    running: !rng.chance(5),
+                    ..CopyObservation::default()
+                }),
                 deleting: false,
                 migration_job: jobs_launched
                     .contains(&match status.phase {
@@ -956,6 +1056,10 @@ fn invariants_hold_over_random_runs() {
                         source_frozen = false;
                         Outcome::Done
                     }
+                    Action::StartReplication if parallel => {
+                        copy_started = true;
+                        Outcome::Done
+                    }
                     Action::StartReplication => {
                         replication_started = true;
                         Outcome::Done
@@ -1005,6 +1109,12 @@ fn invariants_hold_over_random_runs() {
             pnr.clone_from(&status.point_of_no_return_at);
             if status.phase == Phase::Aborted {
                 assert!(!source_frozen, "aborted with the source frozen: {ctx}");
+            }
+            if action == Action::StartReplication && parallel {
+                assert!(
+                    before.milestones.contains(&Milestone::IndexesDeferred),
+                    "a parallel copy started before green's indexes were recorded: {ctx}"
+                );
             }
             for step in &status.steps {
                 if let Some(finished) = &step.finished_at {

@@ -292,7 +292,10 @@ pub fn describe(config: &Config) -> String {
     format!("postgres://{user}@{host}:{port}/{db}")
 }
 
-fn tls_config(mode: TlsMode, ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, ConnectError> {
+pub(crate) fn tls_config(
+    mode: TlsMode,
+    ca_pem: Option<&[u8]>,
+) -> Result<rustls::ClientConfig, ConnectError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -14,6 +14,7 @@ pub use ident::{quote_ident, quote_literal, quote_qualified};
 // replication and cleanup. See docs/replication.md.
 pub mod checkpoint;
 pub mod cleanup;
+pub mod copy;
 pub mod freeze;
 pub mod large_objects;
 pub mod preflight;
@@ -23,4 +24,5 @@ pub mod roles;
 pub mod shared;
 pub mod slots;
 pub mod sync;
+pub mod walsender;
 pub mod witness;

@@ -399,6 +399,10 @@ pub async fn ensure_publication(
 pub struct SubscriptionOptions {
     /// Copy the existing rows first (`copy_data`).
     pub copy_data: bool,
+    /// Create the slot on the publisher (`create_slot`); when false, the slot exists already
+    /// (made with an exported snapshot for the parallel copy) and streaming starts where it
+    /// stands.
+    pub create_slot: bool,
 }
 
 /// Creates the subscription `name` on `subscriber` to `publication` on the server at
@@ -436,14 +440,17 @@ pub async fn ensure_subscription_named(
         }
         return Ok(false);
     }
-    drop_slot(publisher, slot, Duration::from_secs(10)).await?;
+    if options.create_slot {
+        drop_slot(publisher, slot, Duration::from_secs(10)).await?;
+    }
     let stmt = format!(
         "CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} \
-         WITH (copy_data = {}, create_slot = true, slot_name = {}, enabled = true)",
+         WITH (copy_data = {}, create_slot = {}, slot_name = {}, enabled = true)",
         quote_ident(name),
         quote_literal(publisher_conninfo.expose()),
         quote_ident(publication),
         options.copy_data,
+        options.create_slot,
         quote_literal(slot),
     );
     // The statement holds the connection string: only the server's message is kept (it names
@@ -476,7 +483,10 @@ pub async fn ensure_subscription(
         &names.publication,
         &names.slot,
         blue_conninfo,
-        SubscriptionOptions { copy_data: true },
+        SubscriptionOptions {
+            copy_data: true,
+            create_slot: true,
+        },
     )
     .await
 }

@@ -51,7 +51,10 @@ pub async fn start_reverse(
         &names.reverse_publication,
         &names.reverse_slot,
         green_conninfo,
-        SubscriptionOptions { copy_data: false },
+        SubscriptionOptions {
+            copy_data: false,
+            create_slot: true,
+        },
     )
     .await?;
     Ok(())

@@ -1,0 +1,1016 @@
+//! The parallel initial copy (`replication.initialCopy: Parallel`): the forward slot is created
+//! with an exported snapshot ([`super::walsender`]), N workers copy every replicated table
+//! blue → green inside that snapshot with `COPY … TO STDOUT` streamed into `COPY … FROM STDIN`
+//! (binary when both sides have the same built-in types), large tables split into key ranges;
+//! green's secondary indexes and constraints, dropped before the copy, are built again
+//! afterwards in parallel, exactly as they were; then the subscription streams from the slot's
+//! consistent point without copying.
+//!
+//! Why it is exact: the exported snapshot sees precisely the transactions that committed before
+//! the slot's consistent point, and the slot decodes precisely those that commit after it
+//! (PostgreSQL's own table synchronisation relies on the same pairing). A subscription created
+//! on the slot with `copy_data = false` starts at its `confirmed_flush_lsn`, which is that
+//! point.
+//!
+//! A worker whose connection fails retries its chunk: the blue side imports the snapshot again
+//! (possible while the exporting session lives), and the chunk's rows are first deleted on green
+//! by the same key range, so nothing is doubled even when a commit's acknowledgement was lost.
+//! If the exporting session is lost (the process restarts), the copy cannot be resumed exactly:
+//! the caller drops the slot, empties the tables and starts over.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use thiserror::Error;
+use tokio_postgres::Client;
+use tokio_postgres::types::PgLsn;
+
+use super::connect::{ConnectError, ConnectOptions, Dsn, connect};
+use super::ident::{TableName, quote_ident, quote_literal};
+use super::shared::{db_message, writable_session};
+use super::walsender::{WalsenderConnection, WalsenderError, create_slot_exporting};
+use crate::api::DeferredIndex;
+
+/// How many times a chunk is tried before the copy gives up.
+const CHUNK_ATTEMPTS: u32 = 5;
+
+/// What the copy needs.
+#[derive(Clone, Debug)]
+pub struct CopyConfig {
+    /// The source, as the operator reaches it (a replication session is opened to it too).
+    pub blue: Dsn,
+    /// The target.
+    pub green: Dsn,
+    /// How to connect.
+    pub connect: ConnectOptions,
+    /// The replicated tables (as the publication has them).
+    pub tables: Vec<TableName>,
+    /// The forward slot to create.
+    pub slot: String,
+    /// Workers copying at once (and indexes built at once).
+    pub parallelism: usize,
+    /// Tables larger than this (bytes on the source) are split into key ranges of about this
+    /// size.
+    pub split_bytes: i64,
+    /// Green's secondary indexes and constraints, dropped before the copy, built afterwards.
+    pub deferred: Vec<DeferredIndex>,
+    /// How long the slot creation may wait for transactions running on the source.
+    pub slot_wait: Duration,
+}
+
+/// Why the copy failed.
+#[derive(Debug, Error)]
+pub enum CopyError {
+    /// A connection could not be made.
+    #[error("failed to reach the {side} database: {source}")]
+    Connect {
+        /// `source` or `target`.
+        side: &'static str,
+        /// Why.
+        #[source]
+        source: ConnectError,
+    },
+    /// The replication session failed.
+    #[error("failed to create the slot with an exported snapshot: {0}")]
+    Walsender(#[from] WalsenderError),
+    /// A statement failed.
+    #[error("failed to {action}: {}", db_message(source))]
+    Sql {
+        /// What was being done.
+        action: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The copy was told to stop.
+    #[error("the copy was stopped")]
+    Stopped,
+    /// Something the copy cannot do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl CopyError {
+    /// Whether trying again may help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Stopped => true,
+            Self::Walsender(e) => e.is_transient(),
+            Self::Sql { source, .. } => {
+                source.is_closed()
+                    || source
+                        .code()
+                        .is_none_or(|c| crate::engine::sqlstate_transient(c.code()))
+            }
+            Self::Refused(_) => false,
+        }
+    }
+
+    /// The SQLSTATE, when a server gave one.
+    pub fn code(&self) -> Option<String> {
+        match self {
+            Self::Sql { source, .. } => source.code().map(|c| c.code().to_owned()),
+            Self::Walsender(e) => e.code().map(ToOwned::to_owned),
+            _ => None,
+        }
+    }
+}
+
+fn sql(action: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CopyError {
+    let action = action.into();
+    move |source| CopyError::Sql { action, source }
+}
+
+/// Where the copy is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CopyStage {
+    /// Creating the slot (waiting for running transactions to end).
+    #[default]
+    CreatingSlot,
+    /// Copying rows.
+    Copying,
+    /// Building the deferred indexes and constraints.
+    Indexing,
+    /// Everything copied and built.
+    Done,
+}
+
+impl CopyStage {
+    /// The word the status uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreatingSlot => "CreatingSlot",
+            Self::Copying => "Copying",
+            Self::Indexing => "Indexing",
+            Self::Done => "Done",
+        }
+    }
+}
+
+/// One table's copy so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableCopy {
+    /// `schema.table`.
+    pub table: String,
+    /// Its size on the source (heap and TOAST), the basis of the estimate.
+    pub bytes_total: i64,
+    /// Bytes streamed so far (COPY's own format: about the size of the rows).
+    pub bytes: i64,
+    /// Rows committed on green.
+    pub rows: i64,
+    /// Key ranges it was split into (1 when copied whole).
+    pub chunks: u32,
+    /// Ranges committed on green.
+    pub chunks_done: u32,
+    /// Ranges tried again after a failure.
+    pub retries: u32,
+}
+
+/// The copy so far.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CopyProgress {
+    /// Where it is.
+    pub stage: CopyStage,
+    /// Each table.
+    pub tables: Vec<TableCopy>,
+    /// The slot's consistent point, once created.
+    pub consistent_point: Option<String>,
+    /// Indexes and constraints built again, of how many.
+    pub indexes_built: u32,
+    /// Deferred indexes and constraints in all.
+    pub indexes_total: u32,
+    /// Seconds since the rows began to flow.
+    pub copying_for: Option<f64>,
+}
+
+impl CopyProgress {
+    /// Bytes streamed in all.
+    pub fn bytes(&self) -> i64 {
+        self.tables.iter().map(|t| t.bytes).sum()
+    }
+
+    /// The source's size of every table in all.
+    pub fn bytes_total(&self) -> i64 {
+        self.tables.iter().map(|t| t.bytes_total).sum()
+    }
+
+    /// Rows committed in all.
+    pub fn rows(&self) -> i64 {
+        self.tables.iter().map(|t| t.rows).sum()
+    }
+
+    /// Tables whose every range is on green.
+    pub fn tables_done(&self) -> usize {
+        self.tables
+            .iter()
+            .filter(|t| t.chunks > 0 && t.chunks_done == t.chunks)
+            .count()
+    }
+
+    /// Seconds left, from the rate so far against the source's size (COPY's stream is about
+    /// the size of the heap; the estimate is for people, never for a decision).
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let elapsed = self.copying_for?;
+        let done = self.bytes();
+        if self.stage != CopyStage::Copying || done <= 0 || elapsed <= 0.0 {
+            return None;
+        }
+        let rate = done as f64 / elapsed;
+        let left = (self.bytes_total() - done).max(0) as f64;
+        Some(left / rate)
+    }
+}
+
+/// A live copy's progress, shared between its workers and whoever looks.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    stage: Mutex<CopyStage>,
+    consistent_point: Mutex<Option<String>>,
+    started: Mutex<Option<Instant>>,
+    tables: Mutex<Vec<TableInfo>>,
+    indexes_built: AtomicU32,
+    indexes_total: AtomicU32,
+    stop: AtomicBool,
+}
+
+#[derive(Debug)]
+struct TableInfo {
+    name: String,
+    bytes_total: i64,
+    chunks: u32,
+    bytes: Arc<AtomicI64>,
+    rows: Arc<AtomicI64>,
+    chunks_done: Arc<AtomicU32>,
+    retries: Arc<AtomicU32>,
+}
+
+impl Tracker {
+    /// What the copy has done so far.
+    pub fn progress(&self) -> CopyProgress {
+        let tables = self
+            .tables
+            .lock()
+            .expect("tables poisoned")
+            .iter()
+            .map(|t| TableCopy {
+                table: t.name.clone(),
+                bytes_total: t.bytes_total,
+                bytes: t.bytes.load(Ordering::Relaxed),
+                rows: t.rows.load(Ordering::Relaxed),
+                chunks: t.chunks,
+                chunks_done: t.chunks_done.load(Ordering::Relaxed),
+                retries: t.retries.load(Ordering::Relaxed),
+            })
+            .collect();
+        CopyProgress {
+            stage: *self.stage.lock().expect("stage poisoned"),
+            tables,
+            consistent_point: self
+                .consistent_point
+                .lock()
+                .expect("point poisoned")
+                .clone(),
+            indexes_built: self.indexes_built.load(Ordering::Relaxed),
+            indexes_total: self.indexes_total.load(Ordering::Relaxed),
+            copying_for: self
+                .started
+                .lock()
+                .expect("started poisoned")
+                .map(|s| s.elapsed().as_secs_f64()),
+        }
+    }
+
+    /// Asks the copy to stop at the next chunk boundary or message.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> Result<(), CopyError> {
+        if self.stop.load(Ordering::SeqCst) {
+            Err(CopyError::Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn set_stage(&self, stage: CopyStage) {
+        *self.stage.lock().expect("stage poisoned") = stage;
+    }
+}
+
+/// One unit of work: a table, or a key range of one.
+#[derive(Clone, Debug)]
+struct Chunk {
+    table: usize,
+    /// `WHERE` condition selecting the range (`None`: the whole table).
+    range: Option<String>,
+    bytes_estimate: i64,
+}
+
+/// How one table is read and written.
+#[derive(Clone, Debug)]
+struct TablePlan {
+    name: TableName,
+    /// Columns copied (generated ones are computed by green), quoted and joined.
+    columns: String,
+    /// The source's table is partitioned (read through its root).
+    partitioned: bool,
+    /// Both sides have the same built-in types: binary format.
+    binary: bool,
+}
+
+/// Runs the copy: slot with an exported snapshot, rows, then indexes. Returns the slot's
+/// consistent point, from which the subscription streams.
+pub async fn run(cfg: &CopyConfig, tracker: &Tracker) -> Result<PgLsn, CopyError> {
+    let observer = connect(&cfg.blue, &cfg.connect)
+        .await
+        .map_err(|source| CopyError::Connect {
+            side: "source",
+            source,
+        })?;
+    let session = WalsenderConnection::connect(&cfg.blue, &cfg.connect).await?;
+    tracker.stopped()?;
+    let exported = create_slot_exporting(session, &cfg.slot, cfg.slot_wait, &observer).await?;
+    let point = exported.consistent_point;
+    *tracker.consistent_point.lock().expect("point poisoned") = Some(point.to_string());
+    tracing::info!(slot = %cfg.slot, consistent_point = %point, "created the forward slot with an exported snapshot");
+    let copied = copy_rows(cfg, tracker, &exported.snapshot).await;
+    // The snapshot is needed no longer (every worker has committed its reads).
+    exported.session.close().await;
+    copied?;
+    tracker.set_stage(CopyStage::Indexing);
+    rebuild(
+        &cfg.green,
+        &cfg.connect,
+        &cfg.deferred,
+        cfg.parallelism,
+        tracker,
+    )
+    .await?;
+    tracker.set_stage(CopyStage::Done);
+    Ok(point)
+}
+
+async fn copy_rows(cfg: &CopyConfig, tracker: &Tracker, snapshot: &str) -> Result<(), CopyError> {
+    let planner = snapshot_session(cfg, snapshot).await?;
+    let green = green_session(cfg).await?;
+    let (plans, chunks) = plan(&planner, &green, cfg).await?;
+    drop(green);
+    {
+        let mut tables = tracker.tables.lock().expect("tables poisoned");
+        *tables = plans
+            .iter()
+            .enumerate()
+            .map(|(i, p)| TableInfo {
+                name: p.name.to_string(),
+                bytes_total: chunks
+                    .iter()
+                    .filter(|c| c.table == i)
+                    .map(|c| c.bytes_estimate)
+                    .sum(),
+                chunks: u32::try_from(chunks.iter().filter(|c| c.table == i).count())
+                    .unwrap_or(u32::MAX),
+                bytes: Arc::default(),
+                rows: Arc::default(),
+                chunks_done: Arc::default(),
+                retries: Arc::default(),
+            })
+            .collect();
+    }
+    tracker.set_stage(CopyStage::Copying);
+    *tracker.started.lock().expect("started poisoned") = Some(Instant::now());
+    let queue = Arc::new(Mutex::new(VecDeque::from(chunks)));
+    let plans = Arc::new(plans);
+    let counters: Vec<Counters> = tracker
+        .tables
+        .lock()
+        .expect("tables poisoned")
+        .iter()
+        .map(|t| {
+            (
+                t.bytes.clone(),
+                t.rows.clone(),
+                t.chunks_done.clone(),
+                t.retries.clone(),
+            )
+        })
+        .collect();
+    let counters = Arc::new(counters);
+    let workers = cfg.parallelism.max(1);
+    let mut first = Some(planner);
+    let results = futures::future::join_all((0..workers).map(|_| {
+        let session = first.take();
+        worker(
+            cfg,
+            tracker,
+            snapshot,
+            session,
+            queue.clone(),
+            plans.clone(),
+            counters.clone(),
+        )
+    }))
+    .await;
+    // The first failure that is not a stop caused by another's failure.
+    let mut failure = None;
+    for r in results {
+        if let Err(e) = r
+            && (failure.is_none() || matches!(failure, Some(CopyError::Stopped)))
+        {
+            failure = Some(e);
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A session on blue reading in the exported snapshot.
+async fn snapshot_session(cfg: &CopyConfig, snapshot: &str) -> Result<Client, CopyError> {
+    let client = connect(&cfg.blue, &cfg.connect)
+        .await
+        .map_err(|source| CopyError::Connect {
+            side: "source",
+            source,
+        })?;
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .map_err(sql("read in the exported snapshot"))?;
+    Ok(client)
+}
+
+/// A session on green writing as the apply does: triggers and foreign-key checks off
+/// (`session_replication_role = replica`) where the role may set it.
+async fn green_session(cfg: &CopyConfig) -> Result<Client, CopyError> {
+    let client = connect(&cfg.green, &cfg.connect)
+        .await
+        .map_err(|source| CopyError::Connect {
+            side: "target",
+            source,
+        })?;
+    writable_session(&client)
+        .await
+        .map_err(sql("make the session writable"))?;
+    if client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .is_err()
+    {
+        let triggers = user_triggers(&client, &cfg.tables).await?;
+        if !triggers.is_empty() {
+            return Err(CopyError::Refused(format!(
+                "the target's tables have triggers ({}) that a copy by this role would fire: \
+                 grant it SET on session_replication_role (or superuser), or use \
+                 replication.initialCopy: Native",
+                triggers.join(", ")
+            )));
+        }
+    }
+    Ok(client)
+}
+
+/// Enabled user triggers on `tables` of this database, as `table: trigger`.
+async fn user_triggers(client: &Client, tables: &[TableName]) -> Result<Vec<String>, CopyError> {
+    let mut out = Vec::new();
+    for t in tables {
+        let rows = client
+            .query(
+                "SELECT tgname::text FROM pg_trigger
+                  WHERE tgrelid = to_regclass(format('%I.%I', $1::text, $2::text))
+                    AND NOT tgisinternal AND tgenabled <> 'D'",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(sql("list the target's triggers"))?;
+        out.extend(
+            rows.iter()
+                .map(|r| format!("{t}: {}", r.get::<_, String>(0))),
+        );
+    }
+    Ok(out)
+}
+
+/// Columns, formats and key ranges of every table, read in the snapshot. Chunks come largest
+/// first, so the long ones start early.
+async fn plan(
+    blue: &Client,
+    green: &Client,
+    cfg: &CopyConfig,
+) -> Result<(Vec<TablePlan>, Vec<Chunk>), CopyError> {
+    let mut plans = Vec::new();
+    let mut chunks = Vec::new();
+    for (i, t) in cfg.tables.iter().enumerate() {
+        let info = blue
+            .query_one(
+                "SELECT c.relkind = 'p',
+                        coalesce((SELECT sum(pg_table_size(p.relid))
+                                    FROM pg_partition_tree(c.oid) p), pg_table_size(c.oid))::int8
+                   FROM pg_class c
+                  WHERE c.oid = to_regclass(format('%I.%I', $1::text, $2::text))",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(sql(format!("read the size of {t}")))?;
+        let partitioned: bool = info.get(0);
+        let size: i64 = info.get(1);
+        let columns_query = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                                    a.atttypid < 16384
+                               FROM pg_attribute a
+                              WHERE a.attrelid = to_regclass(format('%I.%I', $1::text, $2::text))
+                                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                              ORDER BY a.attnum";
+        let blue_cols = blue
+            .query(columns_query, &[&t.schema, &t.name])
+            .await
+            .map_err(sql(format!("read the columns of {t}")))?;
+        let green_cols = green
+            .query(columns_query, &[&t.schema, &t.name])
+            .await
+            .map_err(sql(format!("read the columns of {t} on the target")))?;
+        let green_types: std::collections::HashMap<String, String> = green_cols
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        let mut binary = true;
+        let mut names = Vec::new();
+        for r in &blue_cols {
+            let name: String = r.get(0);
+            let ty: String = r.get(1);
+            let builtin: bool = r.get(2);
+            if green_types.get(&name) != Some(&ty) || !builtin {
+                binary = false;
+            }
+            names.push(quote_ident(&name));
+        }
+        plans.push(TablePlan {
+            name: t.clone(),
+            columns: names.join(", "),
+            partitioned,
+            binary,
+        });
+        let ranges = split(blue, t, size, cfg).await?;
+        let each = size / i64::try_from(ranges.len().max(1)).unwrap_or(1);
+        chunks.extend(ranges.into_iter().map(|range| Chunk {
+            table: i,
+            range,
+            bytes_estimate: each,
+        }));
+    }
+    chunks.sort_by_key(|c| std::cmp::Reverse(c.bytes_estimate));
+    Ok((plans, chunks))
+}
+
+/// Key ranges of a table larger than the split size: even ranges of its primary key's first
+/// column when that is an integer (min and max read in the snapshot); otherwise, or when small,
+/// the whole table.
+async fn split(
+    blue: &Client,
+    t: &TableName,
+    size: i64,
+    cfg: &CopyConfig,
+) -> Result<Vec<Option<String>>, CopyError> {
+    let wanted = if cfg.split_bytes > 0 {
+        (size + cfg.split_bytes - 1) / cfg.split_bytes
+    } else {
+        1
+    };
+    if wanted < 2 {
+        return Ok(vec![None]);
+    }
+    let key = blue
+        .query_opt(
+            "SELECT a.attname::text
+               FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+              WHERE i.indrelid = to_regclass(format('%I.%I', $1::text, $2::text))
+                AND i.indisprimary
+                AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)",
+            &[&t.schema, &t.name],
+        )
+        .await
+        .map_err(sql(format!("read the primary key of {t}")))?;
+    let Some(key) = key else {
+        return Ok(vec![None]);
+    };
+    let key = quote_ident(&key.get::<_, String>(0));
+    let bounds = blue
+        .query_one(
+            &format!(
+                "SELECT min({key})::int8, max({key})::int8 FROM {}",
+                t.quoted()
+            ),
+            &[],
+        )
+        .await
+        .map_err(sql(format!("read the key range of {t}")))?;
+    let (Some(lo), Some(hi)) = (
+        bounds.get::<_, Option<i64>>(0),
+        bounds.get::<_, Option<i64>>(1),
+    ) else {
+        return Ok(vec![None]);
+    };
+    let span = i128::from(hi) - i128::from(lo) + 1;
+    let parts = i128::from(wanted.min(256)).min(span).max(1);
+    if parts < 2 {
+        return Ok(vec![None]);
+    }
+    let step = span / parts;
+    let cuts: Vec<i64> = (1..parts)
+        .map(|k| i64::try_from(i128::from(lo) + k * step).unwrap_or(hi))
+        .collect();
+    let mut ranges = Vec::new();
+    for (k, cut) in cuts.iter().enumerate() {
+        ranges.push(Some(match k {
+            0 => format!("{key} < {cut}"),
+            _ => format!("{key} >= {} AND {key} < {cut}", cuts[k - 1]),
+        }));
+    }
+    ranges.push(Some(format!("{key} >= {}", cuts[cuts.len() - 1])));
+    Ok(ranges)
+}
+
+type Counters = (
+    Arc<AtomicI64>,
+    Arc<AtomicI64>,
+    Arc<AtomicU32>,
+    Arc<AtomicU32>,
+);
+
+#[allow(clippy::too_many_arguments)]
+async fn worker(
+    cfg: &CopyConfig,
+    tracker: &Tracker,
+    snapshot: &str,
+    mut blue: Option<Client>,
+    queue: Arc<Mutex<VecDeque<Chunk>>>,
+    plans: Arc<Vec<TablePlan>>,
+    counters: Arc<Vec<Counters>>,
+) -> Result<(), CopyError> {
+    let mut green: Option<Client> = None;
+    loop {
+        let Some(chunk) = queue.lock().expect("queue poisoned").pop_front() else {
+            return Ok(());
+        };
+        let plan = &plans[chunk.table];
+        let (bytes, rows, done, retries) = &counters[chunk.table];
+        let mut attempt = 0;
+        loop {
+            tracker.stopped()?;
+            let result = async {
+                if blue.as_ref().is_none_or(Client::is_closed) {
+                    blue = Some(snapshot_session(cfg, snapshot).await?);
+                }
+                if green.as_ref().is_none_or(Client::is_closed) {
+                    green = Some(green_session(cfg).await?);
+                }
+                let (b, g) = (blue.as_ref().expect("set"), green.as_ref().expect("set"));
+                copy_chunk(b, g, plan, &chunk, attempt > 0, bytes, tracker).await
+            }
+            .await;
+            match result {
+                Ok(n) => {
+                    rows.fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) if e.is_transient() && attempt + 1 < CHUNK_ATTEMPTS => {
+                    if matches!(e, CopyError::Stopped) {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(table = %plan.name, error = %e, attempt, "copying a range failed; trying it again");
+                    // Either side may be the one that failed: both start afresh.
+                    blue = None;
+                    green = None;
+                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+                }
+                Err(e) => {
+                    // The others stop at their next message: the copy as a whole starts over.
+                    tracker.stop();
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Streams one chunk blue → green and commits it. A retried chunk first deletes its range on
+/// green (a commit whose acknowledgement was lost would otherwise double it). Returns the rows.
+async fn copy_chunk(
+    blue: &Client,
+    green: &Client,
+    plan: &TablePlan,
+    chunk: &Chunk,
+    retry: bool,
+    bytes: &AtomicI64,
+    tracker: &Tracker,
+) -> Result<u64, CopyError> {
+    let table = plan.name.quoted();
+    let format = if plan.binary { "binary" } else { "text" };
+    if retry {
+        let condition = chunk.range.as_deref().unwrap_or("true");
+        let only = if plan.partitioned { "" } else { "ONLY " };
+        green
+            .execute(&format!("DELETE FROM {only}{table} WHERE {condition}"), &[])
+            .await
+            .map_err(sql(format!("remove a failed copy's rows of {}", plan.name)))?;
+    }
+    let out = match (&chunk.range, plan.partitioned) {
+        (None, false) => format!(
+            "COPY {table} ({}) TO STDOUT (FORMAT {format})",
+            plan.columns
+        ),
+        (range, partitioned) => format!(
+            "COPY (SELECT {} FROM {}{table}{}) TO STDOUT (FORMAT {format})",
+            plan.columns,
+            if partitioned { "" } else { "ONLY " },
+            range
+                .as_deref()
+                .map(|r| format!(" WHERE {r}"))
+                .unwrap_or_default()
+        ),
+    };
+    let into = format!(
+        "COPY {table} ({}) FROM STDIN (FORMAT {format})",
+        plan.columns
+    );
+    let source = blue
+        .copy_out(out.as_str())
+        .await
+        .map_err(sql(format!("read {} from the source", plan.name)))?;
+    let sink = green
+        .copy_in::<_, bytes::Bytes>(into.as_str())
+        .await
+        .map_err(sql(format!("write {} to the target", plan.name)))?;
+    futures::pin_mut!(sink);
+    futures::pin_mut!(source);
+    while let Some(data) = source.next().await {
+        tracker.stopped()?;
+        let data = data.map_err(sql(format!("read {} from the source", plan.name)))?;
+        bytes.fetch_add(i64::try_from(data.len()).unwrap_or(0), Ordering::Relaxed);
+        sink.feed(data)
+            .await
+            .map_err(sql(format!("write {} to the target", plan.name)))?;
+    }
+    sink.as_mut()
+        .finish()
+        .await
+        .map_err(sql(format!("commit {} on the target", plan.name)))
+}
+
+/// Green's secondary indexes and constraints on `tables` that the copy may drop and build
+/// again afterwards: plain indexes, unique and exclusion constraints, and foreign keys of the
+/// tables — not primary keys, replica identity indexes (the apply needs them), invalid indexes
+/// (built again they would become valid), nor anything on partitioned tables. Foreign keys come
+/// first (dropping them frees the unique indexes they reference).
+pub async fn deferrable(
+    green: &Client,
+    tables: &[TableName],
+) -> Result<Vec<DeferredIndex>, CopyError> {
+    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let rows = green
+        .query(
+            "WITH t AS (
+               SELECT c.oid, format('%s.%s', n.nspname, c.relname) AS name
+                 FROM unnest($1::text[]) q(name)
+                 JOIN pg_class c ON c.oid = to_regclass(q.name)
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind = 'r' AND NOT c.relispartition
+             )
+             SELECT t.name, con.conname::text, 'ForeignKey',
+                    pg_get_constraintdef(con.oid), 0
+               FROM pg_constraint con JOIN t ON t.oid = con.conrelid
+              WHERE con.contype = 'f' AND con.conparentid = 0
+             UNION ALL
+             SELECT t.name, con.conname::text, 'Constraint',
+                    pg_get_constraintdef(con.oid), 1
+               FROM pg_constraint con JOIN t ON t.oid = con.conrelid
+               JOIN pg_index i ON i.indexrelid = con.conindid
+              WHERE con.contype IN ('u', 'x') AND NOT i.indisreplident AND i.indisvalid
+                AND NOT EXISTS (SELECT FROM pg_constraint f
+                                 WHERE f.contype = 'f' AND f.conindid = con.conindid
+                                   AND f.conrelid NOT IN (SELECT oid FROM t))
+             UNION ALL
+             SELECT t.name, ic.relname::text, 'Index', pg_get_indexdef(i.indexrelid), 1
+               FROM pg_index i JOIN t ON t.oid = i.indrelid
+               JOIN pg_class ic ON ic.oid = i.indexrelid
+              WHERE NOT i.indisprimary AND NOT i.indisreplident AND i.indisvalid
+                AND NOT EXISTS (SELECT FROM pg_constraint con WHERE con.conindid = i.indexrelid
+                                   AND con.contype IN ('p', 'u', 'x'))
+                AND NOT EXISTS (SELECT FROM pg_constraint f
+                                 WHERE f.contype = 'f' AND f.conindid = i.indexrelid
+                                   AND f.conrelid NOT IN (SELECT oid FROM t))
+                AND NOT EXISTS (SELECT FROM pg_depend d
+                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
+                                   AND d.deptype IN ('i', 'P', 'S'))
+              ORDER BY 5, 1, 2",
+            &[&names],
+        )
+        .await
+        .map_err(sql("list the target's indexes and constraints"))?;
+    Ok(rows
+        .iter()
+        .map(|r| DeferredIndex {
+            table: r.get(0),
+            name: r.get(1),
+            kind: r.get(2),
+            definition: r.get(3),
+        })
+        .collect())
+}
+
+fn qualified_table(d: &DeferredIndex) -> String {
+    TableName::parse(&d.table)
+        .map(|t| t.quoted())
+        .unwrap_or_else(|_| d.table.clone())
+}
+
+fn index_qualified(d: &DeferredIndex) -> String {
+    match TableName::parse(&d.table) {
+        Ok(t) => format!("{}.{}", quote_ident(&t.schema), quote_ident(&d.name)),
+        Err(_) => quote_ident(&d.name),
+    }
+}
+
+/// Drops the deferred indexes and constraints on green (those already gone are skipped).
+pub async fn drop_deferred(green: &Client, deferred: &[DeferredIndex]) -> Result<(), CopyError> {
+    writable_session(green)
+        .await
+        .map_err(sql("make the session writable"))?;
+    for d in deferred {
+        let stmt = match d.kind.as_str() {
+            "Index" => format!("DROP INDEX IF EXISTS {}", index_qualified(d)),
+            _ => format!(
+                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+                qualified_table(d),
+                quote_ident(&d.name)
+            ),
+        };
+        green.batch_execute(&stmt).await.map_err(sql(format!(
+            "drop {} on the target before the copy",
+            d.name
+        )))?;
+    }
+    Ok(())
+}
+
+/// Whether `d` exists on green now.
+async fn exists(green: &Client, d: &DeferredIndex) -> Result<bool, CopyError> {
+    let table = qualified_table(d);
+    let row = match d.kind.as_str() {
+        "Index" => {
+            green
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&index_qualified(d)])
+                .await
+        }
+        _ => {
+            green
+                .query_one(
+                    "SELECT EXISTS (SELECT FROM pg_constraint
+                                     WHERE conrelid = to_regclass($1) AND conname = $2)",
+                    &[&table, &d.name],
+                )
+                .await
+        }
+    }
+    .map_err(sql("look for an index on the target"))?;
+    Ok(row.get(0))
+}
+
+/// The statement building `d` again as it was.
+fn build_statement(d: &DeferredIndex) -> String {
+    match d.kind.as_str() {
+        "Index" => d.definition.clone(),
+        _ => format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} {}",
+            qualified_table(d),
+            quote_ident(&d.name),
+            d.definition
+        ),
+    }
+}
+
+/// Builds every deferred index and constraint missing on green, `parallelism` at a time:
+/// indexes and unique constraints first, foreign keys (which need the unique indexes they
+/// reference) after.
+pub async fn rebuild(
+    green: &Dsn,
+    opts: &ConnectOptions,
+    deferred: &[DeferredIndex],
+    parallelism: usize,
+    tracker: &Tracker,
+) -> Result<(), CopyError> {
+    tracker.indexes_total.store(
+        u32::try_from(deferred.len()).unwrap_or(u32::MAX),
+        Ordering::Relaxed,
+    );
+    let (keys, rest): (Vec<&DeferredIndex>, Vec<&DeferredIndex>) =
+        deferred.iter().partition(|d| d.kind == "ForeignKey");
+    for wave in [rest, keys] {
+        let queue = Arc::new(Mutex::new(VecDeque::from(wave)));
+        let builders = (0..parallelism.max(1)).map(|_| {
+            let queue = queue.clone();
+            async move {
+                let client = connect(green, opts)
+                    .await
+                    .map_err(|source| CopyError::Connect {
+                        side: "target",
+                        source,
+                    })?;
+                writable_session(&client)
+                    .await
+                    .map_err(sql("make the session writable"))?;
+                // Index builds may use the memory a maintenance session is allowed.
+                let _ = client
+                    .batch_execute("SET maintenance_work_mem = '256MB'")
+                    .await;
+                loop {
+                    let Some(d) = queue.lock().expect("queue poisoned").pop_front() else {
+                        return Ok::<(), CopyError>(());
+                    };
+                    tracker.stopped()?;
+                    if !exists(&client, d).await? {
+                        client
+                            .batch_execute(&build_statement(d))
+                            .await
+                            .map_err(sql(format!("build {} on the target", d.name)))?;
+                    }
+                    tracker.indexes_built.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        futures::future::try_join_all(builders).await?;
+    }
+    Ok(())
+}
+
+/// Builds every deferred index and constraint missing on green, one at a time (an abort,
+/// after the tables were emptied: cheap).
+pub async fn restore(green: &Client, deferred: &[DeferredIndex]) -> Result<(), CopyError> {
+    writable_session(green)
+        .await
+        .map_err(sql("make the session writable"))?;
+    let (keys, rest): (Vec<&DeferredIndex>, Vec<&DeferredIndex>) =
+        deferred.iter().partition(|d| d.kind == "ForeignKey");
+    for d in rest.into_iter().chain(keys) {
+        if !exists(green, d).await? {
+            green
+                .batch_execute(&build_statement(d))
+                .await
+                .map_err(sql(format!("build {} on the target again", d.name)))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_follows_the_rate() {
+        let p = CopyProgress {
+            stage: CopyStage::Copying,
+            tables: vec![TableCopy {
+                table: "public.a".into(),
+                bytes_total: 1000,
+                bytes: 250,
+                chunks: 1,
+                ..TableCopy::default()
+            }],
+            copying_for: Some(10.0),
+            ..CopyProgress::default()
+        };
+        assert_eq!(p.eta_seconds(), Some(30.0));
+        assert_eq!(p.tables_done(), 0);
+        let done = CopyProgress {
+            stage: CopyStage::Done,
+            ..p
+        };
+        assert_eq!(done.eta_seconds(), None);
+    }
+
+    #[test]
+    fn constraints_are_built_with_their_names() {
+        let d = DeferredIndex {
+            table: "my schema.Orders".into(),
+            name: "orders_ref_fkey".into(),
+            kind: "ForeignKey".into(),
+            definition: "FOREIGN KEY (ref) REFERENCES \"my schema\".items(id)".into(),
+        };
+        assert_eq!(
+            build_statement(&d),
+            "ALTER TABLE \"my schema\".\"Orders\" ADD CONSTRAINT \"orders_ref_fkey\" FOREIGN KEY (ref) REFERENCES \"my schema\".items(id)"
+        );
+        assert_eq!(index_qualified(&d), "\"my schema\".\"orders_ref_fkey\"");
+    }
+}
