@@ -612,6 +612,15 @@ pub struct InitialCopyStatus {
     /// Why the last attempt failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Seconds the slot's creation took (waiting for transactions running on the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_seconds: Option<f64>,
+    /// Seconds the rows took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_seconds: Option<f64>,
+    /// Seconds building the deferred indexes and constraints took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_seconds: Option<f64>,
     /// Each table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<TableCopyStatus>,
@@ -650,6 +659,13 @@ pub struct DeferredIndex {
     pub kind: String,
     /// Its definition (`pg_get_indexdef` / `pg_get_constraintdef`).
     pub definition: String,
+    /// The index of a primary key or unique constraint, built first (in parallel with the
+    /// others) and then taken over by the constraint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<String>,
+    /// That index's definition (`pg_get_indexdef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_definition: Option<String>,
 }
 
 /// The comparison of source and target.

@@ -31,7 +31,7 @@ use crate::plan::{
 use crate::platform::Platform;
 use crate::postgres::checkpoint::{self, CountState, ReverseLink};
 use crate::postgres::cleanup;
-use crate::postgres::copy::CopyConfig;
+use crate::postgres::copy::{CopyConfig, CopyStage};
 use crate::postgres::freeze::{self, FreezeConfig};
 use crate::postgres::large_objects;
 use crate::postgres::preflight::{self, PreflightOptions};
@@ -988,6 +988,14 @@ impl<P: Platform> Engine<P> {
 /// before it gives up, naming them (the step is retried).
 const COPY_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// How long `stage` of the copy took (to the millisecond), once it is over.
+fn stage_seconds(p: &crate::postgres::copy::CopyProgress, stage: CopyStage) -> Option<f64> {
+    p.stage_seconds
+        .iter()
+        .find(|(s, _)| *s == stage)
+        .map(|(_, secs)| (secs * 1000.0).round() / 1000.0)
+}
+
 /// The parallel copy as the status shows it.
 fn copy_observation(view: &copy::CopyView) -> CopyObservation {
     let p = &view.progress;
@@ -1011,6 +1019,9 @@ fn copy_observation(view: &copy::CopyView) -> CopyObservation {
             consistent_point: p.consistent_point.clone(),
             restarts: 0,
             failure: view.failure.as_ref().map(|(why, _)| why.clone()),
+            slot_seconds: stage_seconds(p, CopyStage::CreatingSlot),
+            copy_seconds: stage_seconds(p, CopyStage::Copying),
+            index_seconds: stage_seconds(p, CopyStage::Indexing),
             tables: p
                 .tables
                 .iter()

@@ -204,6 +204,7 @@ fn a_parallel_copy_records_green_indexes_first_and_waits_for_the_copy() {
         name: "t_v_idx".into(),
         kind: "Index".into(),
         definition: "CREATE INDEX t_v_idx ON public.t USING btree (v)".into(),
+        ..crate::api::DeferredIndex::default()
     };
     let deferred = record(
         &spec,

@@ -12,11 +12,13 @@
 //! on the slot with `copy_data = false` starts at its `confirmed_flush_lsn`, which is that
 //! point.
 //!
-//! A worker whose connection fails retries its chunk: the blue side imports the snapshot again
-//! (possible while the exporting session lives), and the chunk's rows are first deleted on green
-//! by the same key range, so nothing is doubled even when a commit's acknowledgement was lost.
-//! If the exporting session is lost (the process restarts), the copy cannot be resumed exactly:
-//! the caller drops the slot, empties the tables and starts over.
+//! Each chunk (a table, a leaf partition, or a range of its pages) is one transaction on green.
+//! A worker whose connection fails before the commit copies the chunk again — nothing of the
+//! failed attempt is on green — reading it in the same snapshot, which a new session imports
+//! again while the exporting session lives. A connection lost *while committing* leaves it
+//! unknown whether the rows are there; then, and when the exporting session is lost (the process
+//! restarts), the copy cannot go on exactly: the caller drops the slot, empties the tables and
+//! starts over. No chunk is counted done before its commit was acknowledged.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
@@ -52,8 +54,8 @@ pub struct CopyConfig {
     pub slot: String,
     /// Workers copying at once (and indexes built at once).
     pub parallelism: usize,
-    /// Tables larger than this (bytes on the source) are split into key ranges of about this
-    /// size.
+    /// Tables (leaf partitions) larger than this on the source are split into ranges of pages
+    /// of about this size (PostgreSQL 14 and newer on the source).
     pub split_bytes: i64,
     /// Green's secondary indexes and constraints, dropped before the copy, built afterwards.
     pub deferred: Vec<DeferredIndex>,
@@ -91,13 +93,19 @@ pub enum CopyError {
     /// Something the copy cannot do.
     #[error("{0}")]
     Refused(String),
+    /// The connection to the target was lost while a chunk of this table committed: whether
+    /// its rows are there is unknown, so the copy starts over.
+    #[error(
+        "the connection to the target was lost while committing rows of {0}; the copy starts over"
+    )]
+    CommitUnknown(String),
 }
 
 impl CopyError {
     /// Whether trying again may help.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::Stopped => true,
+            Self::Connect { .. } | Self::Stopped | Self::CommitUnknown(_) => true,
             Self::Walsender(e) => e.is_transient(),
             Self::Sql { source, .. } => {
                 source.is_closed()
@@ -184,6 +192,9 @@ pub struct CopyProgress {
     pub indexes_total: u32,
     /// Seconds since the rows began to flow.
     pub copying_for: Option<f64>,
+    /// Seconds each finished stage took: creating the slot, copying the rows, building the
+    /// indexes.
+    pub stage_seconds: Vec<(CopyStage, f64)>,
 }
 
 impl CopyProgress {
@@ -234,6 +245,8 @@ pub struct Tracker {
     indexes_built: AtomicU32,
     indexes_total: AtomicU32,
     stop: AtomicBool,
+    stage_seconds: Mutex<Vec<(CopyStage, f64)>>,
+    stage_began: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug)]
@@ -280,6 +293,7 @@ impl Tracker {
                 .lock()
                 .expect("started poisoned")
                 .map(|s| s.elapsed().as_secs_f64()),
+            stage_seconds: self.stage_seconds.lock().expect("stages poisoned").clone(),
         }
     }
 
@@ -297,15 +311,30 @@ impl Tracker {
     }
 
     fn set_stage(&self, stage: CopyStage) {
-        *self.stage.lock().expect("stage poisoned") = stage;
+        let mut current = self.stage.lock().expect("stage poisoned");
+        let now = Instant::now();
+        let began = self
+            .stage_began
+            .lock()
+            .expect("stage poisoned")
+            .replace(now);
+        if let Some(began) = began {
+            self.stage_seconds
+                .lock()
+                .expect("stages poisoned")
+                .push((*current, (now - began).as_secs_f64()));
+        }
+        *current = stage;
     }
 }
 
-/// One unit of work: a table, or a key range of one.
+/// One unit of work: a table (a leaf partition of a partitioned one), or a range of its pages.
 #[derive(Clone, Debug)]
 struct Chunk {
     table: usize,
-    /// `WHERE` condition selecting the range (`None`: the whole table).
+    /// The relation read on the source: the table itself, or one of its leaf partitions.
+    source: String,
+    /// `WHERE` condition selecting a range of pages (`None`: all of it).
     range: Option<String>,
     bytes_estimate: i64,
 }
@@ -316,8 +345,6 @@ struct TablePlan {
     name: TableName,
     /// Columns copied (generated ones are computed by green), quoted and joined.
     columns: String,
-    /// The source's table is partitioned (read through its root).
-    partitioned: bool,
     /// Both sides have the same built-in types: binary format.
     binary: bool,
 }
@@ -325,6 +352,7 @@ struct TablePlan {
 /// Runs the copy: slot with an exported snapshot, rows, then indexes. Returns the slot's
 /// consistent point, from which the subscription streams.
 pub async fn run(cfg: &CopyConfig, tracker: &Tracker) -> Result<PgLsn, CopyError> {
+    tracker.set_stage(CopyStage::CreatingSlot);
     let observer = connect(&cfg.blue, &cfg.connect)
         .await
         .map_err(|source| CopyError::Connect {
@@ -498,29 +526,25 @@ async fn user_triggers(client: &Client, tables: &[TableName]) -> Result<Vec<Stri
     Ok(out)
 }
 
-/// Columns, formats and key ranges of every table, read in the snapshot. Chunks come largest
+/// Columns, formats and page ranges of every table, read in the snapshot. Chunks come largest
 /// first, so the long ones start early.
 async fn plan(
     blue: &Client,
     green: &Client,
     cfg: &CopyConfig,
 ) -> Result<(Vec<TablePlan>, Vec<Chunk>), CopyError> {
+    // TID range scans (PostgreSQL 14+) read only the pages of a range.
+    let tid_ranges = blue
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 140000",
+            &[],
+        )
+        .await
+        .map_err(sql("read the source's version"))?
+        .get::<_, bool>(0);
     let mut plans = Vec::new();
     let mut chunks = Vec::new();
     for (i, t) in cfg.tables.iter().enumerate() {
-        let info = blue
-            .query_one(
-                "SELECT c.relkind = 'p',
-                        coalesce((SELECT sum(pg_table_size(p.relid))
-                                    FROM pg_partition_tree(c.oid) p), pg_table_size(c.oid))::int8
-                   FROM pg_class c
-                  WHERE c.oid = to_regclass(format('%I.%I', $1::text, $2::text))",
-                &[&t.schema, &t.name],
-            )
-            .await
-            .map_err(sql(format!("read the size of {t}")))?;
-        let partitioned: bool = info.get(0);
-        let size: i64 = info.get(1);
         let columns_query = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                                     a.atttypid < 16384
                                FROM pg_attribute a
@@ -553,88 +577,80 @@ async fn plan(
         plans.push(TablePlan {
             name: t.clone(),
             columns: names.join(", "),
-            partitioned,
             binary,
         });
-        let ranges = split(blue, t, size, cfg).await?;
-        let each = size / i64::try_from(ranges.len().max(1)).unwrap_or(1);
-        chunks.extend(ranges.into_iter().map(|range| Chunk {
-            table: i,
-            range,
-            bytes_estimate: each,
-        }));
+        // The table itself, or each leaf of a partitioned one, with its size and pages.
+        let leaves = blue
+            .query(
+                "SELECT format('%I.%I', n.nspname, c.relname), pg_table_size(c.oid),
+                        pg_relation_size(c.oid) / current_setting('block_size')::int8
+                   FROM pg_partition_tree(to_regclass(format('%I.%I', $1::text, $2::text))) p
+                   JOIN pg_class c ON c.oid = p.relid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE p.isleaf AND c.relkind = 'r'
+                 UNION ALL
+                 SELECT format('%I.%I', n.nspname, c.relname), pg_table_size(c.oid),
+                        pg_relation_size(c.oid) / current_setting('block_size')::int8
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.oid = to_regclass(format('%I.%I', $1::text, $2::text))
+                    AND c.relkind = 'r' AND NOT c.relispartition",
+                &[&t.schema, &t.name],
+            )
+            .await
+            .map_err(sql(format!("read the size of {t}")))?;
+        let mut seen = std::collections::HashSet::new();
+        for leaf in &leaves {
+            let source: String = leaf.get(0);
+            if !seen.insert(source.clone()) {
+                continue;
+            }
+            let size: i64 = leaf.get(1);
+            let pages: i64 = leaf.get(2);
+            let ranges = if tid_ranges {
+                page_ranges(size, pages, cfg.split_bytes)
+            } else {
+                vec![None]
+            };
+            let each = size / i64::try_from(ranges.len().max(1)).unwrap_or(1);
+            chunks.extend(ranges.into_iter().map(|range| Chunk {
+                table: i,
+                source: source.clone(),
+                range,
+                bytes_estimate: each,
+            }));
+        }
     }
     chunks.sort_by_key(|c| std::cmp::Reverse(c.bytes_estimate));
     Ok((plans, chunks))
 }
 
-/// Key ranges of a table larger than the split size: even ranges of its primary key's first
-/// column when that is an integer (min and max read in the snapshot); otherwise, or when small,
-/// the whole table.
-async fn split(
-    blue: &Client,
-    t: &TableName,
-    size: i64,
-    cfg: &CopyConfig,
-) -> Result<Vec<Option<String>>, CopyError> {
-    let wanted = if cfg.split_bytes > 0 {
-        (size + cfg.split_bytes - 1) / cfg.split_bytes
+/// Ranges of pages of a relation of `size` bytes in `pages` pages, each about `split` bytes:
+/// `ctid` conditions a TID range scan reads without touching the other pages. The last range is
+/// open, so no row is left out whatever the page count was when it was read.
+fn page_ranges(size: i64, pages: i64, split: i64) -> Vec<Option<String>> {
+    let wanted = if split > 0 {
+        (size + split - 1) / split
     } else {
         1
     };
-    if wanted < 2 {
-        return Ok(vec![None]);
-    }
-    let key = blue
-        .query_opt(
-            "SELECT a.attname::text
-               FROM pg_index i
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-              WHERE i.indrelid = to_regclass(format('%I.%I', $1::text, $2::text))
-                AND i.indisprimary
-                AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)",
-            &[&t.schema, &t.name],
-        )
-        .await
-        .map_err(sql(format!("read the primary key of {t}")))?;
-    let Some(key) = key else {
-        return Ok(vec![None]);
-    };
-    let key = quote_ident(&key.get::<_, String>(0));
-    let bounds = blue
-        .query_one(
-            &format!(
-                "SELECT min({key})::int8, max({key})::int8 FROM {}",
-                t.quoted()
-            ),
-            &[],
-        )
-        .await
-        .map_err(sql(format!("read the key range of {t}")))?;
-    let (Some(lo), Some(hi)) = (
-        bounds.get::<_, Option<i64>>(0),
-        bounds.get::<_, Option<i64>>(1),
-    ) else {
-        return Ok(vec![None]);
-    };
-    let span = i128::from(hi) - i128::from(lo) + 1;
-    let parts = i128::from(wanted.min(256)).min(span).max(1);
+    let parts = wanted.min(pages).min(1024);
     if parts < 2 {
-        return Ok(vec![None]);
+        return vec![None];
     }
-    let step = span / parts;
-    let cuts: Vec<i64> = (1..parts)
-        .map(|k| i64::try_from(i128::from(lo) + k * step).unwrap_or(hi))
-        .collect();
+    let step = pages / parts;
+    let cuts: Vec<i64> = (1..parts).map(|k| k * step).collect();
     let mut ranges = Vec::new();
     for (k, cut) in cuts.iter().enumerate() {
         ranges.push(Some(match k {
-            0 => format!("{key} < {cut}"),
-            _ => format!("{key} >= {} AND {key} < {cut}", cuts[k - 1]),
+            0 => format!("ctid < '({cut},0)'::tid"),
+            _ => format!(
+                "ctid >= '({},0)'::tid AND ctid < '({cut},0)'::tid",
+                cuts[k - 1]
+            ),
         }));
     }
-    ranges.push(Some(format!("{key} >= {}", cuts[cuts.len() - 1])));
-    Ok(ranges)
+    ranges.push(Some(format!("ctid >= '({},0)'::tid", cuts[cuts.len() - 1])));
+    ranges
 }
 
 type Counters = (
@@ -672,7 +688,7 @@ async fn worker(
                     green = Some(green_session(cfg).await?);
                 }
                 let (b, g) = (blue.as_ref().expect("set"), green.as_ref().expect("set"));
-                copy_chunk(b, g, plan, &chunk, attempt > 0, bytes, tracker).await
+                copy_chunk(b, g, plan, &chunk, bytes, tracker).await
             }
             .await;
             match result {
@@ -681,10 +697,11 @@ async fn worker(
                     done.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
-                Err(e) if e.is_transient() && attempt + 1 < CHUNK_ATTEMPTS => {
-                    if matches!(e, CopyError::Stopped) {
-                        return Err(e);
-                    }
+                Err(e)
+                    if e.is_transient()
+                        && attempt + 1 < CHUNK_ATTEMPTS
+                        && !matches!(e, CopyError::Stopped | CopyError::CommitUnknown(_)) =>
+                {
                     attempt += 1;
                     retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(table = %plan.name, error = %e, attempt, "copying a range failed; trying it again");
@@ -703,75 +720,79 @@ async fn worker(
     }
 }
 
-/// Streams one chunk blue → green and commits it. A retried chunk first deletes its range on
-/// green (a commit whose acknowledgement was lost would otherwise double it). Returns the rows.
+/// Streams one chunk blue → green and commits it; returns the rows. A failure before the
+/// commit leaves nothing on green (its transaction is rolled back), so the chunk may simply be
+/// copied again; a connection lost while committing leaves it unknown whether the rows are
+/// there ([`CopyError::CommitUnknown`]), and the copy starts over.
 async fn copy_chunk(
     blue: &Client,
     green: &Client,
     plan: &TablePlan,
     chunk: &Chunk,
-    retry: bool,
     bytes: &AtomicI64,
     tracker: &Tracker,
 ) -> Result<u64, CopyError> {
     let table = plan.name.quoted();
     let format = if plan.binary { "binary" } else { "text" };
-    if retry {
-        let condition = chunk.range.as_deref().unwrap_or("true");
-        let only = if plan.partitioned { "" } else { "ONLY " };
-        green
-            .execute(&format!("DELETE FROM {only}{table} WHERE {condition}"), &[])
-            .await
-            .map_err(sql(format!("remove a failed copy's rows of {}", plan.name)))?;
-    }
-    let out = match (&chunk.range, plan.partitioned) {
-        (None, false) => format!(
-            "COPY {table} ({}) TO STDOUT (FORMAT {format})",
-            plan.columns
+    let out = match &chunk.range {
+        None => format!(
+            "COPY {} ({}) TO STDOUT (FORMAT {format})",
+            chunk.source, plan.columns
         ),
-        (range, partitioned) => format!(
-            "COPY (SELECT {} FROM {}{table}{}) TO STDOUT (FORMAT {format})",
-            plan.columns,
-            if partitioned { "" } else { "ONLY " },
-            range
-                .as_deref()
-                .map(|r| format!(" WHERE {r}"))
-                .unwrap_or_default()
+        Some(range) => format!(
+            "COPY (SELECT {} FROM ONLY {} WHERE {range}) TO STDOUT (FORMAT {format})",
+            plan.columns, chunk.source
         ),
     };
     let into = format!(
         "COPY {table} ({}) FROM STDIN (FORMAT {format})",
         plan.columns
     );
-    let source = blue
-        .copy_out(out.as_str())
-        .await
-        .map_err(sql(format!("read {} from the source", plan.name)))?;
-    let sink = green
-        .copy_in::<_, bytes::Bytes>(into.as_str())
-        .await
-        .map_err(sql(format!("write {} to the target", plan.name)))?;
-    futures::pin_mut!(sink);
-    futures::pin_mut!(source);
-    while let Some(data) = source.next().await {
-        tracker.stopped()?;
-        let data = data.map_err(sql(format!("read {} from the source", plan.name)))?;
-        bytes.fetch_add(i64::try_from(data.len()).unwrap_or(0), Ordering::Relaxed);
-        sink.feed(data)
+    let streamed = AtomicI64::new(0);
+    let result = async {
+        let source = blue
+            .copy_out(out.as_str())
+            .await
+            .map_err(sql(format!("read {} from the source", plan.name)))?;
+        let sink = green
+            .copy_in::<_, bytes::Bytes>(into.as_str())
             .await
             .map_err(sql(format!("write {} to the target", plan.name)))?;
+        futures::pin_mut!(sink);
+        futures::pin_mut!(source);
+        while let Some(data) = source.next().await {
+            tracker.stopped()?;
+            let data = data.map_err(sql(format!("read {} from the source", plan.name)))?;
+            let n = i64::try_from(data.len()).unwrap_or(0);
+            streamed.fetch_add(n, Ordering::Relaxed);
+            bytes.fetch_add(n, Ordering::Relaxed);
+            sink.feed(data)
+                .await
+                .map_err(sql(format!("write {} to the target", plan.name)))?;
+        }
+        sink.as_mut().finish().await.map_err(|e| {
+            if e.is_closed() || green.is_closed() {
+                CopyError::CommitUnknown(plan.name.to_string())
+            } else {
+                sql(format!("commit {} on the target", plan.name))(e)
+            }
+        })
     }
-    sink.as_mut()
-        .finish()
-        .await
-        .map_err(sql(format!("commit {} on the target", plan.name)))
+    .await;
+    if result.is_err() {
+        // What this attempt streamed is not on green: the progress says so.
+        bytes.fetch_sub(streamed.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    result
 }
 
-/// Green's secondary indexes and constraints on `tables` that the copy may drop and build
-/// again afterwards: plain indexes, unique and exclusion constraints, and foreign keys of the
-/// tables — not primary keys, replica identity indexes (the apply needs them), invalid indexes
-/// (built again they would become valid), nor anything on partitioned tables. Foreign keys come
-/// first (dropping them frees the unique indexes they reference).
+/// Green's indexes and constraints on `tables` that the copy may drop and build again
+/// afterwards: plain indexes, primary keys, unique and exclusion constraints, and foreign keys
+/// of the tables — not replica identity indexes chosen with `REPLICA IDENTITY USING INDEX`,
+/// invalid indexes (built again they would become valid), anything a foreign key of another
+/// table relies on, nor anything on partitioned tables. Foreign keys come first (dropping them
+/// frees the unique indexes they reference). The subscription is created only once everything
+/// is back, so the apply always finds the keys it needs.
 pub async fn deferrable(
     green: &Client,
     tables: &[TableName],
@@ -785,34 +806,35 @@ pub async fn deferrable(
                  JOIN pg_class c ON c.oid = to_regclass(q.name)
                  JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.relkind = 'r' AND NOT c.relispartition
+             ),
+             outside AS (
+               SELECT f.conindid FROM pg_constraint f
+                WHERE f.contype = 'f' AND f.conrelid NOT IN (SELECT oid FROM t)
              )
              SELECT t.name, con.conname::text, 'ForeignKey',
-                    pg_get_constraintdef(con.oid), 0
+                    pg_get_constraintdef(con.oid), NULL::text, NULL::text, 0
                FROM pg_constraint con JOIN t ON t.oid = con.conrelid
               WHERE con.contype = 'f' AND con.conparentid = 0
              UNION ALL
              SELECT t.name, con.conname::text, 'Constraint',
-                    pg_get_constraintdef(con.oid), 1
+                    pg_get_constraintdef(con.oid),
+                    CASE WHEN con.contype IN ('p', 'u') THEN ic.relname::text END,
+                    CASE WHEN con.contype IN ('p', 'u') THEN pg_get_indexdef(i.indexrelid) END, 1
                FROM pg_constraint con JOIN t ON t.oid = con.conrelid
                JOIN pg_index i ON i.indexrelid = con.conindid
-              WHERE con.contype IN ('u', 'x') AND NOT i.indisreplident AND i.indisvalid
-                AND NOT EXISTS (SELECT FROM pg_constraint f
-                                 WHERE f.contype = 'f' AND f.conindid = con.conindid
-                                   AND f.conrelid NOT IN (SELECT oid FROM t))
+               JOIN pg_class ic ON ic.oid = i.indexrelid
+              WHERE con.contype IN ('p', 'u', 'x') AND NOT i.indisreplident AND i.indisvalid
+                AND con.conindid NOT IN (SELECT conindid FROM outside)
              UNION ALL
-             SELECT t.name, ic.relname::text, 'Index', pg_get_indexdef(i.indexrelid), 1
+             SELECT t.name, ic.relname::text, 'Index', pg_get_indexdef(i.indexrelid),
+                    NULL, NULL, 1
                FROM pg_index i JOIN t ON t.oid = i.indrelid
                JOIN pg_class ic ON ic.oid = i.indexrelid
-              WHERE NOT i.indisprimary AND NOT i.indisreplident AND i.indisvalid
+              WHERE NOT i.indisreplident AND i.indisvalid
                 AND NOT EXISTS (SELECT FROM pg_constraint con WHERE con.conindid = i.indexrelid
                                    AND con.contype IN ('p', 'u', 'x'))
-                AND NOT EXISTS (SELECT FROM pg_constraint f
-                                 WHERE f.contype = 'f' AND f.conindid = i.indexrelid
-                                   AND f.conrelid NOT IN (SELECT oid FROM t))
-                AND NOT EXISTS (SELECT FROM pg_depend d
-                                 WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
-                                   AND d.deptype IN ('i', 'P', 'S'))
-              ORDER BY 5, 1, 2",
+                AND i.indexrelid NOT IN (SELECT conindid FROM outside)
+              ORDER BY 7, 1, 2",
             &[&names],
         )
         .await
@@ -824,6 +846,8 @@ pub async fn deferrable(
             name: r.get(1),
             kind: r.get(2),
             definition: r.get(3),
+            index: r.get(4),
+            index_definition: r.get(5),
         })
         .collect())
 }
@@ -834,10 +858,11 @@ fn qualified_table(d: &DeferredIndex) -> String {
         .unwrap_or_else(|_| d.table.clone())
 }
 
-fn index_qualified(d: &DeferredIndex) -> String {
+/// `schema.name` of an index of `d`'s table.
+fn index_qualified(d: &DeferredIndex, name: &str) -> String {
     match TableName::parse(&d.table) {
-        Ok(t) => format!("{}.{}", quote_ident(&t.schema), quote_ident(&d.name)),
-        Err(_) => quote_ident(&d.name),
+        Ok(t) => format!("{}.{}", quote_ident(&t.schema), quote_ident(name)),
+        Err(_) => quote_ident(name),
     }
 }
 
@@ -848,7 +873,7 @@ pub async fn drop_deferred(green: &Client, deferred: &[DeferredIndex]) -> Result
         .map_err(sql("make the session writable"))?;
     for d in deferred {
         let stmt = match d.kind.as_str() {
-            "Index" => format!("DROP INDEX IF EXISTS {}", index_qualified(d)),
+            "Index" => format!("DROP INDEX IF EXISTS {}", index_qualified(d, &d.name)),
             _ => format!(
                 "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
                 qualified_table(d),
@@ -863,13 +888,32 @@ pub async fn drop_deferred(green: &Client, deferred: &[DeferredIndex]) -> Result
     Ok(())
 }
 
-/// Whether `d` exists on green now.
-async fn exists(green: &Client, d: &DeferredIndex) -> Result<bool, CopyError> {
-    let table = qualified_table(d);
-    let row = match d.kind.as_str() {
-        "Index" => {
+/// One statement of building the deferred objects again.
+#[derive(Clone, Debug)]
+struct Build<'a> {
+    of: &'a DeferredIndex,
+    /// The index backing a primary key or unique constraint (built first, in parallel).
+    index_only: bool,
+}
+
+/// Whether what `b` builds exists on green now.
+async fn built(green: &Client, b: &Build<'_>) -> Result<bool, CopyError> {
+    let d = b.of;
+    let row = match (d.kind.as_str(), b.index_only) {
+        ("Index", _) => {
             green
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&index_qualified(d)])
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&index_qualified(d, &d.name)],
+                )
+                .await
+        }
+        (_, true) => {
+            green
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&index_qualified(d, d.index.as_deref().unwrap_or(&d.name))],
+                )
                 .await
         }
         _ => {
@@ -877,7 +921,7 @@ async fn exists(green: &Client, d: &DeferredIndex) -> Result<bool, CopyError> {
                 .query_one(
                     "SELECT EXISTS (SELECT FROM pg_constraint
                                      WHERE conrelid = to_regclass($1) AND conname = $2)",
-                    &[&table, &d.name],
+                    &[&qualified_table(d), &d.name],
                 )
                 .await
         }
@@ -886,10 +930,34 @@ async fn exists(green: &Client, d: &DeferredIndex) -> Result<bool, CopyError> {
     Ok(row.get(0))
 }
 
-/// The statement building `d` again as it was.
-fn build_statement(d: &DeferredIndex) -> String {
-    match d.kind.as_str() {
-        "Index" => d.definition.clone(),
+/// The statement of `b`, building it as it was.
+fn build_statement(b: &Build<'_>) -> String {
+    let d = b.of;
+    match (d.kind.as_str(), &d.index, &d.index_definition) {
+        ("Index", _, _) => d.definition.clone(),
+        ("Constraint", Some(_), Some(def)) if b.index_only => def.clone(),
+        ("Constraint", Some(index), Some(_)) => {
+            // PRIMARY KEY (…) / UNIQUE [NULLS NOT DISTINCT] (…) [DEFERRABLE [INITIALLY DEFERRED]]:
+            // the index built above carries columns and options; the constraint takes it over.
+            let kind = if d.definition.starts_with("PRIMARY KEY") {
+                "PRIMARY KEY"
+            } else {
+                "UNIQUE"
+            };
+            let timing = if d.definition.contains("INITIALLY DEFERRED") {
+                " DEFERRABLE INITIALLY DEFERRED"
+            } else if d.definition.contains("DEFERRABLE") {
+                " DEFERRABLE"
+            } else {
+                ""
+            };
+            format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {kind} USING INDEX {}{timing}",
+                qualified_table(d),
+                quote_ident(&d.name),
+                quote_ident(index)
+            )
+        }
         _ => format!(
             "ALTER TABLE {} ADD CONSTRAINT {} {}",
             qualified_table(d),
@@ -899,9 +967,39 @@ fn build_statement(d: &DeferredIndex) -> String {
     }
 }
 
-/// Builds every deferred index and constraint missing on green, `parallelism` at a time:
-/// indexes and unique constraints first, foreign keys (which need the unique indexes they
-/// reference) after.
+/// The builds in waves: indexes (those of keys included) and exclusion constraints in
+/// parallel; then primary keys and unique constraints taking their indexes over; then foreign
+/// keys, which need the keys they reference.
+fn waves(deferred: &[DeferredIndex]) -> [Vec<Build<'_>>; 3] {
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    let mut third = Vec::new();
+    for d in deferred {
+        match (d.kind.as_str(), d.index_definition.is_some()) {
+            ("ForeignKey", _) => third.push(Build {
+                of: d,
+                index_only: false,
+            }),
+            ("Constraint", true) => {
+                first.push(Build {
+                    of: d,
+                    index_only: true,
+                });
+                second.push(Build {
+                    of: d,
+                    index_only: false,
+                });
+            }
+            _ => first.push(Build {
+                of: d,
+                index_only: false,
+            }),
+        }
+    }
+    [first, second, third]
+}
+
+/// Builds every deferred index and constraint missing on green, `parallelism` at a time.
 pub async fn rebuild(
     green: &Dsn,
     opts: &ConnectOptions,
@@ -913,9 +1011,7 @@ pub async fn rebuild(
         u32::try_from(deferred.len()).unwrap_or(u32::MAX),
         Ordering::Relaxed,
     );
-    let (keys, rest): (Vec<&DeferredIndex>, Vec<&DeferredIndex>) =
-        deferred.iter().partition(|d| d.kind == "ForeignKey");
-    for wave in [rest, keys] {
+    for wave in waves(deferred) {
         let queue = Arc::new(Mutex::new(VecDeque::from(wave)));
         let builders = (0..parallelism.max(1)).map(|_| {
             let queue = queue.clone();
@@ -929,22 +1025,20 @@ pub async fn rebuild(
                 writable_session(&client)
                     .await
                     .map_err(sql("make the session writable"))?;
-                // Index builds may use the memory a maintenance session is allowed.
-                let _ = client
-                    .batch_execute("SET maintenance_work_mem = '256MB'")
-                    .await;
                 loop {
-                    let Some(d) = queue.lock().expect("queue poisoned").pop_front() else {
+                    let Some(b) = queue.lock().expect("queue poisoned").pop_front() else {
                         return Ok::<(), CopyError>(());
                     };
                     tracker.stopped()?;
-                    if !exists(&client, d).await? {
+                    if !built(&client, &b).await? {
                         client
-                            .batch_execute(&build_statement(d))
+                            .batch_execute(&build_statement(&b))
                             .await
-                            .map_err(sql(format!("build {} on the target", d.name)))?;
+                            .map_err(sql(format!("build {} on the target", b.of.name)))?;
                     }
-                    tracker.indexes_built.fetch_add(1, Ordering::Relaxed);
+                    if !b.index_only {
+                        tracker.indexes_built.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         });
@@ -959,14 +1053,14 @@ pub async fn restore(green: &Client, deferred: &[DeferredIndex]) -> Result<(), C
     writable_session(green)
         .await
         .map_err(sql("make the session writable"))?;
-    let (keys, rest): (Vec<&DeferredIndex>, Vec<&DeferredIndex>) =
-        deferred.iter().partition(|d| d.kind == "ForeignKey");
-    for d in rest.into_iter().chain(keys) {
-        if !exists(green, d).await? {
-            green
-                .batch_execute(&build_statement(d))
-                .await
-                .map_err(sql(format!("build {} on the target again", d.name)))?;
+    for wave in waves(deferred) {
+        for b in wave {
+            if !built(green, &b).await? {
+                green
+                    .batch_execute(&build_statement(&b))
+                    .await
+                    .map_err(sql(format!("build {} on the target again", b.of.name)))?;
+            }
         }
     }
     Ok(())
@@ -1006,11 +1100,38 @@ mod tests {
             name: "orders_ref_fkey".into(),
             kind: "ForeignKey".into(),
             definition: "FOREIGN KEY (ref) REFERENCES \"my schema\".items(id)".into(),
+            ..DeferredIndex::default()
         };
         assert_eq!(
-            build_statement(&d),
+            build_statement(&Build {
+                of: &d,
+                index_only: false
+            }),
             "ALTER TABLE \"my schema\".\"Orders\" ADD CONSTRAINT \"orders_ref_fkey\" FOREIGN KEY (ref) REFERENCES \"my schema\".items(id)"
         );
-        assert_eq!(index_qualified(&d), "\"my schema\".\"orders_ref_fkey\"");
+        assert_eq!(
+            index_qualified(&d, &d.name),
+            "\"my schema\".\"orders_ref_fkey\""
+        );
+        let key = DeferredIndex {
+            table: "public.t".into(),
+            name: "t_a_key".into(),
+            kind: "Constraint".into(),
+            definition: "UNIQUE (a) DEFERRABLE INITIALLY DEFERRED".into(),
+            index: Some("t_a_key".into()),
+            index_definition: Some(
+                "CREATE UNIQUE INDEX t_a_key ON public.t USING btree (a)".into(),
+            ),
+        };
+        let [first, second, third] = waves(std::slice::from_ref(&key));
+        assert_eq!((first.len(), second.len(), third.len()), (1, 1, 0));
+        assert_eq!(
+            build_statement(&first[0]),
+            "CREATE UNIQUE INDEX t_a_key ON public.t USING btree (a)"
+        );
+        assert_eq!(
+            build_statement(&second[0]),
+            "ALTER TABLE \"public\".\"t\" ADD CONSTRAINT \"t_a_key\" UNIQUE USING INDEX \"t_a_key\" DEFERRABLE INITIALLY DEFERRED"
+        );
     }
 }
