@@ -46,6 +46,8 @@ pub struct Metrics {
     /// Online verification, by `what`: `ranges_total`, `ranges_proven`, `rows_proven`,
     /// `dirty_keys`, `rounds`, `restarts`.
     pub online_verification: IntGaugeVec,
+    /// The parallel initial copy's progress by what is counted.
+    pub initial_copy: IntGaugeVec,
     /// Problems hypercare sees now, by kind.
     pub hypercare_problems: IntGaugeVec,
 }
@@ -125,6 +127,16 @@ impl Metrics {
             &per_cutover,
         )
         .expect("valid metric");
+        let initial_copy = IntGaugeVec::new(
+            Opts::new(
+                "initial_copy",
+                "The parallel initial copy: bytes_copied, bytes_total (the tables' size on the \
+                 source), rows_copied, tables_done, tables_total, indexes_built, indexes_total, \
+                 restarts",
+            ),
+            &["namespace", "name", "what"],
+        )
+        .expect("valid metric");
         let online_verification = IntGaugeVec::new(
             Opts::new(
                 "online_verification",
@@ -170,6 +182,7 @@ impl Metrics {
             Box::new(mismatched_tables.clone()),
             Box::new(hypercare_problems.clone()),
             Box::new(online_verification.clone()),
+            Box::new(initial_copy.clone()),
         ] {
             registry
                 .register(collector)
@@ -189,6 +202,7 @@ impl Metrics {
             mismatched_tables,
             hypercare_problems,
             online_verification,
+            initial_copy,
         }
     }
 
@@ -243,6 +257,17 @@ impl Metrics {
             self.source_writes
                 .with_label_values(&[namespace, name])
                 .set(w.count);
+        }
+        if let Some(c) = status
+            .replication
+            .as_ref()
+            .and_then(|r| r.initial_copy.as_ref())
+        {
+            for (what, value) in copy_values(c) {
+                self.initial_copy
+                    .with_label_values(&[namespace, name, what])
+                    .set(value);
+            }
         }
         if let Some(o) = &status.online_verification {
             for (what, value) in online_values(o) {
@@ -302,6 +327,11 @@ impl Metrics {
         for (what, _) in online_values(&crate::api::OnlineVerificationStatus::default()) {
             let _ = self
                 .online_verification
+                .remove_label_values(&[namespace, name, what]);
+        }
+        for (what, _) in copy_values(&crate::api::InitialCopyStatus::default()) {
+            let _ = self
+                .initial_copy
                 .remove_label_values(&[namespace, name, what]);
         }
         for kind in ProblemKind::ALL {
@@ -385,6 +415,19 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
 }
 
 /// The online verification gauges, by label.
+fn copy_values(c: &crate::api::InitialCopyStatus) -> [(&'static str, i64); 8] {
+    [
+        ("bytes_copied", c.bytes_copied),
+        ("bytes_total", c.bytes_total),
+        ("rows_copied", c.rows_copied),
+        ("tables_done", i64::from(c.tables_done)),
+        ("tables_total", i64::from(c.tables_total)),
+        ("indexes_built", i64::from(c.indexes_built)),
+        ("indexes_total", i64::from(c.indexes_total)),
+        ("restarts", i64::from(c.restarts)),
+    ]
+}
+
 fn online_values(o: &crate::api::OnlineVerificationStatus) -> [(&'static str, i64); 6] {
     [
         ("ranges_total", o.ranges_total),

@@ -167,6 +167,9 @@ fn render_status(obj: &DatabaseCutover) -> String {
             r.tables_total,
             r.lag.as_deref().unwrap_or("?")
         ));
+        if let Some(c) = &r.initial_copy {
+            out.push_str(&format!("{}\n", super::local::copy_line(c)));
+        }
     }
     if let Some(o) = &status.online_verification {
         out.push_str(&format!("{}\n", super::local::online_line(o)));

@@ -43,6 +43,11 @@ pub(crate) struct Column {
 #[derive(Clone, Debug)]
 pub(crate) struct Table {
     pub columns: Vec<Column>,
+    /// Indexes and foreign keys by name, with their definitions (`pg_get_indexdef`, an index
+    /// that is not valid marked so; `pg_get_constraintdef` of a foreign key, `NOT VALID` when
+    /// so). The parallel copy drops and builds them again: verification checks they came back
+    /// alike.
+    pub indexes: BTreeMap<String, String>,
     /// `pg_class.reltuples`: an estimate, negative when never analysed.
     pub estimated_rows: f64,
 }
@@ -88,6 +93,23 @@ SELECT n.nspname, c.relname, c.reltuples::float8, a.attname,
    AND n.nspname <> ALL ($1) AND n.nspname NOT LIKE 'pg\_%'
  ORDER BY n.nspname, c.relname, a.attnum";
 
+const INDEXES_SQL: &str = r"
+SELECT n.nspname, c.relname, ic.relname::text,
+       pg_get_indexdef(i.indexrelid) || CASE WHEN i.indisvalid THEN '' ELSE ' (not valid)' END
+  FROM pg_index i
+  JOIN pg_class c ON c.oid = i.indrelid
+  JOIN pg_class ic ON ic.oid = i.indexrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+   AND n.nspname <> ALL ($1) AND n.nspname NOT LIKE 'pg\_%'
+UNION ALL
+SELECT n.nspname, c.relname, con.conname::text, pg_get_constraintdef(con.oid)
+  FROM pg_constraint con
+  JOIN pg_class c ON c.oid = con.conrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE con.contype = 'f' AND con.conparentid = 0 AND NOT c.relispartition
+   AND n.nspname <> ALL ($1) AND n.nspname NOT LIKE 'pg\_%'";
+
 const SEQUENCES_SQL: &str = r"
 SELECT n.nspname, c.relname, tn.nspname, t.relname
   FROM pg_class c
@@ -116,6 +138,7 @@ pub(crate) async fn read(client: &Client) -> Result<Catalog, CatalogError> {
         let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
         let table = catalog.tables.entry(name).or_insert_with(|| Table {
             columns: Vec::new(),
+            indexes: BTreeMap::new(),
             estimated_rows: row.get(2),
         });
         table.columns.push(Column {
@@ -129,6 +152,12 @@ pub(crate) async fn read(client: &Client) -> Result<Catalog, CatalogError> {
             generated: row.get(10),
             generated_expr: row.get(11),
         });
+    }
+    for row in client.query(INDEXES_SQL, &[&excluded]).await.map_err(err)? {
+        let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        if let Some(table) = catalog.tables.get_mut(&name) {
+            table.indexes.insert(row.get(2), row.get(3));
+        }
     }
     for row in client
         .query(SEQUENCES_SQL, &[&excluded])
@@ -192,6 +221,22 @@ pub(crate) fn compare_table(source: &Table, target: &Table, target_may_add: bool
             .map(|c| c.name.clone())
             .collect::<Vec<_>>()
     };
+    for (name, def) in &source.indexes {
+        match target.indexes.get(name) {
+            None => out.push(format!("index {name} missing on target ({def})")),
+            Some(other) if other != def => {
+                out.push(format!(
+                    "index {name} is {def:?} on source, {other:?} on target"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    for name in target.indexes.keys().filter(|_| !target_may_add) {
+        if !source.indexes.contains_key(name) {
+            out.push(format!("index {name} extra on target"));
+        }
+    }
     let (sk, tk) = (names(source), names(target));
     if sk != tk {
         let show = |k: &[String]| {
@@ -236,9 +281,24 @@ mod tests {
                 col("a", "text", None),
                 col("b", "text", None),
             ],
+            indexes: BTreeMap::from([
+                (
+                    "t_pkey".into(),
+                    "CREATE UNIQUE INDEX t_pkey ON public.t USING btree (id)".into(),
+                ),
+                (
+                    "t_a_idx".into(),
+                    "CREATE INDEX t_a_idx ON public.t USING btree (a)".into(),
+                ),
+            ]),
             estimated_rows: 0.0,
         };
         let mut target = source.clone();
+        target.indexes.remove("t_a_idx");
+        target.indexes.insert(
+            "t_pkey".into(),
+            "CREATE UNIQUE INDEX t_pkey ON public.t USING btree (id) (not valid)".into(),
+        );
         target.columns[0].type_full = "bigint".into();
         target.columns[1].not_null = true;
         target.columns.remove(2);
@@ -258,6 +318,8 @@ mod tests {
                 "column a is nullable on source, NOT NULL on target",
                 "column b missing on target",
                 "column c extra on target",
+                "index t_a_idx missing on target (CREATE INDEX t_a_idx ON public.t USING btree (a))",
+                "index t_pkey is \"CREATE UNIQUE INDEX t_pkey ON public.t USING btree (id)\" on source, \"CREATE UNIQUE INDEX t_pkey ON public.t USING btree (id) (not valid)\" on target",
                 "primary key (id) on source, none on target",
             ]
         );

@@ -426,20 +426,36 @@ async fn copy_rows(cfg: &CopyConfig, tracker: &Tracker, snapshot: &str) -> Resul
             )
         })
         .collect();
-    let counters = Arc::new(counters);
+    // Each table's indexes (and the indexes of its keys) are built as soon as its last chunk is
+    // on green, while other tables are still copied.
+    let per_table: Vec<Vec<(usize, bool)>> = plans
+        .iter()
+        .map(|p| {
+            let [first, _, _] = waves(&cfg.deferred);
+            first
+                .iter()
+                .filter(|b| TableName::parse(&b.of.table).is_ok_and(|t| t == p.name))
+                .filter_map(|b| {
+                    let i = cfg.deferred.iter().position(|d| std::ptr::eq(d, b.of))?;
+                    Some((i, b.index_only))
+                })
+                .collect()
+        })
+        .collect();
+    let remaining = queue.lock().expect("queue poisoned").len();
+    let shared = Shared {
+        queue,
+        plans,
+        counters: Arc::new(counters),
+        per_table,
+        builds: Mutex::new(VecDeque::new()),
+        remaining: std::sync::atomic::AtomicUsize::new(remaining),
+    };
     let workers = cfg.parallelism.max(1);
     let mut first = Some(planner);
     let results = futures::future::join_all((0..workers).map(|_| {
         let session = first.take();
-        worker(
-            cfg,
-            tracker,
-            snapshot,
-            session,
-            queue.clone(),
-            plans.clone(),
-            counters.clone(),
-        )
+        worker(cfg, tracker, snapshot, session, &shared)
     }))
     .await;
     // The first failure that is not a stop caused by another's failure.
@@ -660,23 +676,60 @@ type Counters = (
     Arc<AtomicU32>,
 );
 
-#[allow(clippy::too_many_arguments)]
+/// What the workers share.
+struct Shared {
+    /// Chunks not yet taken, largest first.
+    queue: Arc<Mutex<VecDeque<Chunk>>>,
+    plans: Arc<Vec<TablePlan>>,
+    counters: Arc<Vec<Counters>>,
+    /// Per table (as `plans`), its first-wave builds: an index of `CopyConfig::deferred`, and
+    /// whether only the index of a key is built.
+    per_table: Vec<Vec<(usize, bool)>>,
+    /// Builds of tables whose rows are all on green, not yet taken.
+    builds: Mutex<VecDeque<(usize, bool)>>,
+    /// Chunks not yet on green.
+    remaining: std::sync::atomic::AtomicUsize,
+}
+
 async fn worker(
     cfg: &CopyConfig,
     tracker: &Tracker,
     snapshot: &str,
     mut blue: Option<Client>,
-    queue: Arc<Mutex<VecDeque<Chunk>>>,
-    plans: Arc<Vec<TablePlan>>,
-    counters: Arc<Vec<Counters>>,
+    shared: &Shared,
 ) -> Result<(), CopyError> {
     let mut green: Option<Client> = None;
     loop {
-        let Some(chunk) = queue.lock().expect("queue poisoned").pop_front() else {
-            return Ok(());
+        let next = shared.queue.lock().expect("queue poisoned").pop_front();
+        let Some(chunk) = next else {
+            // No chunk left to take: build what tables complete on green need, until every
+            // chunk is there and nothing is left to build.
+            let build = shared.builds.lock().expect("builds poisoned").pop_front();
+            if let Some((i, index_only)) = build {
+                tracker.stopped()?;
+                if green.as_ref().is_none_or(Client::is_closed) {
+                    green = Some(green_session(cfg).await?);
+                }
+                let g = green.as_ref().expect("set");
+                let b = Build {
+                    of: &cfg.deferred[i],
+                    index_only,
+                };
+                if let Err(e) = build_one(g, &b).await {
+                    tracker.stop();
+                    return Err(e);
+                }
+                continue;
+            }
+            if shared.remaining.load(Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
+            tracker.stopped()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
         };
-        let plan = &plans[chunk.table];
-        let (bytes, rows, done, retries) = &counters[chunk.table];
+        let plan = &shared.plans[chunk.table];
+        let (bytes, rows, done, retries) = &shared.counters[chunk.table];
         let mut attempt = 0;
         loop {
             tracker.stopped()?;
@@ -694,7 +747,17 @@ async fn worker(
             match result {
                 Ok(n) => {
                     rows.fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::Relaxed);
-                    done.fetch_add(1, Ordering::Relaxed);
+                    let now_done = done.fetch_add(1, Ordering::SeqCst) + 1;
+                    let chunks =
+                        tracker.tables.lock().expect("tables poisoned")[chunk.table].chunks;
+                    if now_done == chunks {
+                        shared
+                            .builds
+                            .lock()
+                            .expect("builds poisoned")
+                            .extend(shared.per_table[chunk.table].iter().copied());
+                    }
+                    shared.remaining.fetch_sub(1, Ordering::SeqCst);
                     break;
                 }
                 Err(e)
@@ -801,7 +864,7 @@ pub async fn deferrable(
     let rows = green
         .query(
             "WITH t AS (
-               SELECT c.oid, format('%s.%s', n.nspname, c.relname) AS name
+               SELECT c.oid, format('%I.%I', n.nspname, c.relname) AS name
                  FROM unnest($1::text[]) q(name)
                  JOIN pg_class c ON c.oid = to_regclass(q.name)
                  JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -967,6 +1030,17 @@ fn build_statement(b: &Build<'_>) -> String {
     }
 }
 
+/// Builds `b` unless it exists.
+async fn build_one(green: &Client, b: &Build<'_>) -> Result<(), CopyError> {
+    if !built(green, b).await? {
+        green
+            .batch_execute(&build_statement(b))
+            .await
+            .map_err(sql(format!("build {} on the target", b.of.name)))?;
+    }
+    Ok(())
+}
+
 /// The builds in waves: indexes (those of keys included) and exclusion constraints in
 /// parallel; then primary keys and unique constraints taking their indexes over; then foreign
 /// keys, which need the keys they reference.
@@ -1030,12 +1104,7 @@ pub async fn rebuild(
                         return Ok::<(), CopyError>(());
                     };
                     tracker.stopped()?;
-                    if !built(&client, &b).await? {
-                        client
-                            .batch_execute(&build_statement(&b))
-                            .await
-                            .map_err(sql(format!("build {} on the target", b.of.name)))?;
-                    }
+                    build_one(&client, &b).await?;
                     if !b.index_only {
                         tracker.indexes_built.fetch_add(1, Ordering::Relaxed);
                     }
@@ -1055,12 +1124,7 @@ pub async fn restore(green: &Client, deferred: &[DeferredIndex]) -> Result<(), C
         .map_err(sql("make the session writable"))?;
     for wave in waves(deferred) {
         for b in wave {
-            if !built(green, &b).await? {
-                green
-                    .batch_execute(&build_statement(&b))
-                    .await
-                    .map_err(sql(format!("build {} on the target again", b.of.name)))?;
-            }
+            build_one(green, &b).await?;
         }
     }
     Ok(())

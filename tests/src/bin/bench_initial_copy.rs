@@ -195,10 +195,9 @@ async fn engine_copy(
         if status.phase == Phase::Replicating && started.is_none() {
             started = Some(Instant::now());
         }
-        if let Some(r) = &status.replication
-            && r.tables_total > 0
-            && r.tables_ready == r.tables_total
-        {
+        // Green's own catalog says when every table is ready (the engine's next step would
+        // first gather statistics).
+        if started.is_some() && subscription_ready(&bg.green)? {
             break;
         }
         if status.phase.is_terminal()
@@ -210,7 +209,15 @@ async fn engine_copy(
         if let Some(r) = &status.retry {
             eprintln!("retrying: {}", r.message);
         }
-        status = engine.step(&status, false, &mut NoSink).await?.status;
+        let step = engine.step(&status, false, &mut NoSink).await?;
+        if std::env::var_os("BENCH_DEBUG").is_some() {
+            eprintln!(
+                "  {:>7.3} s {:?}",
+                started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+                step.action
+            );
+        }
+        status = step.status;
         if status.phase == Phase::Replicating {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -236,6 +243,15 @@ async fn engine_copy(
     // Replication objects go (green's database is dropped next round anyway).
     engine.undo(&status).await?;
     Ok(seconds)
+}
+
+/// Every table of green's subscription is ready (copied and streaming).
+fn subscription_ready(green: &PgCluster) -> Result<bool> {
+    let row = green.query(
+        BlueGreen::DATABASE,
+        "SELECT count(*) > 0 AND bool_and(srsubstate = 'r') FROM pg_subscription_rel",
+    )?;
+    Ok(row[0][0].as_deref() == Some("t"))
 }
 
 fn pgcopydb(bg: &BlueGreen, jobs: i32, dir: &std::path::Path) -> Result<f64> {
@@ -304,9 +320,9 @@ async fn main() -> Result<()> {
             .setting("max_wal_size", "8GB")
             .setting("checkpoint_timeout", "30min")
             .setting("maintenance_work_mem", "256MB")
-            .setting("max_sync_workers_per_subscription", &jobs.to_string())
-            .setting("max_logical_replication_workers", &(jobs + 4).to_string())
-            .setting("max_worker_processes", &(jobs + 12).to_string())
+            .setting("max_sync_workers_per_subscription", jobs.to_string())
+            .setting("max_logical_replication_workers", (jobs + 4).to_string())
+            .setting("max_worker_processes", (jobs + 12).to_string())
     };
     let bg = BlueGreen::start_with(
         settings(cutover_tests::bench_builder("blue")),
@@ -335,8 +351,12 @@ async fn main() -> Result<()> {
     println!("round  method    seconds  blue_cpu_s");
     let mut times: [Vec<f64>; 3] = Default::default();
     let mut cpus: [Vec<f64>; 3] = Default::default();
+    let only = std::env::var("BENCH_METHODS").unwrap_or_default();
     for round in 1..=rounds {
         for (i, method) in ["native", "parallel", "pgcopydb"].iter().enumerate() {
+            if !only.is_empty() && !only.split(',').any(|m| m == *method) {
+                continue;
+            }
             if i < 2 {
                 schema_to_green(&bg, dir.path())?;
             }
