@@ -201,8 +201,8 @@ pub struct ReplicationSpec {
     /// with every index in place. `Parallel`: the operator creates the slot with an exported
     /// snapshot, copies every table inside it with `copyParallelism` workers (large tables split
     /// into key ranges), builds the target's secondary indexes and constraints afterwards, then
-    /// streams from the slot's consistent point. Choose `Native` where the source forbids a
-    /// replication-protocol session for the operator (some managed services).
+    /// streams from the slot's consistent point (the default). Choose `Native` where the source
+    /// forbids a replication-protocol session for the operator (some managed services).
     #[serde(default)]
     pub initial_copy: InitialCopy,
 
@@ -224,9 +224,10 @@ pub struct ReplicationSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum InitialCopy {
     /// The subscription's own copy (`copy_data = true`).
-    #[default]
     Native,
-    /// The operator's parallel copy from a snapshot exported with the slot, indexes after.
+    /// The operator's parallel copy from a snapshot exported with the slot, indexes after
+    /// (the default).
+    #[default]
     Parallel,
 }
 

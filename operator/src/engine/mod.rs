@@ -314,7 +314,10 @@ impl<P: Platform> Engine<P> {
                     large_objects: self.spec.replication.large_objects,
                     ..PreflightOptions::default()
                 };
-                let (checks, versions) = preflight::run(&blue, &green, &opts).await;
+                let (mut checks, versions) = preflight::run(&blue, &green, &opts).await;
+                if self.spec.replication.initial_copy == InitialCopy::Parallel {
+                    checks.push(self.replication_session_check().await);
+                }
                 Outcome::Preflight { checks, versions }
             }
             Action::LaunchMigrations(set) => {
@@ -428,6 +431,45 @@ impl<P: Platform> Engine<P> {
                 Outcome::Done
             }
         })
+    }
+
+    /// Preflight's `initial-copy` check for the parallel copy: the operator's role on blue can
+    /// open a replication-protocol session (`REPLICATION` privilege, `pg_hba.conf`), as the copy
+    /// will to create its slot.
+    async fn replication_session_check(&self) -> crate::api::CheckResult {
+        use crate::api::{CheckOutcome, CheckResult};
+        use crate::postgres::walsender::WalsenderConnection;
+        let result = async {
+            let mut session =
+                WalsenderConnection::connect(&self.dbs.blue, &self.dbs.connect).await?;
+            session.simple_query("IDENTIFY_SYSTEM").await?;
+            session.close().await;
+            Ok::<(), crate::postgres::walsender::WalsenderError>(())
+        }
+        .await;
+        let (outcome, message) = match result {
+            Ok(()) => (
+                CheckOutcome::Pass,
+                format!(
+                    "the operator opens a replication session to blue: the parallel copy \
+                     ({} workers) creates the slot with an exported snapshot",
+                    self.spec.replication.copy_parallelism
+                ),
+            ),
+            Err(e) => (
+                CheckOutcome::Fail,
+                format!(
+                    "the operator cannot open a replication session to blue ({e}): grant its \
+                     role REPLICATION and allow it in pg_hba.conf, or set \
+                     replication.initialCopy: Native"
+                ),
+            ),
+        };
+        CheckResult {
+            name: "initial-copy".into(),
+            outcome,
+            message,
+        }
     }
 
     /// Starts the parallel copy (or, when a run of this process failed, reports its failure

@@ -276,6 +276,7 @@ fn a_parallel_copy_records_green_indexes_first_and_waits_for_the_copy() {
 #[test]
 fn replication_waits_for_copy_lag_and_schedule() {
     let mut spec = plan("rollback");
+    spec.replication.initial_copy = crate::api::InitialCopy::Native;
     let fresh = in_phase(Phase::Replicating, 0);
     assert_eq!(
         next_action(&spec, &fresh, &Observations::default(), t(1)),
@@ -949,9 +950,11 @@ fn invariants_hold_over_random_runs() {
         let mut replication_started = false;
         // With the parallel copy, StartReplication starts a copy whose end creates the
         // subscription some steps later (or which fails, and is started again).
-        if rng.chance(50) {
-            spec.replication.initial_copy = crate::api::InitialCopy::Parallel;
-        }
+        spec.replication.initial_copy = if rng.chance(50) {
+            crate::api::InitialCopy::Parallel
+        } else {
+            crate::api::InitialCopy::Native
+        };
         let parallel = spec.replication.initial_copy == crate::api::InitialCopy::Parallel;
         let mut copy_started = false;
         let mut online_started = false;
