@@ -77,6 +77,34 @@ fn setup_of(majors: Majors) -> BlueGreen {
     bg
 }
 
+/// More rows in the lines table (ids 100001..=upto), so the copy lasts long enough to act in.
+fn more_lines(bg: &BlueGreen, upto: i64) {
+    bg.blue
+        .execute(
+            APP,
+            &format!(
+                r#"INSERT INTO "Mixed Case"."Order Lines" (id, body)
+                   SELECT g, repeat(md5(g::text), 8) FROM generate_series(100001, {upto}) g"#
+            ),
+        )
+        .unwrap();
+}
+
+/// An engine for `bg` whose application Secret (in the returned directory) names blue.
+fn engine_for(
+    bg: &BlueGreen,
+    id: &str,
+    spec: DatabaseCutoverSpec,
+) -> (
+    tempfile::TempDir,
+    cutover_operator::engine::Engine<cutover_operator::platform::LocalPlatform>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
+    let engine = local_engine(id, bg, spec, dir.path());
+    (dir, engine)
+}
+
 fn spec(mode: Mode) -> DatabaseCutoverSpec {
     let mut spec = production_spec();
     spec.mode = mode;
@@ -147,9 +175,7 @@ async fn every_shape_is_copied_exactly_from_15_to_18() {
 
 async fn every_shape(bg: BlueGreen) {
     let before = definitions(&bg.green);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
-    let engine = local_engine("shop/parallel", &bg, spec(Mode::Rehearsal), dir.path());
+    let (_dir, engine) = engine_for(&bg, "shop/parallel", spec(Mode::Rehearsal));
     // Rows written while the copy runs arrive by streaming, exactly once.
     let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
         copy_status(s).is_some_and(|c| c.stage == "Copying")
@@ -235,16 +261,8 @@ async fn every_shape(bg: BlueGreen) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_workers_killed_mid_copy_copy_their_range_again() {
     let bg = setup();
-    bg.blue
-        .execute(
-            APP,
-            r#"INSERT INTO "Mixed Case"."Order Lines" (id, body)
-               SELECT g, repeat(md5(g::text), 8) FROM generate_series(100001, 400000) g"#,
-        )
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
-    let engine = local_engine("shop/killed", &bg, spec(Mode::Rehearsal), dir.path());
+    more_lines(&bg, 400000);
+    let (_dir, engine) = engine_for(&bg, "shop/killed", spec(Mode::Rehearsal));
     let mut status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
         copy_status(s).is_some_and(|c| c.stage == "Copying")
     })
@@ -298,18 +316,10 @@ async fn copy_workers_killed_mid_copy_copy_their_range_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_whose_process_is_lost_starts_over_from_a_new_snapshot() {
     let bg = setup();
-    bg.blue
-        .execute(
-            APP,
-            r#"INSERT INTO "Mixed Case"."Order Lines" (id, body)
-               SELECT g, repeat(md5(g::text), 8) FROM generate_series(100001, 300000) g"#,
-        )
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
+    more_lines(&bg, 300000);
     let lead = Arc::new(AtomicBool::new(true));
-    let engine =
-        local_engine("shop/lost", &bg, spec(Mode::Rehearsal), dir.path()).with_fence(lead.clone());
+    let (_dir, engine) = engine_for(&bg, "shop/lost", spec(Mode::Rehearsal));
+    let engine = engine.with_fence(lead.clone());
     let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
         copy_status(s).is_some_and(|c| c.stage == "Copying" && c.bytes_copied > 0)
     })
@@ -339,17 +349,9 @@ async fn a_copy_whose_process_is_lost_starts_over_from_a_new_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_during_the_copy_leaves_green_empty_with_its_schema_intact() {
     let bg = setup();
-    bg.blue
-        .execute(
-            APP,
-            r#"INSERT INTO "Mixed Case"."Order Lines" (id, body)
-               SELECT g, repeat(md5(g::text), 8) FROM generate_series(100001, 300000) g"#,
-        )
-        .unwrap();
+    more_lines(&bg, 300000);
     let before = definitions(&bg.green);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("DATABASE_URL"), app_dsn(&bg.blue)).unwrap();
-    let engine = local_engine("shop/abort", &bg, spec(Mode::Production), dir.path());
+    let (dir, engine) = engine_for(&bg, "shop/abort", spec(Mode::Production));
     let status = step_until(&engine, DatabaseCutoverStatus::default(), |s| {
         copy_status(s).is_some_and(|c| c.stage == "Copying" && c.bytes_copied > 0)
     })

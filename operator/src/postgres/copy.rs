@@ -491,10 +491,9 @@ async fn snapshot_session(cfg: &CopyConfig, snapshot: &str) -> Result<Client, Co
     Ok(client)
 }
 
-/// A session on green writing as the apply does: triggers and foreign-key checks off
-/// (`session_replication_role = replica`) where the role may set it.
-async fn green_session(cfg: &CopyConfig) -> Result<Client, CopyError> {
-    let client = connect(&cfg.green, &cfg.connect)
+/// A session on green that may write even while green's database is read-only.
+async fn writable_target(green: &Dsn, opts: &ConnectOptions) -> Result<Client, CopyError> {
+    let client = connect(green, opts)
         .await
         .map_err(|source| CopyError::Connect {
             side: "target",
@@ -503,6 +502,13 @@ async fn green_session(cfg: &CopyConfig) -> Result<Client, CopyError> {
     writable_session(&client)
         .await
         .map_err(sql("make the session writable"))?;
+    Ok(client)
+}
+
+/// A session on green writing as the apply does: triggers and foreign-key checks off
+/// (`session_replication_role = replica`) where the role may set it.
+async fn green_session(cfg: &CopyConfig) -> Result<Client, CopyError> {
+    let client = writable_target(&cfg.green, &cfg.connect).await?;
     if client
         .batch_execute("SET session_replication_role = replica")
         .await
@@ -1090,15 +1096,7 @@ pub async fn rebuild(
         let builders = (0..parallelism.max(1)).map(|_| {
             let queue = queue.clone();
             async move {
-                let client = connect(green, opts)
-                    .await
-                    .map_err(|source| CopyError::Connect {
-                        side: "target",
-                        source,
-                    })?;
-                writable_session(&client)
-                    .await
-                    .map_err(sql("make the session writable"))?;
+                let client = writable_target(green, opts).await?;
                 loop {
                     let Some(b) = queue.lock().expect("queue poisoned").pop_front() else {
                         return Ok::<(), CopyError>(());
