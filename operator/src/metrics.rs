@@ -486,6 +486,13 @@ mod tests {
         after.steps[0].outcome = StepOutcome::Succeeded;
         after.replication = Some(ReplicationStatus {
             lag_bytes: Some(4096),
+            initial_copy: Some(crate::api::InitialCopyStatus {
+                stage: "Done".into(),
+                bytes_copied: 1000,
+                bytes_total: 1200,
+                rows_copied: 10,
+                ..crate::api::InitialCopyStatus::default()
+            }),
             ..ReplicationStatus::default()
         });
         after.write_freeze_seconds = Some(1.25);
@@ -506,6 +513,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"cutover_replication_lag_bytes{direction="forward",name="orders",namespace="shop"} 4096"#), "{text}");
+        assert!(
+            text.contains(
+                r#"cutover_initial_copy{name="orders",namespace="shop",what="bytes_copied"} 1000"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"cutover_initial_copy{name="orders",namespace="shop",what="rows_copied"} 10"#
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(r#"cutover_write_freeze_seconds{name="orders",namespace="shop"} 1.25"#),
             "{text}"

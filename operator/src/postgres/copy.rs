@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use thiserror::Error;
 use tokio_postgres::Client;
 use tokio_postgres::types::PgLsn;
@@ -35,6 +35,9 @@ use super::ident::{TableName, quote_ident, quote_literal};
 use super::shared::{db_message, writable_session};
 use super::walsender::{WalsenderConnection, WalsenderError, create_slot_exporting};
 use crate::api::DeferredIndex;
+
+/// Bytes of rows handed to green's COPY at once.
+const BATCH: usize = 64 * 1024;
 
 /// How many times a chunk is tried before the copy gives up.
 const CHUNK_ATTEMPTS: u32 = 5;
@@ -75,8 +78,8 @@ pub enum CopyError {
         #[source]
         source: ConnectError,
     },
-    /// The replication session failed.
-    #[error("failed to create the slot with an exported snapshot: {0}")]
+    /// The source's session (the replication session, or a copy worker's) failed.
+    #[error("the source: {0}")]
     Walsender(#[from] WalsenderError),
     /// A statement failed.
     #[error("failed to {action}: {}", db_message(source))]
@@ -383,7 +386,7 @@ pub async fn run(cfg: &CopyConfig, tracker: &Tracker) -> Result<PgLsn, CopyError
 }
 
 async fn copy_rows(cfg: &CopyConfig, tracker: &Tracker, snapshot: &str) -> Result<(), CopyError> {
-    let planner = snapshot_session(cfg, snapshot).await?;
+    let planner = planning_session(cfg, snapshot).await?;
     let green = green_session(cfg).await?;
     let (plans, chunks) = plan(&planner, &green, cfg).await?;
     drop(green);
@@ -452,12 +455,10 @@ async fn copy_rows(cfg: &CopyConfig, tracker: &Tracker, snapshot: &str) -> Resul
         remaining: std::sync::atomic::AtomicUsize::new(remaining),
     };
     let workers = cfg.parallelism.max(1);
-    let mut first = Some(planner);
-    let results = futures::future::join_all((0..workers).map(|_| {
-        let session = first.take();
-        worker(cfg, tracker, snapshot, session, &shared)
-    }))
-    .await;
+    drop(planner);
+    let results =
+        futures::future::join_all((0..workers).map(|_| worker(cfg, tracker, snapshot, &shared)))
+            .await;
     // The first failure that is not a stop caused by another's failure.
     let mut failure = None;
     for r in results {
@@ -473,8 +474,23 @@ async fn copy_rows(cfg: &CopyConfig, tracker: &Tracker, snapshot: &str) -> Resul
     }
 }
 
-/// A session on blue reading in the exported snapshot.
-async fn snapshot_session(cfg: &CopyConfig, snapshot: &str) -> Result<Client, CopyError> {
+/// A worker's session on blue reading in the exported snapshot.
+async fn snapshot_session(
+    cfg: &CopyConfig,
+    snapshot: &str,
+) -> Result<WalsenderConnection, CopyError> {
+    let mut session = WalsenderConnection::connect_plain(&cfg.blue, &cfg.connect).await?;
+    session
+        .simple_query(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await?;
+    Ok(session)
+}
+
+/// A session on blue in the exported snapshot for reading the tables' columns and sizes.
+async fn planning_session(cfg: &CopyConfig, snapshot: &str) -> Result<Client, CopyError> {
     let client = connect(&cfg.blue, &cfg.connect)
         .await
         .map_err(|source| CopyError::Connect {
@@ -701,9 +717,9 @@ async fn worker(
     cfg: &CopyConfig,
     tracker: &Tracker,
     snapshot: &str,
-    mut blue: Option<Client>,
     shared: &Shared,
 ) -> Result<(), CopyError> {
+    let mut blue: Option<WalsenderConnection> = None;
     let mut green: Option<Client> = None;
     loop {
         let next = shared.queue.lock().expect("queue poisoned").pop_front();
@@ -740,13 +756,13 @@ async fn worker(
         loop {
             tracker.stopped()?;
             let result = async {
-                if blue.as_ref().is_none_or(Client::is_closed) {
+                if blue.is_none() {
                     blue = Some(snapshot_session(cfg, snapshot).await?);
                 }
                 if green.as_ref().is_none_or(Client::is_closed) {
                     green = Some(green_session(cfg).await?);
                 }
-                let (b, g) = (blue.as_ref().expect("set"), green.as_ref().expect("set"));
+                let (b, g) = (blue.as_mut().expect("set"), green.as_ref().expect("set"));
                 copy_chunk(b, g, plan, &chunk, bytes, tracker).await
             }
             .await;
@@ -794,7 +810,7 @@ async fn worker(
 /// copied again; a connection lost while committing leaves it unknown whether the rows are
 /// there ([`CopyError::CommitUnknown`]), and the copy starts over.
 async fn copy_chunk(
-    blue: &Client,
+    blue: &mut WalsenderConnection,
     green: &Client,
     plan: &TablePlan,
     chunk: &Chunk,
@@ -819,23 +835,18 @@ async fn copy_chunk(
     );
     let streamed = AtomicI64::new(0);
     let result = async {
-        let source = blue
-            .copy_out(out.as_str())
-            .await
-            .map_err(sql(format!("read {} from the source", plan.name)))?;
         let sink = green
             .copy_in::<_, bytes::Bytes>(into.as_str())
             .await
             .map_err(sql(format!("write {} to the target", plan.name)))?;
         futures::pin_mut!(sink);
-        futures::pin_mut!(source);
-        while let Some(data) = source.next().await {
+        blue.copy_out_start(&out).await?;
+        while let Some(rows) = blue.copy_out_next(BATCH).await? {
             tracker.stopped()?;
-            let data = data.map_err(sql(format!("read {} from the source", plan.name)))?;
-            let n = i64::try_from(data.len()).unwrap_or(0);
+            let n = i64::try_from(rows.len()).unwrap_or(0);
             streamed.fetch_add(n, Ordering::Relaxed);
             bytes.fetch_add(n, Ordering::Relaxed);
-            sink.feed(data)
+            sink.feed(rows)
                 .await
                 .map_err(sql(format!("write {} to the target", plan.name)))?;
         }

@@ -16,8 +16,9 @@
 //!   --skip-vacuum` into an empty database, the whole run (its schema restore included, about a
 //!   second).
 //!
-//! It also prints the CPU seconds blue's server spent in each run: the postmaster's own and its
-//! reaped children's times, plus those of its children still alive, from `/proc`.
+//! It also prints the CPU seconds each server spent in each run (the postmaster's own and its
+//! reaped children's times, plus those of its children still alive, from `/proc`) and the
+//! client's: this process (the engine, whose copy relays the rows) or pgcopydb's processes.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -136,6 +137,17 @@ fn server_cpu(cluster: &PgCluster) -> f64 {
         }
     }
     ticks / TICKS
+}
+
+/// CPU seconds of this process and its reaped children (pgcopydb) so far.
+fn own_cpu() -> f64 {
+    let Some(f) = stat_fields(std::process::id()) else {
+        return f64::NAN;
+    };
+    (11..=14)
+        .filter_map(|i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>()
+        / TICKS
 }
 
 /// Drops and creates green's database `db` (empty).
@@ -348,7 +360,7 @@ async fn main() -> Result<()> {
         .unwrap_or("0")
         .parse()?;
     println!("# scale {scale} + mixed {mixed} rows: blue's database {size_mb:.0} MB, {jobs} jobs");
-    println!("round  method    seconds  blue_cpu_s");
+    println!("round  method    seconds  blue_cpu_s  green_cpu_s  client_cpu_s");
     let mut times: [Vec<f64>; 3] = Default::default();
     let mut cpus: [Vec<f64>; 3] = Default::default();
     let only = std::env::var("BENCH_METHODS").unwrap_or_default();
@@ -361,13 +373,20 @@ async fn main() -> Result<()> {
                 schema_to_green(&bg, dir.path())?;
             }
             let before = server_cpu(&bg.blue);
+            let green_before = server_cpu(&bg.green);
+            let own_before = own_cpu();
             let seconds = match i {
                 0 => engine_copy(&bg, InitialCopy::Native, jobs, dir.path()).await?,
                 1 => engine_copy(&bg, InitialCopy::Parallel, jobs, dir.path()).await?,
                 _ => pgcopydb(&bg, jobs, dir.path())?,
             };
             let cpu = server_cpu(&bg.blue) - before;
-            println!("{round:>5}  {method:<8}  {seconds:>7.2}  {cpu:>10.2}");
+            let green_cpu = server_cpu(&bg.green) - green_before;
+            // pgcopydb's own process is a child of this one (reaped: counted in cutime).
+            let own = own_cpu() - own_before;
+            println!(
+                "{round:>5}  {method:<8}  {seconds:>7.2}  {cpu:>10.2}  {green_cpu:>11.2}  {own:>12.2}"
+            );
             times[i].push(seconds);
             cpus[i].push(cpu);
         }
