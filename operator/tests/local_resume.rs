@@ -3,7 +3,8 @@
 //! nothing of ours left on either server, and every write the application acknowledged (a bank
 //! workload that follows the application's connection file, as a pod follows its Secret) on
 //! green, where it ended. `--abort` undoes a run killed in Replicating: blue writable again,
-//! no replication object left.
+//! no replication object left. Killed while the parallel initial copy streams rows, the run starts
+//! the copy over from a new snapshot.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -189,6 +190,12 @@ fn count(c: &PgCluster, sql: &str) -> i64 {
 async fn killed_and_resumed(phase: Phase) {
     let bed = bed(false).await;
     let first = kill_in(&bed, phase);
+    killed_and_resumed_with(bed, phase, first).await;
+}
+
+/// Runs the plan again after a run killed in `phase` (it printed `first`) and checks it
+/// completes as if nothing happened.
+async fn killed_and_resumed_with(bed: Bed, phase: Phase, first: String) -> DatabaseCutoverStatus {
     let killed_in = bed.saved().phase;
     let out = bed.command().output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -234,15 +241,64 @@ async fn killed_and_resumed(phase: Phase) {
     );
     assert_eq!(slots_and_subscriptions(&bg.green), Vec::<String>::new());
     assert_eq!(slots_and_subscriptions(&bg.blue), Vec::<String>::new());
+    if let Some(c) = status
+        .replication
+        .as_ref()
+        .and_then(|r| r.initial_copy.as_ref())
+    {
+        assert_eq!(c.stage, "Done", "{c:?}");
+        eprintln!(
+            "initial copy: {} restarts, {} rows",
+            c.restarts, c.rows_copied
+        );
+    }
     eprintln!(
         "killed in {killed_in} (asked: {phase}), resumed, completed; {} acknowledged writes on green",
         report.acknowledged.len()
     );
+    status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_in_replicating_resumes() {
     killed_and_resumed(Phase::Replicating).await;
+}
+
+/// Killed while the parallel initial copy streams rows (its exported snapshot dies with the
+/// process): the resumed run drops the slot, empties green's tables and copies again from a new
+/// snapshot, counted as a restart; every acknowledged write ends on green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_the_parallel_copy_starts_it_over() {
+    let bed = bed(false).await;
+    bed.bg
+        .blue
+        .execute(
+            BlueGreen::DATABASE,
+            "INSERT INTO ledger (client, seq, amount)
+             SELECT 1000 + g / 1000, g, 0 FROM generate_series(1, 600000) g",
+        )
+        .unwrap();
+    let copying = || {
+        bed.bg
+            .blue
+            .query(
+                BlueGreen::DATABASE,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'cutover-copy' AND backend_type = 'client backend'
+                    AND state = 'active' AND query LIKE 'COPY%'",
+            )
+            .is_ok_and(|r| r[0][0].as_deref() != Some("0"))
+    };
+    kill_when(&bed, Phase::Replicating, copying);
+    let copy = bed.saved().replication.and_then(|r| r.initial_copy);
+    assert!(
+        copy.as_ref().is_none_or(|c| c.stage != "Done"),
+        "killed after the copy: {copy:?}"
+    );
+    let status = killed_and_resumed_with(bed, Phase::Replicating, String::new()).await;
+    let copy = status.replication.and_then(|r| r.initial_copy).unwrap();
+    assert_eq!(copy.restarts, 1, "the copy started over once: {copy:?}");
+    assert!(copy.rows_copied >= 600_050, "{copy:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
