@@ -181,8 +181,14 @@ async fn run_rounds(id: String, run: Arc<Run>, cfg: OnlineConfig, fence: Option<
                         // leader's next step starts a new pass (a process that lost the lead
                         // creates nothing).
                         tracing::warn!(cutover = %id, %slot, "online verification lost its change witness; a new pass starts at the next step");
-                        *guard = None;
+                        // The pass's other slot may still exist (a replica resumed after a
+                        // takeover finishes creating it after the new leader's cleanup): drop
+                        // what is left of this pass.
+                        let lost = guard.take();
                         drop(guard);
+                        if let Some(verifier) = lost {
+                            verifier.drop_slots().await;
+                        }
                         break;
                     }
                     Err(e) => {

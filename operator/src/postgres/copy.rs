@@ -1048,14 +1048,43 @@ fn build_statement(b: &Build<'_>) -> String {
 }
 
 /// Builds `b` unless it exists.
+///
+/// The definitions come from the status, where the operator recorded what green had: one that
+/// is not an index or constraint definition is refused, and the statement runs by the extended
+/// protocol, which takes exactly one statement.
 async fn build_one(green: &Client, b: &Build<'_>) -> Result<(), CopyError> {
     if !built(green, b).await? {
+        let stmt = build_statement(b);
+        if !recorded_as_written(b) {
+            return Err(CopyError::Refused(format!(
+                "status.replication.deferredIndexes holds a definition of {} the operator did \
+                 not record ({:?}); it is not run",
+                b.of.name, b.of.definition
+            )));
+        }
         green
-            .batch_execute(&build_statement(b))
+            .execute(stmt.as_str(), &[])
             .await
             .map_err(sql(format!("build {} on the target", b.of.name)))?;
     }
     Ok(())
+}
+
+/// Whether `b`'s definition has the shape `pg_get_indexdef` / `pg_get_constraintdef` give
+/// its kind.
+fn recorded_as_written(b: &Build<'_>) -> bool {
+    let d = b.of;
+    let index =
+        |def: &str| def.starts_with("CREATE INDEX ") || def.starts_with("CREATE UNIQUE INDEX ");
+    match (d.kind.as_str(), &d.index_definition) {
+        ("Index", _) => index(&d.definition),
+        ("Constraint", Some(def)) if b.index_only => def.starts_with("CREATE UNIQUE INDEX "),
+        ("Constraint", _) => ["PRIMARY KEY", "UNIQUE", "EXCLUDE"]
+            .iter()
+            .any(|p| d.definition.starts_with(p)),
+        ("ForeignKey", _) => d.definition.starts_with("FOREIGN KEY"),
+        _ => false,
+    }
 }
 
 /// The builds in waves: indexes (those of keys included) and exclusion constraints in
@@ -1196,6 +1225,19 @@ mod tests {
                 "CREATE UNIQUE INDEX t_a_key ON public.t USING btree (a)".into(),
             ),
         };
+        let forged = DeferredIndex {
+            definition: "CREATE INDEX x ON t (a); DROP TABLE t".into(),
+            kind: "ForeignKey".into(),
+            ..d.clone()
+        };
+        assert!(!recorded_as_written(&Build {
+            of: &forged,
+            index_only: false
+        }));
+        assert!(recorded_as_written(&Build {
+            of: &d,
+            index_only: false
+        }));
         let [first, second, third] = waves(std::slice::from_ref(&key));
         assert_eq!((first.len(), second.len(), third.len()), (1, 1, 0));
         assert_eq!(
