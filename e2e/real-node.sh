@@ -13,7 +13,7 @@
 #
 # COMMAND sees:
 #   KUBECONFIG             admin kubeconfig (system:masters)
-#   CUTOVER_NODE_API       the API server's URL (https://127.0.0.1:PORT)
+#   CUTOVER_NODE_API       the API server's URL (https://GATEWAY:PORT)
 #   CUTOVER_NODE_KUBECTL   the kubectl built with the control plane
 #   CUTOVER_NODE_NAME      the node's name
 #   CUTOVER_NODE_GATEWAY   the pod bridge's own address (pods reach the host there)
@@ -22,8 +22,10 @@
 # Only one node runs on a machine at a time: runs are serialised with a lock file (a second run
 # waits for the first). Needs root (containerd, mounts, cgroups, network namespaces).
 #
-# Network: every component listens on loopback, except the kubelet's API (on the pod bridge's
-# address, which is its InternalIP: the API server reaches it there for logs and exec). Pods sit
+# Network: every component listens on loopback, except the API server and the kubelet's API, on
+# the pod bridge's own address (the gateway, the node's InternalIP): pods reach the API server
+# there (no kube-proxy runs: a pod talking to the API server is given KUBERNETES_SERVICE_HOST and
+# _PORT naming it), the API server reaches the kubelet there for logs and exec. Pods sit
 # on a bridge of their own (cutover0, 10.88.0.0/24) with no masquerading: they reach the host
 # at the bridge's address and nothing beyond. The kubelet is told not to make its iptables
 # chains (makeIPTablesUtilChains: false) — its KUBE-FIREWALL chain drops loopback traffic that
@@ -304,7 +306,7 @@ up() {
     openssl req -x509 -new -key "$pki/ca.key" -subj "/CN=cutover-e2e-node-ca" -days 2 \
         -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
         -out "$pki/ca.crt" 2>/dev/null
-    cert apiserver kube-apiserver "" "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+    cert apiserver kube-apiserver "" "IP:127.0.0.1,IP:$GATEWAY,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
     cert admin cutover-e2e-admin system:masters ""
     cert node "system:node:$NODE_NAME" system:nodes ""
     cert controller-manager system:kube-controller-manager "" ""
@@ -313,19 +315,25 @@ up() {
     openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$pki/service-account.key" 2>/dev/null
     openssl pkey -in "$pki/service-account.key" -pubout -out "$pki/service-account.pub" 2>/dev/null
 
-    # etcd and the API server, on loopback.
+    # The pod bridge, made here rather than by the first pod so the API server and the
+    # kubelet can serve on it.
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$GATEWAY/24" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+
+    # etcd on loopback, the API server on the bridge's address.
     local etcd_port etcd_peer api_port
     etcd_port="$(free_port)"
     etcd_peer="$(free_port)"
     api_port="$(free_port)"
-    API="https://127.0.0.1:$api_port"
+    API="https://$GATEWAY:$api_port"
     start etcd "$bin/etcd" --name=default --data-dir="$STATE/etcd" \
         --listen-client-urls="http://127.0.0.1:$etcd_port" --advertise-client-urls="http://127.0.0.1:$etcd_port" \
         --listen-peer-urls="http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls="http://127.0.0.1:$etcd_peer" \
         --initial-cluster="default=http://127.0.0.1:$etcd_peer" --unsafe-no-fsync=true
     start kube-apiserver "$bin/kube-apiserver" \
         --etcd-servers="http://127.0.0.1:$etcd_port" \
-        --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+        --bind-address="$GATEWAY" --advertise-address="$GATEWAY" --secure-port="$api_port" \
         --cert-dir="$pki" --client-ca-file="$pki/ca.crt" \
         --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
         --service-account-key-file="$pki/service-account.pub" \
@@ -343,11 +351,6 @@ up() {
     kubeconfig scheduler scheduler
     export KUBECONFIG="$STATE/admin.kubeconfig"
     wait_for "the API server's /readyz" "$START_TIMEOUT" "$KUBECTL" get --raw /readyz
-
-    # The pod bridge, made here rather than by the first pod so the kubelet can serve on it.
-    ip link add "$BRIDGE" type bridge
-    ip addr add "$GATEWAY/24" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
 
     # containerd with its own root, state and socket (containerd 1.6 still uses /run/containerd
     # for its shims and runc state; `clean` removes it).

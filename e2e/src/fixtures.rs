@@ -7,6 +7,7 @@ use cutover_tests::workload;
 use cutover_tests::{BlueGreen, PgCluster, PgClusterBuilder};
 
 use crate::ControlPlane;
+use crate::node::Node;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -50,7 +51,19 @@ pub fn bank_databases_of(
     app_role: &str,
     app_password: &str,
     accounts: i64,
+    majors: (Option<u32>, Option<u32>),
+) -> BlueGreen {
+    bank_databases_on(app_role, app_password, accounts, majors, None)
+}
+
+/// [`bank_databases_of`], with both servers also reachable from the pods of `node` (the
+/// operator's migration Jobs connect to green; an operator running as a pod to both).
+pub fn bank_databases_on(
+    app_role: &str,
+    app_password: &str,
+    accounts: i64,
     (blue, green): (Option<u32>, Option<u32>),
+    node: Option<&Node>,
 ) -> BlueGreen {
     let of = |major: Option<u32>| {
         let builder = quick_feedback(PgCluster::builder());
@@ -59,7 +72,16 @@ pub fn bank_databases_of(
             None => builder,
         }
     };
-    let bg = BlueGreen::start_with(of(blue), of(green)).expect("start PostgreSQL");
+    let reachable = |builder: PgClusterBuilder| match node {
+        Some(node) => node.listening_to_pods(builder),
+        None => builder,
+    };
+    let bg =
+        BlueGreen::start_with(reachable(of(blue)), reachable(of(green))).expect("start PostgreSQL");
+    if let Some(node) = node {
+        node.allow_pods(&bg.blue);
+        node.allow_pods(&bg.green);
+    }
     for c in [&bg.blue, &bg.green] {
         c.create_role(app_role, app_password, "LOGIN").unwrap();
         c.execute(BlueGreen::DATABASE, workload::SCHEMA).unwrap();
@@ -70,4 +92,28 @@ pub fn bank_databases_of(
         .execute(BlueGreen::DATABASE, &workload::seed(accounts, 1000))
         .unwrap();
     bg
+}
+
+/// The one value `sql` returns, as a number.
+pub fn one(c: &PgCluster, sql: &str) -> i64 {
+    c.query(BlueGreen::DATABASE, sql).unwrap()[0][0]
+        .clone()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The publications, subscriptions and replication slots on `c` (a cutover that ended leaves
+/// none).
+pub fn leftovers(c: &PgCluster) -> Vec<String> {
+    c.query(
+        BlueGreen::DATABASE,
+        "SELECT 'publication ' || pubname FROM pg_publication
+         UNION ALL SELECT 'subscription ' || subname FROM pg_subscription
+         UNION ALL SELECT 'slot ' || slot_name FROM pg_replication_slots",
+    )
+    .unwrap()
+    .into_iter()
+    .filter_map(|r| r[0].clone())
+    .collect()
 }

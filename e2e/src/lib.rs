@@ -10,16 +10,17 @@
 //!
 //! There is no kube-controller-manager, scheduler or kubelet: objects are stored and validated
 //! (CRD schemas, admission, RBAC) but nothing reconciles them — no pods run, no namespace is
-//! finalised, no garbage collection, no default service accounts. Jobs are the exception the
-//! tests need: [`kubelet::Kubelet`] stands in for the kubelet and the Job controller, running a
-//! Job's container (this project's own binary) as a local process and writing its status.
+//! finalised, no garbage collection, no default service accounts. What needs pods (the
+//! operator's migration Jobs, the chart's operator pod, the application's init containers) runs
+//! on a real node: `e2e/real-node.sh` starts one ([`node::Node`]) and `make node-test` runs
+//! those tests inside it.
 //!
 //! A [`kube::Client`] is tied to the tokio runtime that created it, and `#[tokio::test]` makes
 //! one runtime per test, so [`ControlPlane::client`] builds a fresh client on every call; the
 //! processes themselves do not depend on any runtime.
 
 pub mod fixtures;
-pub mod kubelet;
+pub mod node;
 pub mod operator;
 pub mod tools;
 

@@ -30,6 +30,40 @@ pub fn go_tool(name: &'static str) -> Result<PathBuf, String> {
         other => return Err(format!("no Go tool named {other}")),
     };
     cell.get_or_init(|| {
+        let path = go_tool_script(name)?;
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "hack/go-tool.sh {name} printed {}, which is no file",
+                path.display()
+            ))
+        }
+    })
+    .clone()
+}
+
+/// The folder holding the Prometheus Operator's ServiceMonitor and PrometheusRule CRDs, from
+/// its Go module at the version `hack/go-tool.sh` pins (downloaded once, cached per user).
+pub fn prometheus_operator_crds() -> Result<PathBuf, String> {
+    static CRDS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    CRDS.get_or_init(|| {
+        let dir = go_tool_script("prometheus-operator-crds")?;
+        if dir
+            .join("monitoring.coreos.com_servicemonitors.yaml")
+            .is_file()
+        {
+            Ok(dir)
+        } else {
+            Err(format!("{} holds no ServiceMonitor CRD", dir.display()))
+        }
+    })
+    .clone()
+}
+
+/// Runs `hack/go-tool.sh NAME`; the path it printed last.
+fn go_tool_script(name: &str) -> Result<PathBuf, String> {
+    {
         let script = repo_root().join("hack/go-tool.sh");
         let output = Command::new("bash")
             .arg(&script)
@@ -46,23 +80,13 @@ pub fn go_tool(name: &'static str) -> Result<PathBuf, String> {
             ));
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
-        let path = stdout
+        stdout
             .lines()
             .map(str::trim)
             .rfind(|l| !l.is_empty())
             .map(PathBuf::from)
-            .ok_or_else(|| format!("{} {name} printed no path", script.display()))?;
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(format!(
-                "{} {name} printed {}, which is no file",
-                script.display(),
-                path.display()
-            ))
-        }
-    })
-    .clone()
+            .ok_or_else(|| format!("{} {name} printed no path", script.display()))
+    }
 }
 
 /// A `helm` command with its own cache, config and data folders (per process, so tests leave

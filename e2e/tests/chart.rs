@@ -4,15 +4,16 @@
 //! through `promtool check rules` and a `promtool test rules` unit test that fires each alert,
 //! and the Grafana dashboard's JSON.
 //!
-//! The bed has no node, so the install is not waited on (`--wait` needs running pods); the
-//! Prometheus Operator's kinds (ServiceMonitor, PrometheusRule) are not served by this API
-//! server: the rules inside the PrometheusRule are checked by promtool instead.
+//! The bed has no node, so the install is not waited on (`--wait` needs running pods; the real
+//! node's test waits). The Prometheus Operator's kinds (ServiceMonitor, PrometheusRule) are
+//! checked against that project's own CRDs, installed from its Go module
+//! (`hack/go-tool.sh prometheus-operator-crds`).
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::tools::{chart_dir, helm, promtool, repo_root, run};
+use cutover_e2e::tools::{chart_dir, helm, prometheus_operator_crds, promtool, repo_root, run};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
@@ -29,7 +30,6 @@ const ALL_ON: [&str; 6] = [
     "--set",
     "grafanaDashboard.enabled=true",
 ];
-const MONITORING_GROUP: &str = "monitoring.coreos.com/";
 
 /// `helm template` of the chart into `namespace`, parsed into one value per object.
 fn render(namespace: &str, extra: &[&str]) -> Vec<Value> {
@@ -83,13 +83,18 @@ async fn the_api_server_accepts_the_rendered_chart_and_helm_installs_it() {
     let plane = ControlPlane::shared().await.unwrap();
     let ns = plane.namespace("chart").await.unwrap();
 
-    // Everything this API server serves, from the rendering with every part on, through a
-    // server-side dry run: schemas, field validation (strict for server-side apply), admission.
+    // The rendering with every part on, through a server-side dry run: schemas, field
+    // validation (strict for server-side apply), admission. The ServiceMonitor and the
+    // PrometheusRule against the Prometheus Operator's own CRDs.
+    let crds = prometheus_operator_crds().unwrap_or_else(|e| panic!("{e}"));
+    let installed = plane.install_crds(&crds).await.unwrap();
+    assert!(
+        installed.iter().any(|c| c.starts_with("servicemonitors."))
+            && installed.iter().any(|c| c.starts_with("prometheusrules.")),
+        "{installed:?}"
+    );
     let docs = render(&ns, &ALL_ON);
-    let served: Vec<&Value> = docs
-        .iter()
-        .filter(|d| !kind_of(d).0.starts_with(MONITORING_GROUP))
-        .collect();
+    let served: Vec<&Value> = docs.iter().collect();
     let kinds: BTreeSet<&str> = served.iter().map(|d| kind_of(d).1).collect();
     for kind in [
         "CustomResourceDefinition",
@@ -101,6 +106,8 @@ async fn the_api_server_accepts_the_rendered_chart_and_helm_installs_it() {
         "Deployment",
         "Service",
         "ConfigMap",
+        "ServiceMonitor",
+        "PrometheusRule",
     ] {
         assert!(
             kinds.contains(kind),

@@ -4,14 +4,18 @@
 //! application's own credentials, the Deployment's pod template was annotated, every phase left
 //! an Event, every acknowledged write is on green and nothing of ours is left on either server.
 //! Around it: manual approval, every kind of abort, rollback, a rehearsal, migrations before and
-//! after the switch (their Jobs run by the kubelet stand-in), hypercare's problems, deletion.
+//! after the switch, hypercare's problems, deletion.
+//!
+//! The tests whose migration Jobs must run (every test named `…migration…`) need pods: they run
+//! on the real node (`make node-test` runs them inside `e2e/real-node.sh`, where green also
+//! listens on the pod bridge) and return at once elsewhere, saying so.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::fixtures::{bank_databases_of, namespace_with_crds, repo};
-use cutover_e2e::kubelet::Kubelet;
+use cutover_e2e::fixtures::{bank_databases_on, leftovers, namespace_with_crds, one, repo};
+use cutover_e2e::node::{Node, PAUSE_IMAGE};
 use cutover_e2e::operator::{OperatorProcess, cutover_binary, eventually};
 use cutover_operator::api::{
     Approval, ConfigMapRef, DatabaseCutover, DatabaseCutoverStatus, Milestone, Mode, Phase,
@@ -31,27 +35,6 @@ use serde_json::json;
 
 const APP_ROLE: &str = "orders_app";
 const APP_PASSWORD: &str = "app-password";
-
-fn one(c: &PgCluster, sql: &str) -> i64 {
-    c.query(BlueGreen::DATABASE, sql).unwrap()[0][0]
-        .clone()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-fn leftovers(c: &PgCluster) -> Vec<String> {
-    c.query(
-        BlueGreen::DATABASE,
-        "SELECT 'publication ' || pubname FROM pg_publication
-         UNION ALL SELECT 'subscription ' || subname FROM pg_subscription
-         UNION ALL SELECT 'slot ' || slot_name FROM pg_replication_slots",
-    )
-    .unwrap()
-    .into_iter()
-    .filter_map(|r| r[0].clone())
-    .collect()
-}
 
 async fn secret(plane: &ControlPlane, ns: &str, name: &str, key: &str, value: &str) {
     let api: Api<Secret> = Api::namespaced(plane.client(), ns);
@@ -96,35 +79,63 @@ struct Scenario {
     load: Option<Load>,
     blue_app: String,
     green_app: String,
+    /// The real node this runs on, if it does (`make node-test`).
+    node: Option<Node>,
 }
 
 impl Scenario {
+    /// [`Scenario::start_of`] on the real node, or `None` (saying so) when not on one.
+    async fn on_node(prefix: &str, majors: (Option<u32>, Option<u32>)) -> Option<Self> {
+        Node::from_env()?;
+        Some(Self::start_of(prefix, majors).await)
+    }
+
     async fn start(prefix: &str) -> Self {
         Self::start_of(prefix, (None, None)).await
     }
 
     /// [`Scenario::start`] with blue and green of the given major versions.
     async fn start_of(prefix: &str, majors: (Option<u32>, Option<u32>)) -> Self {
+        // On the real node green is also reached from the pods (the migration Jobs), at the
+        // bridge's address: the Secrets name it there.
+        let node = Node::detect();
+        let on_node = node.clone();
         let bg = tokio::task::spawn_blocking(move || {
-            bank_databases_of(APP_ROLE, APP_PASSWORD, 50, majors)
+            bank_databases_on(APP_ROLE, APP_PASSWORD, 50, majors, on_node.as_ref())
         })
         .await
         .unwrap();
         let (plane, ns) = namespace_with_crds(prefix).await;
+        let green = |dsn: String| match &node {
+            Some(node) => node.via(&dsn),
+            None => dsn,
+        };
 
         let blue_app = bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
-        let green_app = bg.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
+        let green_app = green(bg.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE));
         secret(&plane, &ns, "billing-blue-admin", "uri", &bg.blue_dsn()).await;
-        secret(&plane, &ns, "billing-green-admin", "uri", &bg.green_dsn()).await;
+        secret(
+            &plane,
+            &ns,
+            "billing-green-admin",
+            "uri",
+            &green(bg.green_dsn()),
+        )
+        .await;
         secret(&plane, &ns, "billing-db", "DATABASE_URL", &blue_app).await;
         let deployments: Api<Deployment> = Api::namespaced(plane.client(), &ns);
+        // Without a node nothing pulls the image; on the node it is one that is there.
+        let container = match &node {
+            Some(_) => json!({"name": "api", "image": PAUSE_IMAGE, "imagePullPolicy": "Never"}),
+            None => json!({"name": "api", "image": "registry.example/billing-api:1"}),
+        };
         let deployment: Deployment = serde_json::from_value(json!({
             "metadata": {"name": "billing-api"},
             "spec": {
                 "selector": {"matchLabels": {"app": "billing-api"}},
                 "template": {
                     "metadata": {"labels": {"app": "billing-api"}},
-                    "spec": {"containers": [{"name": "api", "image": "registry.example/billing-api:1"}]}
+                    "spec": {"containers": [container]}
                 }
             }
         }))
@@ -154,7 +165,16 @@ impl Scenario {
             load: Some(load),
             blue_app,
             green_app,
+            node,
         }
+    }
+
+    /// What the pods of Job `name` printed (on the real node).
+    fn job_logs(&self, name: &str) -> String {
+        self.node
+            .as_ref()
+            .map(|node| node.job_logs(&self.ns, name))
+            .unwrap_or_default()
     }
 
     /// The rollback-ready example plan, made quick.
@@ -965,20 +985,24 @@ fn job_condition(job: &Job, type_: &str) -> Option<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_run_as_a_job_on_green_before_replication_and_the_cutover_completes() {
-    migrations_then_cutover(Scenario::start("migrate").await).await;
+    let Some(s) = Scenario::on_node("migrate", (None, None)).await else {
+        return;
+    };
+    migrations_then_cutover(s).await;
 }
 
 /// Migrations written for the new major run on a PostgreSQL 18 green before a 15 → 18 upgrade.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_run_on_a_postgresql_18_green_and_the_upgrade_completes() {
-    let s = Scenario::start_of("migrate-upgrade", UPGRADE).await;
+    let Some(s) = Scenario::on_node("migrate-upgrade", UPGRADE).await else {
+        return;
+    };
     assert_eq!((s.bg.blue.major(), s.bg.green.major()), (15, 18));
     migrations_then_cutover(s).await;
 }
 
 async fn migrations_then_cutover(mut s: Scenario) {
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
-    let kubelet = Kubelet::start(s.plane.client(), &s.ns);
     s.migrations(&[V1, V2]).await;
     s.apply(&s.plan_with_migrations()).await;
 
@@ -994,10 +1018,10 @@ async fn migrations_then_cutover(mut s: Scenario) {
     assert!(at(Phase::Preflight) < Some(migrating), "{steps:?}");
     assert!(Some(migrating) < at(Phase::Replicating), "{steps:?}");
 
-    // The Job ran `cutover migrate` and the stand-in recorded it as the Job controller would.
+    // The Job's pod ran `cutover migrate` from the image, and the Job controller recorded it.
     let job = s.migration_job(INITIAL).await;
     let job_name = job.metadata.name.clone().unwrap();
-    eprintln!("{}", kubelet.output(&job_name));
+    eprintln!("{}", s.job_logs(&job_name));
     let status = job.status.clone().unwrap();
     assert_eq!(status.succeeded, Some(1));
     assert_eq!(status.active.unwrap_or(0), 0, "no pod left active");
@@ -1029,9 +1053,10 @@ async fn migrations_then_cutover(mut s: Scenario) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_migration_aborts_the_cutover_naming_the_file_and_blue_carries_on() {
-    let mut s = Scenario::start("migrate-fail").await;
+    let Some(mut s) = Scenario::on_node("migrate-fail", (None, None)).await else {
+        return;
+    };
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
-    let kubelet = Kubelet::start(s.plane.client(), &s.ns);
     let broken = (
         "V2__broken.sql",
         "ALTER TABLE billing_notes ADD COLUMN author text;\nUPDATE no_such_table SET x = 1;",
@@ -1057,7 +1082,7 @@ async fn a_failing_migration_aborts_the_cutover_naming_the_file_and_blue_carries
 
     // The Job failed after backoffLimit (3) retries, with the conditions the Job controller sets.
     let job = s.migration_job(INITIAL).await;
-    eprintln!("{}", kubelet.output(job.metadata.name.as_deref().unwrap()));
+    eprintln!("{}", s.job_logs(job.metadata.name.as_deref().unwrap()));
     let status = job.status.clone().unwrap();
     assert_eq!(status.failed, Some(4));
     assert_eq!(status.active.unwrap_or(0), 0, "no pod left active");
@@ -1199,9 +1224,10 @@ async fn a_rehearsal_runs_every_step_then_undoes_its_freeze_and_the_application_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_switch_migrations_run_as_their_own_job_after_the_point_of_no_return() {
-    let mut s = Scenario::start("post-switch").await;
+    let Some(mut s) = Scenario::on_node("post-switch", (None, None)).await else {
+        return;
+    };
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
-    let kubelet = Kubelet::start(s.plane.client(), &s.ns);
     s.migrations(&[V1, V2]).await;
     s.post_switch_migrations(&[(
         "V3__index_ledger_by_client.sql",
@@ -1229,7 +1255,7 @@ async fn post_switch_migrations_run_as_their_own_job_after_the_point_of_no_retur
     let initial = s.migration_job(INITIAL).await;
     let post = s.migration_job(POST_SWITCH).await;
     assert_ne!(initial.metadata.name, post.metadata.name);
-    eprintln!("{}", kubelet.output(post.metadata.name.as_deref().unwrap()));
+    eprintln!("{}", s.job_logs(post.metadata.name.as_deref().unwrap()));
     for job in [&initial, &post] {
         assert_eq!(job.status.as_ref().and_then(|s| s.succeeded), Some(1));
         assert!(job_condition(job, "Complete").is_some());
@@ -1255,9 +1281,10 @@ async fn post_switch_migrations_run_as_their_own_job_after_the_point_of_no_retur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_post_switch_migration_rolls_back_before_the_secret_moves() {
-    let mut s = Scenario::start("post-switch-fail").await;
+    let Some(mut s) = Scenario::on_node("post-switch-fail", (None, None)).await else {
+        return;
+    };
     let _dump = s.operator.dump_on_panic(&s.plane, &s.ns);
-    let kubelet = Kubelet::start(s.plane.client(), &s.ns);
     s.migrations(&[V1]).await;
     s.post_switch_migrations(&[(
         "V2__broken_post_switch.sql",
@@ -1297,7 +1324,7 @@ async fn a_failing_post_switch_migration_rolls_back_before_the_secret_moves() {
     }
 
     let job = s.migration_job(POST_SWITCH).await;
-    eprintln!("{}", kubelet.output(job.metadata.name.as_deref().unwrap()));
+    eprintln!("{}", s.job_logs(job.metadata.name.as_deref().unwrap()));
     let (reason, _) = job_condition(&job, "Failed").expect("Failed=True");
     assert_eq!(reason, "BackoffLimitExceeded");
 

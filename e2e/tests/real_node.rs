@@ -1,75 +1,176 @@
-//! On a real node (`make e2e-node` runs this inside `e2e/real-node.sh`): the operator image
+//! On a real node (`make node-test` runs this inside `e2e/real-node.sh`): the operator image
 //! imported into containerd, the chart installed by `helm install --wait`, the operator running
-//! as a pod with the chart's ServiceAccount and RBAC, and a whole cutover through it while a
-//! Deployment whose init container runs `cutover wait` is restarted by the switch onto green.
+//! as pods with the chart's ServiceAccount and RBAC, and a real application: a Deployment of the
+//! bank workload (`cutover.local/bank-app:e2e`, `tests/src/bin/bank_app.rs`) that reads the
+//! application Secret, whose init container runs `cutover wait` for the migration version.
+//! Every write the application acknowledged is recorded by its pods on a host folder and must
+//! be on the side it ended on.
 //!
-//! The operator pod uses the node's network (`hostNetwork`, the chart's value): this bed runs no
-//! kube-proxy, so the `kubernetes` Service's address leads nowhere; the pod reaches the API
-//! server and PostgreSQL on loopback (`KUBERNETES_SERVICE_HOST=127.0.0.1` through the chart's
-//! `extraEnv`). The workload pods do the same for PostgreSQL.
+//! Scenarios: a completed cutover whose leader pod is killed mid-way (two replicas, the other
+//! takes over), a rollback during hypercare, a rehearsal, a deletion mid-replication. The
+//! failing migration runs on the node too, in `tests/cutover.rs` (its migration Jobs).
 //!
-//! Without `CUTOVER_E2E_REAL_NODE=1` (what `make test` runs) each test returns at once and says so.
+//! Everything is on the pod network: no kube-proxy runs, so the operator pods are given the API
+//! server's address on the pod bridge (`KUBERNETES_SERVICE_HOST`/`_PORT` through the chart's
+//! `extraEnv`), where `e2e/real-node.sh` has it listen; PostgreSQL listens there too.
+//!
+//! Without `CUTOVER_E2E_REAL_NODE=1` (what `cargo test` runs) each test returns at once and
+//! says so.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::operator::eventually;
-use cutover_e2e::tools::{chart_dir, helm, run};
-use cutover_tests::workload::{self, Load, LoadConfig};
-use cutover_tests::{BlueGreen, PgCluster, PgClusterBuilder};
+use cutover_e2e::fixtures::{bank_databases_on, leftovers, one};
+use cutover_e2e::node::{IMAGE, Node, RELEASE, Release, acknowledged, application, migrate_job};
+use cutover_e2e::operator::{cutover_binary, eventually};
+use cutover_e2e::tools::{repo_root, run};
+use cutover_tests::BlueGreen;
+use cutover_tests::PgCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{DeleteParams, ListParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{Value, json};
 
 const APP_ROLE: &str = "billing_app";
 const APP_PASSWORD: &str = "app-password";
-const RELEASE: &str = "cutover-operator";
-const IMAGE: &str = concat!("ghcr.io/dbops/cutover:", env!("CARGO_PKG_VERSION"));
-const PAUSE_IMAGE: &str = "cutover.local/pause:e2e";
+const LEASE: &str = "cutover-operator-leader";
+const NAME: &str = "billing-to-green";
+/// Where the application's pods record what they acknowledged (a hostPath volume).
+const ACKS_ROOT: &str = "/var/tmp/cutover-e2e-acks";
 
-/// The node `e2e/real-node.sh` started, from the environment it gives its command.
-struct Node {
-    api_port: String,
-    gateway: String,
-    kubectl: PathBuf,
+/// A node with the operator installed, blue and green, and the application running on blue.
+struct Bed {
+    node: Node,
+    client: kube::Client,
+    bg: BlueGreen,
+    ns: String,
+    release: Option<Release>,
+    blue_app: String,
+    green_app: String,
+    /// The host folder the application's pods record their acknowledged writes in.
+    acks: PathBuf,
+    /// The Deployment's generation once it first rolled out.
+    generation: i64,
 }
 
-fn node() -> Option<Node> {
-    if std::env::var("CUTOVER_E2E_REAL_NODE").as_deref() != Ok("1") {
-        eprintln!(
-            "not on a real node: run `make e2e-node` (CUTOVER_E2E_REAL_NODE=1 inside e2e/real-node.sh)"
+impl Bed {
+    async fn start(prefix: &str, replicas: u32) -> Option<Bed> {
+        let node = Node::from_env()?;
+        let on = node.clone();
+        let bg = tokio::task::spawn_blocking(move || {
+            bank_databases_on(APP_ROLE, APP_PASSWORD, 50, (None, None), Some(&on))
+        })
+        .await
+        .unwrap();
+        let plane = ControlPlane::shared().await.unwrap();
+        assert!(
+            plane.is_existing_cluster(),
+            "USE_EXISTING_CLUSTER=true points at the node"
         );
-        return None;
-    }
-    let var = |name: &str| {
-        std::env::var(name).unwrap_or_else(|_| panic!("{name} is set by e2e/real-node.sh"))
-    };
-    let api = var("CUTOVER_NODE_API");
-    Some(Node {
-        api_port: api.rsplit(':').next().unwrap().to_owned(),
-        gateway: var("CUTOVER_NODE_GATEWAY"),
-        kubectl: PathBuf::from(var("CUTOVER_NODE_KUBECTL")),
-    })
-}
+        let client = plane.client();
 
-impl Node {
-    fn kubectl<const N: usize>(&self, args: [&str; N]) -> Command {
-        let mut cmd = Command::new(&self.kubectl);
-        cmd.args(args);
-        cmd
+        // --- the operator, installed by helm and waited on -------------------------------
+        let system = plane.namespace("cutover-system").await.unwrap();
+        let release = Release::install(&node, &system, replicas);
+        let pods = operator_pods(&client, &system).await;
+        assert_eq!(pods.len(), replicas as usize, "operator pods");
+        for pod in &pods {
+            let spec = pod.spec.as_ref().unwrap();
+            assert_eq!(spec.service_account_name.as_deref(), Some(RELEASE));
+            assert_eq!(spec.containers[0].image.as_deref(), Some(IMAGE));
+            assert_ne!(spec.host_network, Some(true), "on the pod network");
+        }
+        let names: Vec<String> = pods
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        let leader = eventually(
+            "an operator pod to hold the Lease",
+            Duration::from_secs(60),
+            || leader_of(&client, &system),
+        )
+        .await;
+        assert!(names.contains(&leader), "{leader} is not one of {names:?}");
+
+        // --- the application: its migration applied by Jobs, a Deployment waiting on it ------
+        let ns = plane.namespace(prefix).await.unwrap();
+        let blue_app = node.via(&bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE));
+        let green_app = node.via(&bg.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE));
+        let bed = Bed {
+            acks: PathBuf::from(ACKS_ROOT).join(&ns),
+            node,
+            client,
+            ns,
+            release: Some(release),
+            blue_app,
+            green_app,
+            generation: 0,
+            bg,
+        };
+        bed.apply(&secret(
+            "billing-blue-admin",
+            "uri",
+            &bed.node.via(&bed.bg.blue_dsn()),
+        ));
+        bed.apply(&secret(
+            "billing-green-admin",
+            "uri",
+            &bed.node.via(&bed.bg.green_dsn()),
+        ));
+        bed.apply(&secret("billing-db", "DATABASE_URL", &bed.blue_app));
+        bed.apply(&json!({
+            "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "billing-migrations"},
+            "data": {"V1__settings.sql":
+                "CREATE TABLE settings (key text PRIMARY KEY, value text NOT NULL);"}
+        }));
+        bed.apply(&migrate_job("migrate-blue", "billing-blue-admin"));
+        bed.apply(&migrate_job("migrate-green", "billing-green-admin"));
+        let jobs: Api<Job> = Api::namespaced(bed.client.clone(), &bed.ns);
+        for name in ["migrate-blue", "migrate-green"] {
+            eventually(
+                &format!("Job {name} Complete"),
+                Duration::from_secs(90),
+                || async { job_complete(&jobs.get(name).await.ok()?).then_some(()) },
+            )
+            .await;
+        }
+        for c in [&bed.bg.blue, &bed.bg.green] {
+            c.execute(
+                BlueGreen::DATABASE,
+                &format!("GRANT SELECT ON cutover_schema_history, settings TO {APP_ROLE}"),
+            )
+            .unwrap();
+        }
+
+        std::fs::create_dir_all(&bed.acks).unwrap();
+        std::fs::set_permissions(
+            &bed.acks,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        bed.apply(&application(&bed.acks));
+        let (generation, pod) = bed.rolled_out(1).await;
+        let mut bed = bed;
+        bed.generation = generation;
+        bed.assert_writes_to(&pod, &bed.bg.blue).await;
+        let first = pod.metadata.name.clone().unwrap();
+        bed.wait_acks_from(&first, 20).await;
+        Some(bed)
     }
 
-    /// `kubectl apply -f -` of one object.
-    fn apply(&self, ns: &str, object: &Value) {
+    /// `kubectl apply -f -` of one object into the bed's namespace.
+    fn apply(&self, object: &Value) {
         let mut child = self
-            .kubectl(["apply", "-n", ns, "-f", "-"])
+            .node
+            .kubectl(["apply", "-n", &self.ns, "-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -89,89 +190,292 @@ impl Node {
         );
     }
 
-    /// Whether the chart's ServiceAccount may do `verb resource` in `ns` (`kubectl auth can-i`).
-    fn operator_can(&self, system_ns: &str, verb: &str, resource: &str, ns: &str) -> bool {
-        let who = format!("system:serviceaccount:{system_ns}:{RELEASE}");
+    fn system(&self) -> &str {
+        &self.release.as_ref().unwrap().system
+    }
+
+    /// Whether the chart's ServiceAccount may do `verb resource` in the bed's namespace.
+    fn operator_can(&self, verb: &str, resource: &str) -> bool {
+        let who = format!("system:serviceaccount:{}:{RELEASE}", self.system());
         let out = self
-            .kubectl(["auth", "can-i", verb, resource, "-n", ns, "--as", &who])
+            .node
+            .kubectl([
+                "auth", "can-i", verb, resource, "-n", &self.ns, "--as", &who,
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     }
-}
 
-/// Blue and green with the bank schema and the application role, like the other e2e tests'
-/// pair, except that green also listens on the pod bridge's address and lets the pod subnet
-/// in: the operator's migration Job runs in a pod on the bridge (not on the node's network)
-/// and reaches green there.
-fn bank_databases(gateway: &str) -> BlueGreen {
-    let quick = |b: PgClusterBuilder| {
-        b.setting("wal_receiver_status_interval", "1s")
-            .setting("wal_retrieve_retry_interval", "200ms")
-    };
-    let bg = BlueGreen::start_with(
-        quick(PgCluster::builder()),
-        quick(PgCluster::builder()).setting("listen_addresses", format!("127.0.0.1,{gateway}")),
-    )
-    .expect("start PostgreSQL");
-    let subnet = format!("{}.0/24", gateway.rsplit_once('.').unwrap().0);
-    let hba = bg.green.data_dir().join("pg_hba.conf");
-    let mut rules = std::fs::OpenOptions::new().append(true).open(&hba).unwrap();
-    writeln!(
-        rules,
-        "host all all {subnet} scram-sha-256\nhost replication all {subnet} scram-sha-256"
-    )
-    .unwrap();
-    bg.green
-        .execute("postgres", "SELECT pg_reload_conf()")
-        .unwrap();
-    for c in [&bg.blue, &bg.green] {
-        c.create_role(APP_ROLE, APP_PASSWORD, "LOGIN").unwrap();
-        c.execute(BlueGreen::DATABASE, workload::SCHEMA).unwrap();
-        c.execute(BlueGreen::DATABASE, &workload::grants(APP_ROLE))
-            .unwrap();
+    /// The rollback-ready example plan pointed at this bed and made quick; no migrations of
+    /// its own.
+    fn plan(&self, example: &str) -> Value {
+        let text =
+            std::fs::read_to_string(repo_root().join("cutover-plans").join(example)).unwrap();
+        let mut plan: Value = serde_saphyr::from_str(&text).unwrap();
+        plan["metadata"] = json!({"name": NAME, "namespace": self.ns});
+        let spec = &mut plan["spec"];
+        spec["source"] =
+            json!({"connectionSecretRef": {"name": "billing-blue-admin", "key": "uri"}});
+        spec["target"] =
+            json!({"connectionSecretRef": {"name": "billing-green-admin", "key": "uri"}});
+        spec["switch"]["secretRef"] = json!({"name": "billing-db", "key": "DATABASE_URL"});
+        if spec["switch"].get("rehearsalSecretRef").is_some() {
+            spec["switch"]["rehearsalSecretRef"] =
+                json!({"name": "billing-db-rehearsal", "key": "DATABASE_URL"});
+        }
+        spec["switch"]["restart"] = json!([{"kind": "Deployment", "name": "billing-api"}]);
+        spec["applicationRoles"] = json!([APP_ROLE]);
+        spec["freeze"]["drainTimeout"] = json!("2s");
+        spec["replication"]["maxLagBeforeFreeze"] = json!("1MiB");
+        spec["schedule"]["hypercare"] = json!("2s");
+        spec["schedule"]["checkpoints"] = json!([]);
+        // The migration table is the application's own bookkeeping, the same on both sides.
+        spec["replication"]["tables"] = json!(["public.accounts", "public.ledger"]);
+        plan
     }
-    bg.blue
-        .execute(BlueGreen::DATABASE, &workload::seed(50, 1000))
-        .unwrap();
-    bg
+
+    fn cutovers(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.ns,
+            &ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("cutover.dbops.dev", "v1alpha1", "DatabaseCutover"),
+                "databasecutovers",
+            ),
+        )
+    }
+
+    async fn status(&self) -> Option<Value> {
+        let c = self.cutovers().get(NAME).await.ok()?;
+        c.data.get("status").cloned()
+    }
+
+    /// Waits for `phase`; any other phase that ends a cutover fails the test.
+    async fn wait_phase(&self, phase: &str, timeout: Duration) -> Value {
+        eventually(&format!("the cutover {phase}"), timeout, || async {
+            let status = self.status().await?;
+            let now = status["phase"].as_str()?.to_owned();
+            assert!(
+                now == phase || !matches!(now.as_str(), "Aborted" | "RolledBack" | "Completed"),
+                "the cutover ended {now}: {status:#}"
+            );
+            (now == phase).then_some(status)
+        })
+        .await
+    }
+
+    async fn secret_value(&self, name: &str, key: &str) -> String {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
+        let data = secrets.get(name).await.unwrap().data.unwrap();
+        String::from_utf8(data[key].0.clone()).unwrap()
+    }
+
+    async fn app_secret(&self) -> String {
+        self.secret_value("billing-db", "DATABASE_URL").await
+    }
+
+    /// Waits until the Deployment has rolled out generation `at_least` or later, with one
+    /// ready pod; that generation and the pod, whose init container's `cutover wait`
+    /// succeeded.
+    async fn rolled_out(&self, at_least: i64) -> (i64, Pod) {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), &self.ns);
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let (generation, pod) = eventually(
+            &format!("billing-api generation {at_least} rolled out"),
+            Duration::from_secs(120),
+            || async {
+                let d = deployments.get("billing-api").await.ok()?;
+                let generation = d.metadata.generation?;
+                let status = d.status?;
+                let done = generation >= at_least
+                    && status.observed_generation? >= generation
+                    && status.updated_replicas == Some(1)
+                    && status.ready_replicas == Some(1)
+                    && status.replicas == Some(1);
+                if !done {
+                    return None;
+                }
+                let mut live: Vec<Pod> = pods
+                    .list(&ListParams::default().labels("app=billing-api"))
+                    .await
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .collect();
+                (live.len() == 1).then(|| (generation, live.remove(0)))
+            },
+        )
+        .await;
+        let status = pod.status.as_ref().unwrap();
+        let wait = &status.init_container_statuses.as_ref().unwrap()[0];
+        let exit = wait
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code);
+        assert_eq!(exit, Some(0), "cutover wait succeeded: {wait:?}");
+        let said = self.logs(&pod, "wait-for-schema");
+        eprintln!(
+            "pod {} (generation {generation}): `cutover wait` said {}",
+            pod.metadata.name.as_deref().unwrap(),
+            said.trim()
+        );
+        (generation, pod)
+    }
+
+    fn logs(&self, pod: &Pod, container: &str) -> String {
+        run(&mut self.node.kubectl([
+            "logs",
+            "-n",
+            &self.ns,
+            pod.metadata.name.as_deref().unwrap(),
+            "-c",
+            container,
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The application in `pod` said it writes to `side` (the server in its first line).
+    async fn assert_writes_to(&self, pod: &Pod, side: &PgCluster) {
+        let server = format!("{}:{}/", self.node.gateway, side.port());
+        let said = eventually(
+            "the application's first line",
+            Duration::from_secs(30),
+            || async { Some(self.logs(pod, "api")).filter(|l| !l.is_empty()) },
+        )
+        .await;
+        assert!(
+            said.lines().next().unwrap_or_default().contains(&server),
+            "the application writes to {server}: {said}"
+        );
+    }
+
+    /// Every write the application's pods acknowledged so far, by pod.
+    fn acknowledged(&self) -> Vec<(String, Vec<(i32, i64)>)> {
+        acknowledged(&self.acks)
+    }
+
+    /// Waits until pod `pod` has acknowledged more than `n` writes.
+    async fn wait_acks_from(&self, pod: &str, n: usize) {
+        eventually(
+            &format!("{n} writes acknowledged by {pod}"),
+            Duration::from_secs(60),
+            || async {
+                self.acknowledged()
+                    .into_iter()
+                    .any(|(p, acks)| p == pod && acks.len() > n)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Every write any of the application's pods acknowledged is on `side`, once, and money
+    /// was neither made nor lost.
+    fn assert_ledger(&self, side: &PgCluster) {
+        let mut total = 0;
+        for (pod, acks) in self.acknowledged() {
+            for (client, seq) in &acks {
+                let n = one(
+                    side,
+                    &format!("SELECT count(*) FROM ledger WHERE client = {client} AND seq = {seq}"),
+                );
+                assert_eq!(n, 1, "({client}, {seq}) acknowledged by {pod}");
+            }
+            eprintln!("{pod}: {} acknowledged writes, all there", acks.len());
+            total += acks.len();
+        }
+        assert!(total > 20, "the application barely wrote");
+        assert_eq!(one(side, "SELECT sum(balance) FROM accounts"), 50 * 1000);
+    }
+
+    fn assert_nothing_left(&self) {
+        assert_eq!(
+            leftovers(&self.bg.blue),
+            Vec::<String>::new(),
+            "left on blue"
+        );
+        assert_eq!(
+            leftovers(&self.bg.green),
+            Vec::<String>::new(),
+            "left on green"
+        );
+    }
+
+    /// `kubectl cutover VERB NAME` through the node's kubectl, the plugin found on PATH.
+    fn kubectl_cutover(&self, verb: &str) -> String {
+        let bin = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(cutover_binary(), bin.path().join("kubectl-cutover")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(self
+            .node
+            .kubectl(["cutover", verb, NAME, "-n", &self.ns])
+            .env("PATH", path))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The application stops writing (scaled to zero, its pods gone), so what it acknowledged
+    /// is final.
+    async fn stop_application(&self) {
+        let out = run(&mut self.node.kubectl([
+            "scale",
+            "-n",
+            &self.ns,
+            "deployment/billing-api",
+            "--replicas=0",
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{}", out.trim());
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        eventually(
+            "the application's pods gone",
+            Duration::from_secs(60),
+            || async {
+                let list = pods
+                    .list(&ListParams::default().labels("app=billing-api"))
+                    .await
+                    .ok()?;
+                list.items.is_empty().then_some(())
+            },
+        )
+        .await;
+    }
 }
 
-/// A connection string aimed at the bridge address instead of loopback.
-fn via(gateway: &str, dsn: &str) -> String {
-    dsn.replacen("@127.0.0.1:", &format!("@{gateway}:"), 1)
+impl Drop for Bed {
+    fn drop(&mut self) {
+        // The operator goes first, while the namespace's objects are still there.
+        drop(self.release.take());
+        let _ = std::fs::remove_dir_all(&self.acks);
+    }
+}
+
+async fn operator_pods(client: &kube::Client, system: &str) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), system);
+    pods.list(&ListParams::default().labels("app.kubernetes.io/name=cutover-operator"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// The holder of the release's Lease, if its lease is current.
+async fn leader_of(client: &kube::Client, system: &str) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), system);
+    leases.get_opt(LEASE).await.ok()??.spec?.holder_identity
 }
 
 fn secret(name: &str, key: &str, value: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
            "stringData": {key: value}})
-}
-
-/// A pod spec's security settings, as the restricted Pod Security profile wants them.
-fn restricted() -> Value {
-    json!({"runAsNonRoot": true, "allowPrivilegeEscalation": false,
-           "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]},
-           "seccompProfile": {"type": "RuntimeDefault"}})
-}
-
-/// A Job running `cutover migrate` from the image against the database of `secret`, on the
-/// node's network (PostgreSQL listens on loopback).
-fn migrate_job(name: &str, secret: &str) -> Value {
-    json!({
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-        "spec": {"backoffLimit": 0, "template": {"spec": {
-            "restartPolicy": "Never", "hostNetwork": true,
-            "containers": [{
-                "name": "migrate", "image": IMAGE, "imagePullPolicy": "Never",
-                "args": ["migrate", "--dir", "/migrations", "--lock-key", "7"],
-                "env": [{"name": "DATABASE_URL",
-                         "valueFrom": {"secretKeyRef": {"name": secret, "key": "uri"}}}],
-                "volumeMounts": [{"name": "migrations", "mountPath": "/migrations", "readOnly": true}],
-                "securityContext": restricted(),
-            }],
-            "volumes": [{"name": "migrations", "configMap": {"name": "billing-migrations"}}],
-        }}}
-    })
 }
 
 fn job_complete(job: &Job) -> bool {
@@ -184,95 +488,34 @@ fn job_complete(job: &Job) -> bool {
         })
 }
 
-/// The one live pod matching `selector`.
-async fn app_pods_named(client: &kube::Client, ns: &str, selector: &str) -> Pod {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let mut live: Vec<Pod> = pods
-        .list(&ListParams::default().labels(selector))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
-    assert_eq!(live.len(), 1, "one pod {selector}");
-    live.remove(0)
+/// The process of `pod`'s container named `cutover`, found through the cgroup the kubelet
+/// made for the pod.
+fn operator_process(pod: &Pod) -> Option<i32> {
+    let uid = pod.metadata.uid.as_deref()?;
+    let marker = format!("pod{uid}");
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        (comm.trim() == "cutover" && cgroup.contains(&marker)).then_some(pid)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn helm_installs_the_operator_as_a_pod_and_it_drives_a_cutover_with_a_real_workload() {
-    let Some(node) = node() else { return };
-    let gateway = node.gateway.clone();
-    let bg = tokio::task::spawn_blocking(move || bank_databases(&gateway))
-        .await
-        .unwrap();
-    let plane = ControlPlane::shared().await.unwrap();
-    assert!(
-        plane.is_existing_cluster(),
-        "USE_EXISTING_CLUSTER=true points at the node"
-    );
-    let client = plane.client();
-
-    // --- the operator, installed by helm and waited on -----------------------------------
-    let system = plane.namespace("cutover-system").await.unwrap();
-    let started = std::time::Instant::now();
-    let out = run(helm(None)
-        .args(["install", RELEASE])
-        .arg(chart_dir())
-        .args(["--namespace", &system, "--wait", "--timeout", "180s"])
-        .args(["--set", "replicaCount=1", "--set", "hostNetwork=true"])
-        .args(["--set", "image.pullPolicy=Never"])
-        .args(["--set", &format!("metrics.address={}", node.gateway)])
-        .args(["--set", "extraEnv[0].name=KUBERNETES_SERVICE_HOST"])
-        .args(["--set", "extraEnv[0].value=127.0.0.1"])
-        .args(["--set", "extraEnv[1].name=KUBERNETES_SERVICE_PORT"])
-        .args([
-            "--set-string",
-            &format!("extraEnv[1].value={}", node.api_port),
-        ]))
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.contains("STATUS: deployed"), "{out}");
-    eprintln!(
-        "helm install --wait: {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &system);
-    let list = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=cutover-operator"))
-        .await
-        .unwrap()
-        .items;
-    assert_eq!(list.len(), 1, "one operator pod");
-    let pod = &list[0];
-    let pod_name = pod.metadata.name.clone().unwrap();
-    let spec = pod.spec.as_ref().unwrap();
-    assert_eq!(spec.service_account_name.as_deref(), Some(RELEASE));
-    assert_eq!(spec.containers[0].image.as_deref(), Some(IMAGE));
-    // It leads: the release's Lease names this pod.
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &system);
-    eventually(
-        "the operator pod to hold the Lease",
-        Duration::from_secs(60),
-        || async {
-            let lease = leases.get_opt("cutover-operator-leader").await.ok()??;
-            (lease.spec?.holder_identity? == pod_name).then_some(())
-        },
-    )
-    .await;
+async fn two_operator_pods_installed_by_helm_drive_a_cutover_and_the_leader_killed_midway_hands_over()
+ {
+    let Some(bed) = Bed::start("handover", 2).await else {
+        return;
+    };
 
     // Least privilege: what the cutover needs, and not more.
-    let ns = plane.namespace("billing").await.unwrap();
     for (verb, resource) in [
         ("patch", "databasecutovers.cutover.dbops.dev"),
         ("create", "jobs.batch"),
         ("patch", "secrets"),
         ("patch", "deployments.apps"),
     ] {
-        assert!(
-            node.operator_can(&system, verb, resource, &ns),
-            "may {verb} {resource}"
-        );
+        assert!(bed.operator_can(verb, resource), "may {verb} {resource}");
     }
     for (verb, resource) in [
         ("delete", "secrets"),
@@ -282,123 +525,22 @@ async fn helm_installs_the_operator_as_a_pod_and_it_drives_a_cutover_with_a_real
         ("create", "rolebindings.rbac.authorization.k8s.io"),
     ] {
         assert!(
-            !node.operator_can(&system, verb, resource, &ns),
+            !bed.operator_can(verb, resource),
             "may not {verb} {resource}"
         );
     }
 
-    // --- the application: its migration applied to blue by a Job, a Deployment waiting on it --
-    // Green is named by the bridge address: the operator's own migration Job reaches it there.
-    let blue_app = bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE);
-    let green_admin = via(&node.gateway, &bg.green_dsn());
-    node.apply(&ns, &secret("billing-blue-admin", "uri", &bg.blue_dsn()));
-    node.apply(&ns, &secret("billing-green-admin", "uri", &green_admin));
-    node.apply(&ns, &secret("billing-db", "DATABASE_URL", &blue_app));
-    node.apply(
-        &ns,
-        &json!({
-            "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "billing-migrations"},
-            "data": {"V1__settings.sql":
-                "CREATE TABLE settings (key text PRIMARY KEY, value text NOT NULL);"}
-        }),
-    );
-    node.apply(&ns, &migrate_job("migrate-blue", "billing-blue-admin"));
-    node.apply(&ns, &migrate_job("migrate-green", "billing-green-admin"));
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    for name in ["migrate-blue", "migrate-green"] {
-        eventually(
-            &format!("Job {name} Complete"),
-            Duration::from_secs(90),
-            || async { job_complete(&jobs.get(name).await.ok()?).then_some(()) },
-        )
-        .await;
-    }
-    for c in [&bg.blue, &bg.green] {
-        c.execute(
-            BlueGreen::DATABASE,
-            &format!("GRANT SELECT ON cutover_schema_history, settings TO {APP_ROLE}"),
-        )
-        .unwrap();
-    }
+    let mut plan = bed.plan("production-with-rollback.yaml");
+    // The same migration, applied to green by the operator's own Job before replication.
+    plan["spec"]["migrations"] = json!({"configMapRef": {"name": "billing-migrations"},
+                                        "lockKey": 4242, "lockTimeout": "5s"});
+    // Hold the freeze until the test has killed the leader.
+    let hold = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    plan["spec"]["schedule"]["freezeAt"] = json!(hold);
+    bed.apply(&plan);
 
-    node.apply(
-        &ns,
-        &json!({
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "billing-api"},
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": {"app": "billing-api"}},
-                "template": {
-                    "metadata": {"labels": {"app": "billing-api"}},
-                    "spec": {
-                        "hostNetwork": true,
-                        "initContainers": [{
-                            "name": "wait-for-schema", "image": IMAGE, "imagePullPolicy": "Never",
-                            "args": ["wait", "--until-version", "1", "--timeout", "2m"],
-                            "env": [{"name": "DATABASE_URL", "valueFrom":
-                                {"secretKeyRef": {"name": "billing-db", "key": "DATABASE_URL"}}}],
-                            "securityContext": restricted(),
-                        }],
-                        "containers": [{
-                            "name": "api", "image": PAUSE_IMAGE, "imagePullPolicy": "Never",
-                            "securityContext": restricted(),
-                        }],
-                    }
-                }
-            }
-        }),
-    );
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let available = |generation_at_least: i64| {
-        let deployments = deployments.clone();
-        async move {
-            let d = deployments.get("billing-api").await.ok()?;
-            let status = d.status?;
-            (status.observed_generation? >= generation_at_least
-                && status.updated_replicas == Some(1)
-                && status.ready_replicas == Some(1)
-                && status.replicas == Some(1))
-            .then_some(d.metadata.generation?)
-        }
-    };
-    let generation = eventually("billing-api available", Duration::from_secs(90), || {
-        available(1)
-    })
-    .await;
-
-    // --- the cutover, under load --------------------------------------------------------
-    let load = Load::start(LoadConfig {
-        dsn: blue_app.clone(),
-        clients: 2,
-        tps: 100.0,
-        accounts: 50,
-    });
-    eventually("the load commits", Duration::from_secs(30), || async {
-        (load.commits() > 20).then_some(())
-    })
-    .await;
-
-    let mut plan: Value = serde_saphyr::from_str(
-        &std::fs::read_to_string(
-            cutover_e2e::tools::repo_root().join("cutover-plans/production-with-rollback.yaml"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    plan["metadata"] = json!({"name": "billing-to-green", "namespace": ns});
-    let spec = &mut plan["spec"];
-    spec["applicationRoles"] = json!([APP_ROLE]);
-    spec["freeze"]["drainTimeout"] = json!("2s");
-    spec["replication"]["maxLagBeforeFreeze"] = json!("1MiB");
-    spec["schedule"]["hypercare"] = json!("2s");
-    spec["schedule"]["checkpoints"] = json!([]);
-    // The same migrations, applied to green by the operator's own Job before replication.
-    spec["migrations"] = json!({"configMapRef": {"name": "billing-migrations"},
-                                "lockKey": 4242, "lockTimeout": "5s"});
-    node.apply(&ns, &plan);
-
-    // The operator's migration Job runs in a pod on the bridge (its own network namespace),
-    // with the image the chart runs, and completes.
+    // The operator's migration Job runs in a pod with the image the chart runs, and completes.
+    let jobs: Api<Job> = Api::namespaced(bed.client.clone(), &bed.ns);
     let job = eventually(
         "the operator's migration Job Complete",
         Duration::from_secs(120),
@@ -411,128 +553,199 @@ async fn helm_installs_the_operator_as_a_pod_and_it_drives_a_cutover_with_a_real
         },
     )
     .await;
-    let job_name = job.metadata.name.clone().unwrap();
-    let job_pod = app_pods_named(&client, &ns, &format!("job-name={job_name}")).await;
-    let job_spec = job_pod.spec.as_ref().unwrap();
-    assert_ne!(
-        job_spec.host_network,
-        Some(true),
-        "the migration pod has a network of its own"
+    eprintln!(
+        "{}",
+        bed.node
+            .job_logs(&bed.ns, job.metadata.name.as_deref().unwrap())
     );
-    assert_eq!(job_spec.containers[0].image.as_deref(), Some(IMAGE));
-    let pod_ip = job_pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .unwrap_or_default();
-    let prefix = format!("{}.", node.gateway.rsplit_once('.').unwrap().0);
-    assert!(
-        pod_ip.starts_with(&prefix) && pod_ip != node.gateway,
-        "pod IP {pod_ip} on the bridge"
-    );
-    eprintln!("the operator's migration Job {job_name} ran in pod {pod_ip}");
 
-    let cutovers = Api::<kube::core::DynamicObject>::namespaced_with(
-        client.clone(),
-        &ns,
-        &kube::discovery::ApiResource::from_gvk_with_plural(
-            &kube::core::GroupVersionKind::gvk("cutover.dbops.dev", "v1alpha1", "DatabaseCutover"),
-            "databasecutovers",
-        ),
-    );
-    let status = eventually(
-        "the cutover Completed",
-        Duration::from_secs(300),
+    // Replicating, the subscription streaming: the leader's process is SIGKILLed and its pod
+    // deleted; the other replica takes the Lease and carries on.
+    bed.wait_phase("Replicating", Duration::from_secs(180))
+        .await;
+    eventually(
+        "the subscription on green",
+        Duration::from_secs(60),
+        || async { (!leftovers(&bed.bg.green).is_empty()).then_some(()) },
+    )
+    .await;
+    let system = bed.system().to_owned();
+    let killed = leader_of(&bed.client, &system).await.expect("a leader");
+    let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &system);
+    let victim = pods.get(&killed).await.unwrap();
+    let pid = operator_process(&victim).expect("the leader's process on this node");
+    run(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    pods.delete(&killed, &DeleteParams::default())
+        .await
+        .unwrap();
+    eprintln!("SIGKILLed the leader {killed} (pid {pid}) and deleted its pod");
+    let successor = eventually(
+        "another operator pod to take the Lease",
+        Duration::from_secs(90),
         || async {
-            let c = cutovers.get("billing-to-green").await.ok()?;
-            let status = c.data.get("status")?.clone();
-            let phase = status["phase"].as_str()?.to_owned();
-            assert!(
-                !matches!(phase.as_str(), "Aborted" | "RolledBack"),
-                "the cutover ended {phase}: {status:#}"
-            );
-            (phase == "Completed").then_some(status)
+            let holder = leader_of(&bed.client, &system).await?;
+            (holder != killed).then_some(holder)
         },
     )
     .await;
-    let report = load.stop().await;
-    eprintln!(
-        "completed; write freeze {}s, {} writes acknowledged",
-        status["writeFreezeSeconds"],
-        report.acknowledged.len()
-    );
+    eprintln!("{successor} leads now");
 
-    // The switch: the application Secret names green, the Deployment was restarted, and the
-    // new pod's init container ran `cutover wait` against green before the pod started.
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let data = secrets.get("billing-db").await.unwrap().data.unwrap();
-    let app_url = String::from_utf8(data["DATABASE_URL"].0.clone()).unwrap();
-    let green_server = format!("@{}:{}/", node.gateway, bg.green.port());
-    assert!(
-        app_url.contains(&green_server) && app_url.starts_with(&format!("postgres://{APP_ROLE}:")),
-        "the application Secret names green with the application's role: {app_url}"
+    // Released: the freeze may start now.
+    bed.cutovers()
+        .patch(
+            NAME,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"schedule": {"freezeAt": null}}})),
+        )
+        .await
+        .unwrap();
+    let status = bed.wait_phase("Completed", Duration::from_secs(300)).await;
+    eprintln!(
+        "completed under {successor}; write freeze {}s",
+        status["writeFreezeSeconds"]
     );
-    eventually(
-        "billing-api rolled out again",
-        Duration::from_secs(90),
-        || available(generation + 1),
-    )
-    .await;
-    let app_pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let running: Vec<Pod> = app_pods
+    // Each one-shot step happened once: nothing lost, nothing repeated across the handover.
+    let milestones: Vec<String> = serde_json::from_value(status["milestones"].clone()).unwrap();
+    let unique: BTreeSet<&String> = milestones.iter().collect();
+    assert_eq!(unique.len(), milestones.len(), "{milestones:?}");
+    for m in [
+        "SecretSwitched",
+        "WorkloadsRestarted",
+        "ReverseReplicationStarted",
+    ] {
+        assert!(milestones.iter().any(|x| x == m), "{m}: {milestones:?}");
+    }
+
+    // The switch: the Secret names green; the Deployment rolled out a new pod whose init
+    // container waited on green and whose application writes there.
+    assert_eq!(bed.app_secret().await, bed.green_app);
+    let (_, pod) = bed.rolled_out(bed.generation + 1).await;
+    bed.assert_writes_to(&pod, &bed.bg.green).await;
+    bed.wait_acks_from(pod.metadata.name.as_deref().unwrap(), 20)
+        .await;
+    bed.stop_application().await;
+    bed.assert_ledger(&bed.bg.green);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_during_hypercare_moves_the_application_back_to_blue_with_its_green_writes() {
+    let Some(bed) = Bed::start("rollback", 1).await else {
+        return;
+    };
+    let mut plan = bed.plan("production-with-rollback.yaml");
+    plan["spec"]["schedule"]["hypercare"] = json!("1h");
+    bed.apply(&plan);
+    bed.wait_phase("Hypercare", Duration::from_secs(240)).await;
+
+    // On green: the restarted pod writes there.
+    assert_eq!(bed.app_secret().await, bed.green_app);
+    let (generation, on_green) = bed.rolled_out(bed.generation + 1).await;
+    bed.assert_writes_to(&on_green, &bed.bg.green).await;
+    bed.wait_acks_from(on_green.metadata.name.as_deref().unwrap(), 20)
+        .await;
+
+    let said = bed.kubectl_cutover("rollback");
+    assert!(said.contains("rollback requested"), "{said}");
+    let status = bed.wait_phase("RolledBack", Duration::from_secs(180)).await;
+    let milestones: Vec<String> = serde_json::from_value(status["milestones"].clone()).unwrap();
+    for m in ["SecretSwitchedBack", "WorkloadsRestartedBack"] {
+        assert!(milestones.iter().any(|x| x == m), "{m}: {milestones:?}");
+    }
+
+    // Back on blue: the Secret names blue, a new pod waited on blue and writes there, and
+    // every write acknowledged on green came back with the rest.
+    assert_eq!(bed.app_secret().await, bed.blue_app);
+    let (_, on_blue) = bed.rolled_out(generation + 1).await;
+    bed.assert_writes_to(&on_blue, &bed.bg.blue).await;
+    bed.wait_acks_from(on_blue.metadata.name.as_deref().unwrap(), 20)
+        .await;
+    bed.stop_application().await;
+    bed.assert_ledger(&bed.bg.blue);
+    bed.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rehearsal_on_the_node_leaves_the_application_running_on_blue() {
+    let Some(bed) = Bed::start("rehearsal", 1).await else {
+        return;
+    };
+    let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &bed.ns);
+    let before: Vec<String> = pods
         .list(&ListParams::default().labels("app=billing-api"))
         .await
         .unwrap()
         .items
         .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.metadata.name)
         .collect();
-    assert_eq!(running.len(), 1, "one billing-api pod after the rollout");
-    let pod = &running[0];
-    let wait = &pod
-        .status
-        .as_ref()
-        .unwrap()
-        .init_container_statuses
-        .as_ref()
-        .unwrap()[0];
-    let exit = wait
-        .state
-        .as_ref()
-        .unwrap()
-        .terminated
-        .as_ref()
-        .map(|t| t.exit_code);
-    assert_eq!(exit, Some(0), "cutover wait succeeded: {wait:?}");
-    let logs = run(&mut node.kubectl([
-        "logs",
-        "-n",
-        &ns,
-        pod.metadata.name.as_deref().unwrap(),
-        "-c",
-        "wait-for-schema",
-    ]))
-    .unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("the restarted pod's `cutover wait`: {}", logs.trim());
+    bed.apply(&bed.plan("staging-rehearsal.yaml"));
+    let status = bed.wait_phase("Completed", Duration::from_secs(240)).await;
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(message.contains("rehearsal complete"), "{message}");
+    eprintln!("rehearsal: write freeze {}s", status["writeFreezeSeconds"]);
 
-    // Every write the application saw acknowledged is on green.
-    assert!(report.acknowledged.len() > 20, "the load barely ran");
-    for (client_id, seq) in &report.acknowledged {
-        let rows = bg
-            .green
-            .query(
-                BlueGreen::DATABASE,
-                &format!("SELECT count(*) FROM ledger WHERE client = {client_id} AND seq = {seq}"),
-            )
-            .unwrap();
-        assert_eq!(
-            rows[0][0].as_deref(),
-            Some("1"),
-            "acknowledged ({client_id}, {seq}) on green"
-        );
-    }
+    // The application never moved: same Secret, same pod, still writing on blue; the
+    // rehearsal Secret got green's address.
+    assert_eq!(bed.app_secret().await, bed.blue_app);
+    assert_eq!(
+        bed.secret_value("billing-db-rehearsal", "DATABASE_URL")
+            .await,
+        bed.green_app
+    );
+    let (generation, pod) = bed.rolled_out(bed.generation).await;
+    assert_eq!(
+        generation, bed.generation,
+        "the Deployment was not restarted"
+    );
+    assert_eq!(before, vec![pod.metadata.name.clone().unwrap()]);
+    let writes = bed.acknowledged()[0].1.len();
+    bed.wait_acks_from(pod.metadata.name.as_deref().unwrap(), writes + 20)
+        .await;
+    bed.stop_application().await;
+    bed.assert_ledger(&bed.bg.blue);
+    bed.assert_nothing_left();
+}
 
-    let out = run(helm(None).args(["uninstall", RELEASE, "--namespace", &system, "--wait"]))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.contains("uninstalled"), "{out}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_cutover_mid_replication_on_the_node_leaves_nothing_behind() {
+    let Some(bed) = Bed::start("delete", 1).await else {
+        return;
+    };
+    let mut plan = bed.plan("production-with-rollback.yaml");
+    let hold = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    plan["spec"]["schedule"]["freezeAt"] = json!(hold);
+    bed.apply(&plan);
+    bed.wait_phase("Replicating", Duration::from_secs(120))
+        .await;
+    eventually(
+        "the subscription on green",
+        Duration::from_secs(60),
+        || async { (!leftovers(&bed.bg.green).is_empty()).then_some(()) },
+    )
+    .await;
+
+    bed.cutovers()
+        .delete(NAME, &DeleteParams::default())
+        .await
+        .unwrap();
+    let api = bed.cutovers();
+    eventually("the cutover gone", Duration::from_secs(60), || async {
+        matches!(api.get_opt(NAME).await, Ok(None)).then_some(())
+    })
+    .await;
+    bed.assert_nothing_left();
+
+    // The application carries on on blue, in the same pod.
+    assert_eq!(bed.app_secret().await, bed.blue_app);
+    let (generation, pod) = bed.rolled_out(bed.generation).await;
+    assert_eq!(
+        generation, bed.generation,
+        "the Deployment was not restarted"
+    );
+    let writes = bed.acknowledged()[0].1.len();
+    bed.wait_acks_from(pod.metadata.name.as_deref().unwrap(), writes + 20)
+        .await;
+    bed.stop_application().await;
+    bed.assert_ledger(&bed.bg.blue);
 }

@@ -96,6 +96,8 @@ struct Shared {
     acknowledged: Vec<(i32, i64)>,
     commits: Vec<Instant>,
     errors: BTreeMap<String, usize>,
+    /// Where each acknowledged write is also written, a line `client seq` (unbuffered).
+    ack_log: Option<std::fs::File>,
 }
 
 /// A running workload, on its own tokio runtime: the clients' reconnects (SCRAM key derivation
@@ -131,17 +133,25 @@ impl Load {
     /// Like [`start`](Self::start), with client ids from `first_client` on, so several loads
     /// can write the same ledger side by side (its `(client, seq)` is unique).
     pub fn start_from(cfg: LoadConfig, first_client: i32) -> Self {
-        Self::spawn_from(cfg, None, first_client)
+        Self::spawn_from(cfg, None, first_client, None)
+    }
+
+    /// Like [`start_from`](Self::start_from), also writing every acknowledged write to
+    /// `ack_log` as a line `client seq` the moment its `COMMIT` returns (one unbuffered write
+    /// each): what a process that may be killed at any time has acknowledged, read by another.
+    pub fn start_recording(cfg: LoadConfig, first_client: i32, ack_log: std::fs::File) -> Self {
+        Self::spawn_from(cfg, None, first_client, Some(ack_log))
     }
 
     fn spawn(cfg: LoadConfig, dsn_file: Option<std::path::PathBuf>) -> Self {
-        Self::spawn_from(cfg, dsn_file, 0)
+        Self::spawn_from(cfg, dsn_file, 0, None)
     }
 
     fn spawn_from(
         cfg: LoadConfig,
         dsn_file: Option<std::path::PathBuf>,
         first_client: i32,
+        ack_log: Option<std::fs::File>,
     ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -150,7 +160,10 @@ impl Load {
             .build()
             .expect("building the workload's runtime");
         let stop = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(Mutex::new(Shared::default()));
+        let shared = Arc::new(Mutex::new(Shared {
+            ack_log,
+            ..Shared::default()
+        }));
         let tasks = (0..cfg.clients)
             .map(|i| {
                 let cfg = cfg.clone();
@@ -213,6 +226,7 @@ impl Load {
             rt.shutdown_background();
         }
         let s = std::mem::take(&mut *self.shared.lock().unwrap());
+        drop(s.ack_log);
         LoadReport {
             acknowledged: s.acknowledged,
             commits: s.commits,
@@ -294,6 +308,11 @@ async fn client_loop(
                 let mut s = shared.lock().unwrap();
                 s.acknowledged.push((id, seq));
                 s.commits.push(Instant::now());
+                if let Some(log) = s.ack_log.as_mut() {
+                    use std::io::Write;
+                    log.write_all(format!("{id} {seq}\n").as_bytes())
+                        .expect("write the acknowledgement log");
+                }
             }
             Err(e) => {
                 note(message(&e));
