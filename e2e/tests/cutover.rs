@@ -1141,6 +1141,19 @@ async fn a_rehearsal_runs_every_step_then_undoes_its_freeze_and_the_application_
     let plan = s.plan_from("staging-rehearsal.yaml");
     assert_eq!(plan.spec.mode, Mode::Rehearsal);
     assert!(!plan.spec.switch.restart.is_empty());
+    // The rehearsal Secret exists, empty: the operator writes its key and never creates Secrets.
+    let secrets: Api<Secret> = Api::namespaced(s.plane.client(), &s.ns);
+    let empty = Secret {
+        metadata: ObjectMeta {
+            name: Some(REHEARSAL_SECRET.into()),
+            ..ObjectMeta::default()
+        },
+        ..Secret::default()
+    };
+    secrets
+        .create(&PostParams::default(), &empty)
+        .await
+        .unwrap();
     s.apply(&plan).await;
 
     let done = s

@@ -453,6 +453,8 @@ impl Drop for Bed {
         // The operator goes first, while the namespace's objects are still there.
         drop(self.release.take());
         let _ = std::fs::remove_dir_all(&self.acks);
+        // The parent goes with the last bed (it fails, harmlessly, while another holds one).
+        let _ = std::fs::remove_dir(ACKS_ROOT);
     }
 }
 
@@ -679,6 +681,38 @@ async fn a_rehearsal_on_the_node_leaves_the_application_running_on_blue() {
         .into_iter()
         .filter_map(|p| p.metadata.name)
         .collect();
+    // Without its Secret the rehearsal stops at preflight, naming it: the operator's RBAC lets
+    // it patch Secrets, not create them.
+    bed.apply(&bed.plan("staging-rehearsal.yaml"));
+    let refused = bed.wait_phase("Aborted", Duration::from_secs(120)).await;
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("rehearsal-secret") && message.contains("billing-db-rehearsal"),
+        "{message}"
+    );
+    // Nothing was done but the abort's own (idempotent) undo steps.
+    let done: Vec<String> =
+        serde_json::from_value(refused["milestones"].clone()).unwrap_or_default();
+    assert!(
+        done.iter()
+            .all(|m| m == "SourceUnfrozen" || m == "ReplicationCleanedUp"),
+        "{done:?}"
+    );
+    bed.assert_nothing_left();
+    bed.cutovers()
+        .delete(NAME, &DeleteParams::default())
+        .await
+        .unwrap();
+    let api = bed.cutovers();
+    eventually(
+        "the refused cutover gone",
+        Duration::from_secs(60),
+        || async { matches!(api.get_opt(NAME).await, Ok(None)).then_some(()) },
+    )
+    .await;
+
+    bed.apply(&json!({"apiVersion": "v1", "kind": "Secret",
+                      "metadata": {"name": "billing-db-rehearsal"}}));
     bed.apply(&bed.plan("staging-rehearsal.yaml"));
     let status = bed.wait_phase("Completed", Duration::from_secs(240)).await;
     let message = status["message"].as_str().unwrap_or_default();

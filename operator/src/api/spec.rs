@@ -496,7 +496,8 @@ pub struct SwitchSpec {
     pub secret_ref: SecretKeyRef,
 
     /// In `Rehearsal` mode, the Secret key that receives the target's connection string instead
-    /// (nothing is written when unset).
+    /// (nothing is written when unset). The Secret must exist (an empty one is enough): the
+    /// operator patches Secrets and never creates them; preflight fails naming it otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rehearsal_secret_ref: Option<SecretKeyRef>,
 

@@ -318,6 +318,7 @@ impl<P: Platform> Engine<P> {
                 if self.spec.replication.initial_copy == InitialCopy::Parallel {
                     checks.push(self.replication_session_check().await);
                 }
+                checks.extend(self.platform.preflight().await);
                 Outcome::Preflight { checks, versions }
             }
             Action::LaunchMigrations(set) => {

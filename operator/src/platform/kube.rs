@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use thiserror::Error;
 
 use super::{Platform, PlatformError};
-use crate::api::{DatabaseCutover, SecretKeyRef, WorkloadKind};
+use crate::api::{CheckOutcome, CheckResult, DatabaseCutover, Mode, SecretKeyRef, WorkloadKind};
 use crate::cluster::migration_job::{
     JobBuildError, JobOutcome, JobSettings, MigrationJobParams, MigrationSetKind,
     build_migration_job, config_map_digest, job_outcome,
@@ -250,8 +250,8 @@ impl Platform for KubePlatform {
         // The application keeps its own credentials and parameters; only the server changes.
         let current = read_dsn(&self.client, &self.namespace(), &switch.secret_ref).await?;
         let value = retarget(&current, target).map_err(PlatformError::Retarget)?;
-        // Server-side apply of the one key: the other keys of the Secret stay as they are, and
-        // a rehearsal Secret that does not exist yet is created.
+        // Server-side apply of the one key: the other keys of the Secret stay as they are. The
+        // Secret exists (preflight checked): the operator may patch Secrets, never create them.
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(r.name.clone()),
@@ -304,6 +304,83 @@ impl Platform for KubePlatform {
             )))?;
         }
         Ok(())
+    }
+
+    async fn preflight(&self) -> Vec<CheckResult> {
+        let check = |name: &str, result: Result<String, String>| CheckResult {
+            name: name.into(),
+            outcome: if result.is_ok() {
+                CheckOutcome::Pass
+            } else {
+                CheckOutcome::Fail
+            },
+            message: result.unwrap_or_else(|e| e),
+        };
+        let namespace = self.namespace();
+        let switch = &self.cutover.spec.switch;
+        let mut checks = Vec::new();
+
+        // The application Secret: the switch keeps its credentials, so it must hold a URL.
+        let r = &switch.secret_ref;
+        let app = match read_dsn(&self.client, &namespace, r).await {
+            Ok(dsn) => retarget(&dsn, &dsn)
+                .map(|_| format!("Secret {} key {} holds a connection string", r.name, r.key))
+                .map_err(|e| format!("Secret {} key {}: {e}", r.name, r.key)),
+            Err(e) => Err(e.to_string()),
+        };
+        checks.push(check("application-secret", app));
+
+        // The rehearsal Secret must exist: the operator patches Secrets and may not create them
+        // (creating Secrets would let it mint ServiceAccount tokens).
+        if self.cutover.spec.mode == Mode::Rehearsal
+            && let Some(r) = &switch.rehearsal_secret_ref
+        {
+            let api: Api<Secret> = Api::namespaced(self.client.clone(), &namespace);
+            let found = match api.get_opt(&r.name).await {
+                Ok(Some(_)) => Ok(format!(
+                    "Secret {} exists; the rehearsal writes its key {}",
+                    r.name, r.key
+                )),
+                Ok(None) => Err(format!(
+                    "Secret {} does not exist: create it (an empty Secret is enough, e.g. \
+                     `kubectl create secret generic {} -n {namespace}`); the rehearsal writes \
+                     green's address to its key {}, and the operator may not create Secrets",
+                    r.name, r.name, r.key
+                )),
+                Err(e) => Err(format!("read Secret {}: {e}", r.name)),
+            };
+            checks.push(check("rehearsal-secret", found));
+        }
+
+        // The workloads restarted at the switch exist (a rehearsal restarts none).
+        if self.cutover.spec.mode != Mode::Rehearsal {
+            for w in &switch.restart {
+                let found = match w.kind {
+                    WorkloadKind::Deployment => {
+                        Api::<Deployment>::namespaced(self.client.clone(), &namespace)
+                            .get_opt(&w.name)
+                            .await
+                            .map(|d| d.is_some())
+                    }
+                    WorkloadKind::StatefulSet => {
+                        Api::<StatefulSet>::namespaced(self.client.clone(), &namespace)
+                            .get_opt(&w.name)
+                            .await
+                            .map(|d| d.is_some())
+                    }
+                };
+                let result = match found {
+                    Ok(true) => Ok(format!("{:?} {} exists", w.kind, w.name)),
+                    Ok(false) => Err(format!(
+                        "{:?} {} does not exist in namespace {namespace}: the switch restarts it",
+                        w.kind, w.name
+                    )),
+                    Err(e) => Err(format!("read {:?} {}: {e}", w.kind, w.name)),
+                };
+                checks.push(check("restart-workload", result));
+            }
+        }
+        checks
     }
 
     async fn rollout_problems(&self) -> Result<Vec<String>, PlatformError> {

@@ -31,6 +31,11 @@ impl Platform for LocalPlatform {
         Ok(Vec::new())
     }
 
+    async fn preflight(&self) -> Vec<crate::api::CheckResult> {
+        // The files are written at the switch, created if missing: nothing to check before.
+        Vec::new()
+    }
+
     async fn switch_secret(&self, target: &Dsn, rehearsal: bool) -> Result<(), PlatformError> {
         let file = if rehearsal {
             &self.rehearsal_secret_file

@@ -10,6 +10,7 @@ use std::future::Future;
 
 use thiserror::Error;
 
+use crate::api::CheckResult;
 use crate::plan::{JobState, MigrationSet};
 use crate::postgres::Dsn;
 
@@ -41,6 +42,9 @@ pub trait Platform: Send + Sync {
     ) -> impl Future<Output = Result<(), PlatformError>> + Send;
     /// Restarted workloads whose rollout is stuck, each with why (empty when all is well).
     fn rollout_problems(&self) -> impl Future<Output = Result<Vec<String>, PlatformError>> + Send;
+    /// Preflight checks of what the switch will touch (the Secrets, the workloads), so a
+    /// cutover that could not switch stops before anything changes rather than at the switch.
+    fn preflight(&self) -> impl Future<Output = Vec<CheckResult>> + Send;
 }
 
 /// Why the platform could not do what was asked. Messages name objects and files, never a
