@@ -40,6 +40,8 @@ pub struct Node {
     pub gateway: String,
     /// The kubectl built with the control plane.
     pub kubectl: PathBuf,
+    /// The bed's folder, removed when the node stops (what the tests put there goes with it).
+    pub dir: PathBuf,
 }
 
 impl Node {
@@ -69,6 +71,7 @@ impl Node {
             api_port: api.rsplit(':').next().unwrap().to_owned(),
             gateway: var("CUTOVER_NODE_GATEWAY"),
             kubectl: PathBuf::from(var("CUTOVER_NODE_KUBECTL")),
+            dir: PathBuf::from(var("CUTOVER_NODE_DIR")),
         })
     }
 
@@ -81,6 +84,16 @@ impl Node {
         let mut cmd = Command::new(&self.kubectl);
         cmd.args(args);
         cmd
+    }
+
+    /// A new folder `name` under the bed's, writable by the pods (a hostPath volume for the
+    /// application's record of acknowledged writes); it goes when the node stops.
+    pub fn shared_folder(&self, name: &str) -> PathBuf {
+        let dir = self.dir.join("shared").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        dir
     }
 
     /// The pod subnet (`10.88.0.0/24`).

@@ -7,8 +7,8 @@
 //! be on the side it ended on.
 //!
 //! Scenarios: a completed cutover whose leader pod is killed mid-way (two replicas, the other
-//! takes over), a rollback during hypercare, a rehearsal, a deletion mid-replication. The
-//! failing migration runs on the node too, in `tests/cutover.rs` (its migration Jobs).
+//! takes over), a failing migration, a rollback during hypercare, a rehearsal, a deletion
+//! mid-replication.
 //!
 //! Everything is on the pod network: no kube-proxy runs, so the operator pods are given the API
 //! server's address on the pod bridge (`KUBERNETES_SERVICE_HOST`/`_PORT` through the chart's
@@ -43,8 +43,6 @@ const APP_ROLE: &str = "billing_app";
 const APP_PASSWORD: &str = "app-password";
 const LEASE: &str = "cutover-operator-leader";
 const NAME: &str = "billing-to-green";
-/// Where the application's pods record what they acknowledged (a hostPath volume).
-const ACKS_ROOT: &str = "/var/tmp/cutover-e2e-acks";
 
 /// A node with the operator installed, blue and green, and the application running on blue.
 struct Bed {
@@ -105,7 +103,7 @@ impl Bed {
         let blue_app = node.via(&bg.blue.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE));
         let green_app = node.via(&bg.green.dsn(APP_ROLE, APP_PASSWORD, BlueGreen::DATABASE));
         let bed = Bed {
-            acks: PathBuf::from(ACKS_ROOT).join(&ns),
+            acks: node.shared_folder(&format!("acks-{ns}")),
             node,
             client,
             ns,
@@ -150,12 +148,6 @@ impl Bed {
             .unwrap();
         }
 
-        std::fs::create_dir_all(&bed.acks).unwrap();
-        std::fs::set_permissions(
-            &bed.acks,
-            std::os::unix::fs::PermissionsExt::from_mode(0o777),
-        )
-        .unwrap();
         bed.apply(&application(&bed.acks));
         let (generation, pod) = bed.rolled_out(1).await;
         let mut bed = bed;
@@ -420,6 +412,35 @@ impl Bed {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The application never moved: its Secret names blue, the Deployment was not restarted,
+    /// its pod keeps writing; then, stopped, every write it acknowledged is on blue.
+    async fn assert_still_on_blue(&self) {
+        assert_eq!(self.app_secret().await, self.blue_app);
+        let (generation, pod) = self.rolled_out(self.generation).await;
+        assert_eq!(
+            generation, self.generation,
+            "the Deployment was not restarted"
+        );
+        let writes = self.acknowledged()[0].1.len();
+        self.wait_acks_from(pod.metadata.name.as_deref().unwrap(), writes + 20)
+            .await;
+        self.stop_application().await;
+        self.assert_ledger(&self.bg.blue);
+    }
+
+    /// Deletes the cutover and waits until it is gone (its finalizer ran).
+    async fn delete_cutover(&self) {
+        self.cutovers()
+            .delete(NAME, &DeleteParams::default())
+            .await
+            .unwrap();
+        let api = self.cutovers();
+        eventually("the cutover gone", Duration::from_secs(60), || async {
+            matches!(api.get_opt(NAME).await, Ok(None)).then_some(())
+        })
+        .await;
+    }
+
     /// The application stops writing (scaled to zero, its pods gone), so what it acknowledged
     /// is final.
     async fn stop_application(&self) {
@@ -453,8 +474,6 @@ impl Drop for Bed {
         // The operator goes first, while the namespace's objects are still there.
         drop(self.release.take());
         let _ = std::fs::remove_dir_all(&self.acks);
-        // The parent goes with the last bed (it fails, harmlessly, while another holds one).
-        let _ = std::fs::remove_dir(ACKS_ROOT);
     }
 }
 
@@ -473,6 +492,12 @@ async fn operator_pods(client: &kube::Client, system: &str) -> Vec<Pod> {
 async fn leader_of(client: &kube::Client, system: &str) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), system);
     leases.get_opt(LEASE).await.ok()??.spec?.holder_identity
+}
+
+/// `plan` waits an hour before its freeze (the test releases it, or deletes the cutover).
+fn hold_the_freeze(plan: &mut Value) {
+    let at = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    plan["spec"]["schedule"]["freezeAt"] = json!(at);
 }
 
 fn secret(name: &str, key: &str, value: &str) -> Value {
@@ -537,8 +562,7 @@ async fn two_operator_pods_installed_by_helm_drive_a_cutover_and_the_leader_kill
     plan["spec"]["migrations"] = json!({"configMapRef": {"name": "billing-migrations"},
                                         "lockKey": 4242, "lockTimeout": "5s"});
     // Hold the freeze until the test has killed the leader.
-    let hold = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
-    plan["spec"]["schedule"]["freezeAt"] = json!(hold);
+    hold_the_freeze(&mut plan);
     bed.apply(&plan);
 
     // The operator's migration Job runs in a pod with the image the chart runs, and completes.
@@ -699,17 +723,7 @@ async fn a_rehearsal_on_the_node_leaves_the_application_running_on_blue() {
         "{done:?}"
     );
     bed.assert_nothing_left();
-    bed.cutovers()
-        .delete(NAME, &DeleteParams::default())
-        .await
-        .unwrap();
-    let api = bed.cutovers();
-    eventually(
-        "the refused cutover gone",
-        Duration::from_secs(60),
-        || async { matches!(api.get_opt(NAME).await, Ok(None)).then_some(()) },
-    )
-    .await;
+    bed.delete_cutover().await;
 
     bed.apply(&json!({"apiVersion": "v1", "kind": "Secret",
                       "metadata": {"name": "billing-db-rehearsal"}}));
@@ -721,24 +735,77 @@ async fn a_rehearsal_on_the_node_leaves_the_application_running_on_blue() {
 
     // The application never moved: same Secret, same pod, still writing on blue; the
     // rehearsal Secret got green's address.
-    assert_eq!(bed.app_secret().await, bed.blue_app);
     assert_eq!(
         bed.secret_value("billing-db-rehearsal", "DATABASE_URL")
             .await,
         bed.green_app
     );
-    let (generation, pod) = bed.rolled_out(bed.generation).await;
-    assert_eq!(
-        generation, bed.generation,
-        "the Deployment was not restarted"
-    );
+    let (_, pod) = bed.rolled_out(bed.generation).await;
     assert_eq!(before, vec![pod.metadata.name.clone().unwrap()]);
-    let writes = bed.acknowledged()[0].1.len();
-    bed.wait_acks_from(pod.metadata.name.as_deref().unwrap(), writes + 20)
-        .await;
-    bed.stop_application().await;
-    bed.assert_ledger(&bed.bg.blue);
+    bed.assert_still_on_blue().await;
     bed.assert_nothing_left();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_migration_on_the_node_aborts_and_the_application_stays_on_blue() {
+    let Some(bed) = Bed::start("migrate-fail", 1).await else {
+        return;
+    };
+    // The application's V1 (already on green) and a V2 that fails half way.
+    bed.apply(&json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "release-2-migrations"},
+        "data": {
+            "V1__settings.sql": "CREATE TABLE settings (key text PRIMARY KEY, value text NOT NULL);",
+            "V2__broken.sql": "ALTER TABLE settings ADD COLUMN owner text;\nUPDATE no_such_table SET x = 1;",
+        }
+    }));
+    let mut plan = bed.plan("production-with-rollback.yaml");
+    plan["spec"]["migrations"] = json!({"configMapRef": {"name": "release-2-migrations"},
+                                        "lockKey": 4242, "lockTimeout": "5s"});
+    bed.apply(&plan);
+
+    // The operator's Job fails four times (the real Job controller's back-off between them),
+    // and the cutover aborts naming the file and the error, before replicating.
+    let aborted = bed.wait_phase("Aborted", Duration::from_secs(240)).await;
+    let message = aborted["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("BackoffLimitExceeded")
+            && message.contains("V2__broken.sql")
+            && message.contains("no_such_table"),
+        "{message}"
+    );
+    assert!(
+        !message.contains(APP_PASSWORD),
+        "the message carries a credential"
+    );
+    let steps: Vec<String> = aborted["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!steps.iter().any(|s| s == "Replicating"), "{steps:?}");
+    let jobs: Api<Job> = Api::namespaced(bed.client.clone(), &bed.ns);
+    let job = jobs
+        .list(&ListParams::default().labels("cutover.dbops.dev/migration-set=initial"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    assert_eq!(job.status.as_ref().and_then(|s| s.failed), Some(4));
+    // V2 rolled back whole on green: no column `owner`.
+    assert_eq!(
+        one(
+            &bed.bg.green,
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_name = 'settings' AND column_name = 'owner'"
+        ),
+        0
+    );
+    bed.assert_nothing_left();
+
+    // The application never moved and keeps writing on blue in the same pod.
+    bed.assert_still_on_blue().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -747,8 +814,7 @@ async fn deleting_a_cutover_mid_replication_on_the_node_leaves_nothing_behind() 
         return;
     };
     let mut plan = bed.plan("production-with-rollback.yaml");
-    let hold = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
-    plan["spec"]["schedule"]["freezeAt"] = json!(hold);
+    hold_the_freeze(&mut plan);
     bed.apply(&plan);
     bed.wait_phase("Replicating", Duration::from_secs(120))
         .await;
@@ -759,27 +825,9 @@ async fn deleting_a_cutover_mid_replication_on_the_node_leaves_nothing_behind() 
     )
     .await;
 
-    bed.cutovers()
-        .delete(NAME, &DeleteParams::default())
-        .await
-        .unwrap();
-    let api = bed.cutovers();
-    eventually("the cutover gone", Duration::from_secs(60), || async {
-        matches!(api.get_opt(NAME).await, Ok(None)).then_some(())
-    })
-    .await;
+    bed.delete_cutover().await;
     bed.assert_nothing_left();
 
     // The application carries on on blue, in the same pod.
-    assert_eq!(bed.app_secret().await, bed.blue_app);
-    let (generation, pod) = bed.rolled_out(bed.generation).await;
-    assert_eq!(
-        generation, bed.generation,
-        "the Deployment was not restarted"
-    );
-    let writes = bed.acknowledged()[0].1.len();
-    bed.wait_acks_from(pod.metadata.name.as_deref().unwrap(), writes + 20)
-        .await;
-    bed.stop_application().await;
-    bed.assert_ledger(&bed.bg.blue);
+    bed.assert_still_on_blue().await;
 }

@@ -176,7 +176,11 @@ async fn main() {
         node: node.clone(),
     };
     let plane = &cluster;
-    let acks = std::path::PathBuf::from("/var/tmp/cutover-demo-acks");
+    // Where the application's pods record the writes they saw acknowledged (on the node).
+    let acks = node
+        .as_ref()
+        .map(|node| node.shared_folder("demo-acks"))
+        .unwrap_or_default();
 
     let mut operator = None;
     let mut release = None;
@@ -258,10 +262,6 @@ async fn main() {
             say(
                 "the application: a Deployment of the bank workload on blue, its init container running `cutover wait`",
             );
-            let _ = std::fs::remove_dir_all(&acks);
-            std::fs::create_dir_all(&acks).unwrap();
-            std::fs::set_permissions(&acks, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                .unwrap();
             apply(plane, &node::application(&acks));
             kubectl(
                 plane,
@@ -547,7 +547,6 @@ async fn main() {
     if let Some(release) = release {
         drop(release);
         println!("\nhelm uninstall: the operator removed");
-        let _ = std::fs::remove_dir_all(&acks);
     }
     say(&format!(
         "done in {:.1}s; clusters and control plane are removed",
