@@ -2,6 +2,7 @@
 //! under write load: DDL run on blue only, and a key green already holds, each stop the apply
 //! worker; the cutover aborts from Replicating within `APPLY_FAILING_FOR` (never waiting out its
 //! budget, never freezing), names the cause, and leaves blue writable with nothing behind.
+//! Below it, `apply_health` itself on PostgreSQL 15 and 18.
 
 mod common;
 
@@ -180,4 +181,77 @@ async fn a_key_green_already_holds_aborts_before_the_freeze_naming_the_conflict_
         ],
     );
     assert_clean_and_writable(&bg).await;
+}
+
+/// `apply_health` reads the subscription's statistics in one query on every major: nothing to
+/// report on a healthy subscription, and on a PostgreSQL 18 green the changes it had to skip
+/// (blue updated and deleted rows green had lost) — which 15 does not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_health_reads_every_major_and_the_skipped_changes_of_18() {
+    use cutover_operator::postgres::replication::{self, ApplyHealth, TableSelection};
+    for majors in [DEFAULT_MAJORS, UPGRADE] {
+        let bg = blue_green_of(majors);
+        with_schema(&bg, workload::SCHEMA, &workload::grants(APP_ROLE));
+        bg.blue.execute(APP, &workload::seed(10, 100)).unwrap();
+        let (blue, green) = engine_clients(&bg).await;
+        let names = names("health");
+        replication::ensure_publication(&blue, &names, &TableSelection::All)
+            .await
+            .unwrap();
+        replication::ensure_subscription(&blue, &green, &names, &blue_dsn(&bg))
+            .await
+            .unwrap();
+        replication::wait_ready(&green, &names, Instant::now() + Duration::from_secs(30))
+            .await
+            .unwrap();
+        let health = replication::apply_health(&green, &names.subscription)
+            .await
+            .unwrap();
+        assert_eq!(health, ApplyHealth::default(), "green {}", bg.green.major());
+
+        // Green loses two rows; blue updates one and deletes the other; a marker row after
+        // them shows the apply went past both.
+        bg.green
+            .execute(APP, "DELETE FROM accounts WHERE id IN (1, 2)")
+            .unwrap();
+        bg.blue
+            .execute(
+                APP,
+                "UPDATE accounts SET balance = 0 WHERE id = 1;
+                 DELETE FROM accounts WHERE id = 2;
+                 INSERT INTO ledger (client, seq, amount) VALUES (99, 1, 0);",
+            )
+            .unwrap();
+        wait_for("the marker on green", Duration::from_secs(30), || async {
+            count(&bg.green, "SELECT count(*) FROM ledger WHERE client = 99") == 1
+        })
+        .await;
+        let skipped = vec![
+            ("update_missing".to_owned(), 1),
+            ("delete_missing".to_owned(), 1),
+        ];
+        if bg.green.major() >= 18 {
+            // The apply worker reports its statistics a moment after the transaction.
+            wait_for(
+                "the skipped changes counted",
+                Duration::from_secs(30),
+                || async {
+                    replication::apply_health(&green, &names.subscription)
+                        .await
+                        .unwrap()
+                        .skipped_conflicts
+                        == skipped
+                },
+            )
+            .await;
+        }
+        let health = replication::apply_health(&green, &names.subscription)
+            .await
+            .unwrap();
+        assert_eq!(health.errors, 0);
+        assert!(health.blocking_conflicts.is_empty(), "{health:?}");
+        if bg.green.major() < 18 {
+            assert!(health.skipped_conflicts.is_empty(), "{health:?}");
+        }
+    }
 }

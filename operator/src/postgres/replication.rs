@@ -673,29 +673,22 @@ pub struct ApplyHealth {
     pub skipped_conflicts: Vec<(String, i64)>,
 }
 
-/// Reads [`ApplyHealth`] of `subscription` on the subscriber. The conflict columns are read only
-/// where they exist (PostgreSQL 18 and newer).
+/// Reads [`ApplyHealth`] of `subscription` on the subscriber, in one query: the row is read as
+/// JSON, so the conflict counters (PostgreSQL 18 and newer) count as 0 where they do not exist.
 pub async fn apply_health(
     subscriber: &Client,
     subscription: &str,
 ) -> Result<ApplyHealth, ReplicationError> {
-    let version: i32 = subscriber
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(sql("read the server version"))?
-        .get(0);
-    let conflicts = if version >= 180_000 {
-        "confl_insert_exists, confl_update_exists, confl_multiple_unique_conflicts,
-         confl_update_missing, confl_delete_missing"
-    } else {
-        "0::int8, 0::int8, 0::int8, 0::int8, 0::int8"
-    };
     let row = subscriber
         .query_opt(
-            &format!(
-                "SELECT apply_error_count + sync_error_count, {conflicts}
-                   FROM pg_stat_subscription_stats WHERE subname = $1"
-            ),
+            "SELECT (s->>'apply_error_count')::int8 + (s->>'sync_error_count')::int8,
+                    coalesce((s->>'confl_insert_exists')::int8, 0),
+                    coalesce((s->>'confl_update_exists')::int8, 0),
+                    coalesce((s->>'confl_multiple_unique_conflicts')::int8, 0),
+                    coalesce((s->>'confl_update_missing')::int8, 0),
+                    coalesce((s->>'confl_delete_missing')::int8, 0)
+               FROM (SELECT to_jsonb(st) AS s FROM pg_stat_subscription_stats st
+                      WHERE st.subname = $1) AS stats",
             &[&subscription],
         )
         .await
