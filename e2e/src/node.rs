@@ -109,6 +109,15 @@ impl Node {
     /// Lets the pod subnet in to `cluster` (password, replication included), which must have
     /// been started [listening to pods](Node::listening_to_pods).
     pub fn allow_pods(&self, cluster: &PgCluster) {
+        // PostgreSQL starts even when one of its addresses is taken: say so here rather than
+        // let a pod reach whatever else listens there.
+        let log = cluster.server_log();
+        assert!(
+            !log.contains(&format!("could not bind IPv4 address \"{}\"", self.gateway)),
+            "PostgreSQL on port {} could not listen on {}: {log}",
+            cluster.port(),
+            self.gateway
+        );
         let subnet = self.pod_subnet();
         let hba = cluster.data_dir().join("pg_hba.conf");
         let mut rules = std::fs::OpenOptions::new().append(true).open(&hba).unwrap();

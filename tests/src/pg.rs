@@ -1035,8 +1035,11 @@ fn chown(path: &Path, run_as: Option<RunAs>) -> Result<()> {
     Ok(())
 }
 
+/// A port free on every address, not only loopback: a cluster may also listen on another
+/// address (the real node's pod bridge, where the node's API server and kubelet listen), and
+/// PostgreSQL starts even when it can bind only some of its `listen_addresses`.
 fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("picking a free port")?;
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).context("picking a free port")?;
     Ok(listener.local_addr()?.port())
 }
 
