@@ -117,3 +117,9 @@ pub fn leftovers(c: &PgCluster) -> Vec<String> {
     .filter_map(|r| r[0].clone())
     .collect()
 }
+
+/// Neither server keeps a publication, subscription or slot.
+pub fn assert_no_leftovers(bg: &BlueGreen) {
+    assert_eq!(leftovers(&bg.blue), Vec::<String>::new(), "left on blue");
+    assert_eq!(leftovers(&bg.green), Vec::<String>::new(), "left on green");
+}

@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::fixtures::{bank_databases_on, leftovers, namespace_with_crds, one, repo};
+use cutover_e2e::fixtures::{
+    assert_no_leftovers, bank_databases_on, leftovers, namespace_with_crds, one, repo,
+};
 use cutover_e2e::node::{Node, PAUSE_IMAGE};
 use cutover_e2e::operator::{OperatorProcess, cutover_binary, eventually};
 use cutover_operator::api::{
@@ -482,16 +484,7 @@ impl Scenario {
     }
 
     fn assert_nothing_left(&self) {
-        assert_eq!(
-            leftovers(&self.bg.blue),
-            Vec::<String>::new(),
-            "left on blue"
-        );
-        assert_eq!(
-            leftovers(&self.bg.green),
-            Vec::<String>::new(),
-            "left on green"
-        );
+        assert_no_leftovers(&self.bg);
     }
 
     async fn assert_blue_writable(&self) {

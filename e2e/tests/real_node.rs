@@ -24,7 +24,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use cutover_e2e::ControlPlane;
-use cutover_e2e::fixtures::{bank_databases_on, leftovers, one};
+use cutover_e2e::fixtures::{assert_no_leftovers, bank_databases_on, leftovers, one};
 use cutover_e2e::node::{IMAGE, Node, RELEASE, Release, acknowledged, application, migrate_job};
 use cutover_e2e::operator::{cutover_binary, eventually};
 use cutover_e2e::tools::{repo_root, run};
@@ -257,6 +257,17 @@ impl Bed {
         .await
     }
 
+    /// Waits until the cutover replicates and green holds its subscription.
+    async fn wait_replicating(&self, timeout: Duration) {
+        self.wait_phase("Replicating", timeout).await;
+        eventually(
+            "the subscription on green",
+            Duration::from_secs(60),
+            || async { (!leftovers(&self.bg.green).is_empty()).then_some(()) },
+        )
+        .await;
+    }
+
     async fn secret_value(&self, name: &str, key: &str) -> String {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns);
         let data = secrets.get(name).await.unwrap().data.unwrap();
@@ -384,16 +395,7 @@ impl Bed {
     }
 
     fn assert_nothing_left(&self) {
-        assert_eq!(
-            leftovers(&self.bg.blue),
-            Vec::<String>::new(),
-            "left on blue"
-        );
-        assert_eq!(
-            leftovers(&self.bg.green),
-            Vec::<String>::new(),
-            "left on green"
-        );
+        assert_no_leftovers(&self.bg);
     }
 
     /// `kubectl cutover VERB NAME` through the node's kubectl, the plugin found on PATH.
@@ -587,14 +589,7 @@ async fn two_operator_pods_installed_by_helm_drive_a_cutover_and_the_leader_kill
 
     // Replicating, the subscription streaming: the leader's process is SIGKILLed and its pod
     // deleted; the other replica takes the Lease and carries on.
-    bed.wait_phase("Replicating", Duration::from_secs(180))
-        .await;
-    eventually(
-        "the subscription on green",
-        Duration::from_secs(60),
-        || async { (!leftovers(&bed.bg.green).is_empty()).then_some(()) },
-    )
-    .await;
+    bed.wait_replicating(Duration::from_secs(180)).await;
     let system = bed.system().to_owned();
     let killed = leader_of(&bed.client, &system).await.expect("a leader");
     let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &system);
@@ -816,14 +811,7 @@ async fn deleting_a_cutover_mid_replication_on_the_node_leaves_nothing_behind() 
     let mut plan = bed.plan("production-with-rollback.yaml");
     hold_the_freeze(&mut plan);
     bed.apply(&plan);
-    bed.wait_phase("Replicating", Duration::from_secs(120))
-        .await;
-    eventually(
-        "the subscription on green",
-        Duration::from_secs(60),
-        || async { (!leftovers(&bed.bg.green).is_empty()).then_some(()) },
-    )
-    .await;
+    bed.wait_replicating(Duration::from_secs(120)).await;
 
     bed.delete_cutover().await;
     bed.assert_nothing_left();

@@ -89,6 +89,21 @@ fn apply(plane: &Cluster, object: &serde_json::Value) {
     assert!(child.wait().unwrap().success(), "kubectl apply {object}");
 }
 
+/// `kubectl rollout status` of the application's Deployment.
+fn rollout_status(plane: &Cluster) {
+    kubectl(
+        plane,
+        &[
+            "-n",
+            NAMESPACE,
+            "rollout",
+            "status",
+            "deployment/billing-api",
+            "--timeout=120s",
+        ],
+    );
+}
+
 fn count(c: &PgCluster, sql: &str) -> i64 {
     c.query(BlueGreen::DATABASE, sql).unwrap()[0][0]
         .clone()
@@ -263,17 +278,7 @@ async fn main() {
                 "the application: a Deployment of the bank workload on blue, its init container running `cutover wait`",
             );
             apply(plane, &node::application(&acks));
-            kubectl(
-                plane,
-                &[
-                    "-n",
-                    NAMESPACE,
-                    "rollout",
-                    "status",
-                    "deployment/billing-api",
-                    "--timeout=120s",
-                ],
-            );
+            rollout_status(plane);
         }
         None => {
             kubectl(
@@ -393,17 +398,7 @@ async fn main() {
         Some(load) => load.stop().await.acknowledged,
         None => {
             // The restarted pod writes on green for a moment, then the application stops.
-            kubectl(
-                plane,
-                &[
-                    "-n",
-                    NAMESPACE,
-                    "rollout",
-                    "status",
-                    "deployment/billing-api",
-                    "--timeout=120s",
-                ],
-            );
+            rollout_status(plane);
             tokio::time::sleep(Duration::from_secs(2)).await;
             kubectl(
                 plane,
