@@ -456,16 +456,14 @@ impl WalsenderConnection {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), WalsenderError> {
-        let server = self.server.clone();
-        let io = |e: std::io::Error| WalsenderError::Io {
-            server,
-            reason: e.to_string(),
-        };
-        self.stream.write_all(bytes).await.map_err(io)?;
-        self.stream.flush().await.map_err(|e| WalsenderError::Io {
-            server: self.server.clone(),
-            reason: e.to_string(),
-        })
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| self.io(e.to_string()))?;
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| self.io(e.to_string()))
     }
 
     async fn receive(&mut self) -> Result<backend::Message, WalsenderError> {
@@ -475,14 +473,7 @@ impl WalsenderConnection {
             {
                 return Ok(m);
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| self.io(e.to_string()))?;
-            if n == 0 {
-                return Err(self.io("the server closed the connection".into()));
-            }
+            self.fill().await?;
         }
     }
 
